@@ -1,0 +1,96 @@
+"""Dense bit packing of integer codes of any width from 1 to 8 bits.
+
+Layout (``PackLayout.STREAM_LE``): the codes, flattened in row-major order, form one little-endian
+bit stream. Code ``i`` occupies stream bits ``[i*b, (i+1)*b)``, least significant bit first, and
+stream bit ``j`` is bit ``j % 8`` of byte ``j // 8``. ``n`` codes of ``b`` bits therefore cost
+exactly ``ceil(n*b/8)`` bytes, with no padding per value or per row.
+
+Worked example, b = 3, codes ``[5, 1, 6]`` (binary 101, 001, 110)::
+
+    stream bits 0..8 (LSB of each code first): 1 0 1 | 1 0 0 | 0 1 1
+    byte 0 = stream bits 0..7 = 0b10001101 = 0x8D, byte 1 = stream bit 8 = 0x01
+    -> 2 bytes = ceil(3 * 3 / 8)
+
+Why this way: eight codes of ``b`` bits fill exactly ``b`` bytes, so packing reshapes the codes into
+groups of eight, assembles each group into one 64-bit integer with shifts, and splits it into
+``b`` bytes; unpacking runs the same steps backwards. Every step is a vectorised tensor op, with
+no Python loop over values, and the same code serves 3, 5, 6 and 7 bits as it does 2 and 4.
+A kernel that prefers another arrangement (issue 6) re-arranges at load time; this stream is
+the checkpoint format.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+
+__all__ = ["PackLayout", "pack_codes", "unpack_codes", "packed_nbytes"]
+
+
+class PackLayout(str, Enum):
+    """How packed codes are laid out in their byte buffer."""
+
+    STREAM_LE = "stream_le"
+
+
+def packed_nbytes(num_codes: int, bits: int) -> int:
+    """Bytes needed for ``num_codes`` codes of ``bits`` bits: ``ceil(num_codes * bits / 8)``."""
+    _check_bits(bits)
+    return (num_codes * bits + 7) // 8
+
+
+def _check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bit width must be an integer from 1 to 8, got {bits!r}")
+
+
+def _byte_shifts(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    code_shifts = torch.arange(8, device=device, dtype=torch.int64) * bits
+    byte_shifts = torch.arange(bits, device=device, dtype=torch.int64) * 8
+    return code_shifts, byte_shifts
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes in ``[0, 2**bits)`` into a 1-D uint8 tensor of ``ceil(n*bits/8)`` bytes.
+
+    ``codes`` may have any shape and integer dtype; it is flattened in row-major order.
+    """
+    _check_bits(bits)
+    if codes.is_floating_point() or codes.is_complex():
+        raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
+    flat = codes.reshape(-1).to(torch.int64)
+    n = flat.numel()
+    if n and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
+        raise ValueError(f"codes must lie in [0, {1 << bits}) for {bits}-bit packing")
+    if bits == 8:
+        return flat.to(torch.uint8)
+    groups = (n + 7) // 8
+    padded = torch.zeros(groups * 8, dtype=torch.int64, device=flat.device)
+    padded[:n] = flat
+    code_shifts, byte_shifts = _byte_shifts(bits, flat.device)
+    # One int64 per group of eight codes; 8 * bits <= 56 bits, so nothing overflows.
+    words = (padded.view(groups, 8) << code_shifts).sum(dim=1)
+    packed = ((words.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+    return packed[: packed_nbytes(n, bits)].contiguous()
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: the first ``num_codes`` codes as a 1-D uint8 tensor."""
+    _check_bits(bits)
+    if packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise TypeError(f"packed codes must be a 1-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
+    expected = packed_nbytes(num_codes, bits)
+    if packed.numel() != expected:
+        raise ValueError(
+            f"{num_codes} codes of {bits} bits need {expected} bytes, the buffer holds {packed.numel()}"
+        )
+    if bits == 8:
+        return packed.clone()
+    groups = (num_codes + 7) // 8
+    padded = torch.zeros(groups * bits, dtype=torch.int64, device=packed.device)
+    padded[: packed.numel()] = packed.to(torch.int64)
+    code_shifts, byte_shifts = _byte_shifts(bits, packed.device)
+    words = (padded.view(groups, bits) << byte_shifts).sum(dim=1)
+    codes = (words.unsqueeze(1) >> code_shifts) & ((1 << bits) - 1)
+    return codes.reshape(-1)[:num_codes].to(torch.uint8)

@@ -1,0 +1,135 @@
+"""The four weight quantization schemes: how a group of weights maps to integer codes and back.
+
+Every function works on weights already split into groups, shaped ``[rows, groups, group_size]``,
+with one scale (and for ``asym`` one zero point) per ``[row, group]``. Choosing the scale lives in
+:func:`fit_scales`; turning weights into codes with given scales in :func:`encode`; and back in
+:func:`decode`. Round-to-nearest, the clipping search and GPTQ all use these three, so a code
+means the same thing whichever algorithm produced it.
+
+Schemes (``b`` bits, code ``c``, scale ``s``):
+
+- ``sym``: linear symmetric absolute-max, MoQE's channel-wise quantizer. ``s = max|w| / (2^(b-1)-1)``,
+  ``c = clamp(round(w/s), -2^(b-1), 2^(b-1)-1) + 2^(b-1)``, ``w' = (c - 2^(b-1)) s``. Needs b >= 2.
+- ``asym``: linear asymmetric min-max with an integer zero point ``z``: ``lo = min(min w, 0)``,
+  ``hi = max(max w, 0)``, ``s = (hi - lo) / (2^b - 1)``, ``z = round(-lo/s)``,
+  ``c = clamp(round(w/s) + z, 0, 2^b-1)``, ``w' = (c - z) s``. Including 0 in the range (as GPTQ
+  does) keeps zero exactly representable and makes a constant group exact.
+- ``log``: MoQE's log-scale quantizer, a sign bit and ``b-1`` bits of power-of-two magnitude.
+  With ``L = 2^(b-1) - 1`` magnitude levels ``s·2^0, s·2^-1, ..., s·2^-(L-1)`` and ``s = max|w|``,
+  a weight's exponent is rounded in the log domain, ``k = clamp(round(-log2(|w|/s)), 0, L-1)``;
+  weights below ``s·2^-L`` (half the smallest level) become 0. Code: sign in the top bit, then
+  ``m = 0`` for zero or ``k + 1``. Needs b >= 2.
+- ``sign``: 1 bit, ``c = [w >= 0]``, ``w' = (2c - 1) s`` with ``s = mean|w|`` over the group (the
+  scale that minimises the squared error of a sign code).
+
+A clipping ratio ``p`` (``clip`` below, one per group) scales the range before the scale is set:
+``max|w|`` becomes ``p·max|w|`` and ``lo, hi`` become ``p·lo, p·hi``.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+
+__all__ = ["Scheme", "check_scheme_bits", "fit_scales", "encode", "decode"]
+
+
+class Scheme(str, Enum):
+    """Weight quantization scheme; see the module docstring for the exact maps."""
+
+    SYM = "sym"
+    ASYM = "asym"
+    LOG = "log"
+    SIGN = "sign"
+
+
+_BIT_RANGE = {
+    Scheme.SYM: (2, 8),
+    Scheme.ASYM: (1, 8),
+    Scheme.LOG: (2, 8),
+    Scheme.SIGN: (1, 1),
+}
+
+
+def check_scheme_bits(scheme: Scheme | str, bits: int) -> Scheme:
+    """Validate a (scheme, bits) pair and return the scheme as a :class:`Scheme`."""
+    try:
+        scheme = Scheme(scheme)
+    except ValueError:
+        names = ", ".join(s.value for s in Scheme)
+        raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of: {names}") from None
+    low, high = _BIT_RANGE[scheme]
+    if not isinstance(bits, int) or not low <= bits <= high:
+        hint = " (use scheme 'sign' or 'asym' for 1 bit)" if bits == 1 else ""
+        raise ValueError(f"scheme '{scheme.value}' takes {low} to {high} bits, got {bits!r}{hint}")
+    return scheme
+
+
+def fit_scales(
+    groups: torch.Tensor, scheme: Scheme, bits: int, clip: torch.Tensor | float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales ``[rows, groups]`` (float32) and, for ``asym``, integer zero points, for ``groups``.
+
+    ``groups`` is float32 ``[rows, groups, group_size]``; ``clip`` is a scalar or ``[rows, groups]``.
+    """
+    clip = torch.as_tensor(clip, dtype=groups.dtype, device=groups.device)
+    if scheme is Scheme.SIGN:
+        return groups.abs().mean(dim=-1), None
+    if scheme is Scheme.ASYM:
+        maxq = (1 << bits) - 1
+        lo = groups.amin(dim=-1).clamp(max=0) * clip
+        hi = groups.amax(dim=-1).clamp(min=0) * clip
+        scales = _positive((hi - lo) / maxq)
+        zeros = torch.round(-lo / scales).clamp(0, maxq)
+        return scales, zeros
+    absmax = groups.abs().amax(dim=-1) * clip
+    if scheme is Scheme.SYM:
+        return _positive(absmax / ((1 << (bits - 1)) - 1)), None
+    return _positive(absmax), None  # LOG: the scale is the largest magnitude level
+
+
+def _positive(scales: torch.Tensor) -> torch.Tensor:
+    # An all-zero group would give a zero scale and 0/0 codes; any positive scale codes it exactly.
+    return torch.where(scales > 0, scales, torch.ones_like(scales))
+
+
+def encode(
+    groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, scheme: Scheme, bits: int
+) -> torch.Tensor:
+    """Integer codes (int64, in ``[0, 2**bits)``) of ``groups`` under the given scales."""
+    s = scales.unsqueeze(-1)
+    if scheme is Scheme.SIGN:
+        return (groups >= 0).to(torch.int64)
+    if scheme is Scheme.ASYM:
+        maxq = (1 << bits) - 1
+        return (torch.round(groups / s) + zeros.unsqueeze(-1)).clamp(0, maxq).to(torch.int64)
+    half = 1 << (bits - 1)
+    if scheme is Scheme.SYM:
+        return (torch.round(groups / s).clamp(-half, half - 1) + half).to(torch.int64)
+    levels = half - 1
+    ratio = groups.abs() / s
+    exponent = torch.round(-torch.log2(ratio.clamp(min=2.0**-126))).clamp(0, levels - 1)
+    magnitude = torch.where(ratio < 2.0 ** (-levels), torch.zeros_like(exponent), exponent + 1)
+    sign = (groups < 0).to(torch.int64)
+    return (sign << (bits - 1)) | magnitude.to(torch.int64)
+
+
+def decode(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, scheme: Scheme, bits: int
+) -> torch.Tensor:
+    """Float32 weights ``[rows, groups, group_size]`` from codes shaped the same way."""
+    s = scales.to(torch.float32).unsqueeze(-1)
+    q = codes.to(torch.float32)
+    if scheme is Scheme.SIGN:
+        return (2 * q - 1) * s
+    if scheme is Scheme.ASYM:
+        return (q - zeros.to(torch.float32).unsqueeze(-1)) * s
+    half = 1 << (bits - 1)
+    if scheme is Scheme.SYM:
+        return (q - half) * s
+    codes = codes.to(torch.int64)
+    magnitude = (codes & (half - 1)).to(torch.float32)
+    sign = 1 - 2 * (codes >> (bits - 1)).to(torch.float32)
+    value = torch.where(magnitude > 0, torch.exp2(1 - magnitude), torch.zeros_like(magnitude))
+    return sign * value * s

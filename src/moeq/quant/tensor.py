@@ -1,0 +1,62 @@
+"""QuantizedTensor: the one container every quantizer returns.
+
+Fields (``out, in`` = the original 2-D shape, ``G = in / group_size`` groups per row):
+
+- ``codes``: uint8 ``[ceil(out*in*bits/8)]``, the row-major codes packed as in :mod:`moeq.quant.pack`;
+- ``scales``: ``[out, G]`` in ``scale_dtype`` (float16 unless asked otherwise);
+- ``zeros``: uint8 ``[out, G]`` integer zero points for ``asym``, else ``None``;
+- ``bits``, ``group_size``, ``scheme``, ``shape`` and ``dtype`` (of the original weight).
+
+``nbytes`` is the true storage of everything held: packed codes plus scales plus zero points.
+The metadata travels in the checkpoint's ``quantization_config`` (the BitPlan), not as tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .pack import PackLayout, unpack_codes
+from .schemes import Scheme, decode
+
+__all__ = ["QuantizedTensor"]
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """Packed low-bit weight with its scales; ``dequantize()`` rebuilds a dense approximation."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    bits: int
+    group_size: int
+    scheme: Scheme
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    layout: PackLayout = PackLayout.STREAM_LE
+
+    @property
+    def num_groups(self) -> int:
+        return self.shape[1] // self.group_size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage: packed codes + scales + zero points."""
+        total = self.codes.numel() * self.codes.element_size()
+        total += self.scales.numel() * self.scales.element_size()
+        if self.zeros is not None:
+            total += self.zeros.numel() * self.zeros.element_size()
+        return total
+
+    def unpacked_codes(self) -> torch.Tensor:
+        """Codes as uint8 ``[out, G, group_size]``."""
+        rows, cols = self.shape
+        codes = unpack_codes(self.codes, self.bits, rows * cols)
+        return codes.view(rows, self.num_groups, self.group_size)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense ``[out, in]`` weight in ``dtype`` (default: the original dtype)."""
+        values = decode(self.unpacked_codes(), self.scales, self.zeros, self.scheme, self.bits)
+        return values.reshape(self.shape).to(dtype or self.dtype)
