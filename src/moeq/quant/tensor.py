@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .pack import PackLayout, unpack_codes
+from .pack import PackLayout, packed_nbytes, unpack_codes
 from .schemes import Scheme, decode
 
-__all__ = ["QuantizedTensor"]
+__all__ = ["QuantizedTensor", "storage_nbytes"]
 
 
 @dataclass(frozen=True)
@@ -60,3 +60,10 @@ class QuantizedTensor:
         """Dense ``[out, in]`` weight in ``dtype`` (default: the original dtype)."""
         values = decode(self.unpacked_codes(), self.scales, self.zeros, self.scheme, self.bits)
         return values.reshape(self.shape).to(dtype or self.dtype)
+
+
+def storage_nbytes(shape: tuple[int, int], bits: int, group_size: int, scheme: Scheme, scale_bytes: int = 2) -> int:
+    """True bytes a QuantizedTensor of this shape and spec holds (codes + scales + zero points)."""
+    rows, cols = shape
+    groups = rows * (cols // group_size)
+    return packed_nbytes(rows * cols, bits) + groups * scale_bytes + (groups if scheme is Scheme.ASYM else 0)

@@ -1,0 +1,60 @@
+"""Torch reference for a quantized MoE layer's routed experts: the ground truth other backends match.
+
+Tokens are grouped by expert with one stable sort; only experts that received tokens are
+dequantized, one at a time, so the dense copy alive at any moment is one expert's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["experts_forward_reference"]
+
+
+def experts_forward_reference(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    num_experts: int,
+    expert_weights: Callable[[int, torch.dtype], list[torch.Tensor]],
+    act_fn: Callable[[torch.Tensor], torch.Tensor],
+    gated: bool,
+) -> torch.Tensor:
+    """Weighted sum over each token's selected experts.
+
+    Args:
+        hidden_states: ``[tokens, hidden]``.
+        top_k_index: ``[tokens, k]`` expert ids; an id ``>= num_experts`` is a sentinel and skipped.
+        top_k_weights: ``[tokens, k]`` routing weights.
+        expert_weights: ``(expert, dtype) -> [gate, up, down]`` (gated) or ``[up, down]``, each a
+            dense ``[out, in]`` weight.
+        act_fn: the activation (of the gate for gated experts).
+        gated: SwiGLU-style ``down(act(gate x) * up x)`` versus ``down(act(up x))``.
+    """
+    tokens, k = top_k_index.shape
+    flat_expert = top_k_index.reshape(-1)
+    flat_token = torch.arange(tokens, device=hidden_states.device).repeat_interleave(k)
+    flat_weight = top_k_weights.reshape(-1)
+    order = torch.argsort(flat_expert, stable=True)
+    counts = torch.bincount(flat_expert, minlength=num_experts + 1).tolist()
+    output = torch.zeros_like(hidden_states)
+    start = 0
+    for expert, count in enumerate(counts[:num_experts]):
+        if count == 0:
+            continue
+        rows = order[start : start + count]
+        start += count
+        token = flat_token[rows]
+        x = hidden_states[token]
+        weights = expert_weights(expert, x.dtype)
+        if gated:
+            gate, up, down = weights
+            h = act_fn(x @ gate.T) * (x @ up.T)
+        else:
+            up, down = weights
+            h = act_fn(x @ up.T)
+        y = (h @ down.T) * flat_weight[rows, None].to(h.dtype)
+        output.index_add_(0, token, y.to(output.dtype))
+    return output

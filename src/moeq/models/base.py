@@ -1,0 +1,200 @@
+"""Architecture adapters: where the MoE layers, routers, experts and other linears of a model are.
+
+The rest of moeq sees a model only through an adapter: a list of :class:`MoELayer` (the router
+weight ``[E, hidden]``, every routed expert as ``(expert, projection) -> 2-D weight``, the shared
+experts) and a role for every other linear (attention, dense, shared, router, lm_head). How a
+family stores its experts, as transformers 5's fused 3-D parameters or as one module per expert,
+stays inside its adapter, which also builds the quantized replacement for its experts module.
+
+Adapters are data where they can be: :class:`FusedExpertsAdapter` serves every family whose
+experts are transformers 5's fused ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]``, and a
+family file only names its model types and where its shared experts are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+__all__ = [
+    "AdapterError",
+    "LinearRole",
+    "MoELayer",
+    "MoEAdapter",
+    "FusedExpertsAdapter",
+    "register_adapter",
+    "get_adapter",
+    "supported_model_types",
+]
+
+
+class AdapterError(ValueError):
+    """The model is not a supported MoE model."""
+
+
+class LinearRole:
+    """Roles of the linears that are not routed experts (strings, so plans stay plain JSON)."""
+
+    ATTENTION = "attention"
+    SHARED = "shared"
+    DENSE = "dense"
+    ROUTER = "router"
+    LM_HEAD = "lm_head"
+    ALL = (ATTENTION, SHARED, DENSE, ROUTER, LM_HEAD)
+
+
+@dataclass
+class MoELayer:
+    """One MoE block of a model, as the rest of moeq sees it."""
+
+    index: int
+    path: str  # module path of the MoE block, e.g. "model.layers.3.mlp"
+    experts_path: str  # module path of its routed-experts module
+    num_experts: int
+    projections: tuple[str, ...]
+    router_weight: torch.Tensor  # [num_experts, hidden]
+    expert_weight: Callable[[int, str], torch.Tensor]  # (expert, projection) -> 2-D weight
+    shared_paths: list[str] = field(default_factory=list)
+
+    def expert_weights(self) -> dict[tuple[int, str], torch.Tensor]:
+        return {(e, p): self.expert_weight(e, p) for e in range(self.num_experts) for p in self.projections}
+
+
+class MoEAdapter:
+    """Base class of the per-family adapters; subclasses register with :func:`register_adapter`."""
+
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    projections: ClassVar[tuple[str, ...]]
+    attention_markers: ClassVar[tuple[str, ...]] = ("self_attn",)
+    shared_markers: ClassVar[tuple[str, ...]] = ()
+    router_markers: ClassVar[tuple[str, ...]] = ("gate",)  # last path component of a router linear
+
+    def moe_layers(self, model: nn.Module) -> list[MoELayer]:
+        raise NotImplementedError
+
+    def quantized_experts(self, layer: MoELayer, experts: nn.Module, specs: dict, scale_dtype: torch.dtype) -> nn.Module:
+        """An empty quantized replacement of ``experts`` whose buffers match ``specs``."""
+        raise NotImplementedError
+
+    def linear_roles(self, model: nn.Module) -> dict[str, str]:
+        """``{module path: role}`` for every ``nn.Linear`` outside the routed experts."""
+        expert_prefixes = tuple(layer.experts_path + "." for layer in self.moe_layers(model))
+        out_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        roles = {}
+        for name, module in model.named_modules():
+            if not isinstance(module, nn.Linear) or name.startswith(expert_prefixes):
+                continue
+            parts = name.split(".")
+            if module is out_embeddings:
+                roles[name] = LinearRole.LM_HEAD
+            elif parts[-1] in self.router_markers:
+                roles[name] = LinearRole.ROUTER
+            elif any(p in self.shared_markers for p in parts):
+                roles[name] = LinearRole.SHARED
+            elif any(p in self.attention_markers for p in parts):
+                roles[name] = LinearRole.ATTENTION
+            else:
+                roles[name] = LinearRole.DENSE
+        return roles
+
+
+class FusedExpertsAdapter(MoEAdapter):
+    """Families whose routed experts are transformers 5's fused 3-D ``gate_up_proj``/``down_proj``.
+
+    The gate and up halves of ``gate_up_proj[e]`` are separate projections (``gate_proj`` rows
+    ``[:I]``, ``up_proj`` rows ``[I:]``), so each can get its own width.
+    """
+
+    projections = ("gate_proj", "up_proj", "down_proj")
+
+    def moe_layers(self, model: nn.Module) -> list[MoELayer]:
+        layers = []
+        for path, block in model.named_modules():
+            experts = getattr(block, "experts", None)
+            router = getattr(block, "gate", None)
+            if experts is None or router is None or not hasattr(experts, "gate_up_proj"):
+                continue
+            layers.append(
+                MoELayer(
+                    index=len(layers),
+                    path=path,
+                    experts_path=f"{path}.experts",
+                    num_experts=experts.gate_up_proj.shape[0],
+                    projections=self.projections,
+                    router_weight=router.weight,
+                    expert_weight=_fused_expert_weight(experts),
+                    shared_paths=[f"{path}.{m}" for m in self.shared_markers if hasattr(block, m)],
+                )
+            )
+        return layers
+
+    def quantized_experts(self, layer: MoELayer, experts: nn.Module, specs: dict, scale_dtype: torch.dtype) -> nn.Module:
+        from ..modules.experts import QuantizedExperts
+
+        hidden, intermediate = experts.down_proj.shape[1], experts.down_proj.shape[2]
+        shapes = {"gate_proj": (intermediate, hidden), "up_proj": (intermediate, hidden), "down_proj": (hidden, intermediate)}
+        return QuantizedExperts(
+            num_experts=layer.num_experts,
+            shapes=shapes,
+            specs=specs,
+            act_fn=experts.act_fn,
+            gated=True,
+            scale_dtype=scale_dtype,
+        )
+
+
+def _fused_expert_weight(experts: nn.Module) -> Callable[[int, str], torch.Tensor]:
+    def weight(expert: int, projection: str) -> torch.Tensor:
+        intermediate = experts.down_proj.shape[2]
+        if projection == "gate_proj":
+            return experts.gate_up_proj[expert, :intermediate]
+        if projection == "up_proj":
+            return experts.gate_up_proj[expert, intermediate:]
+        if projection == "down_proj":
+            return experts.down_proj[expert]
+        raise KeyError(f"fused experts have projections gate_proj, up_proj, down_proj, not {projection!r}")
+
+    return weight
+
+
+_REGISTRY: dict[str, MoEAdapter] = {}
+
+
+def register_adapter(cls: type[MoEAdapter]) -> type[MoEAdapter]:
+    """Class decorator: make ``cls`` the adapter for its ``model_types``."""
+    for model_type in cls.model_types:
+        _REGISTRY[model_type] = cls()
+    return cls
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_adapter(model_or_type: nn.Module | str) -> MoEAdapter:
+    """The adapter for a model (or a ``model_type``); a clear error if there is none."""
+    model_type = model_or_type if isinstance(model_or_type, str) else getattr(model_or_type.config, "model_type", None)
+    adapter = _REGISTRY.get(model_type)
+    if adapter is None:
+        raise AdapterError(
+            f"model type {model_type!r} has no moeq adapter; supported MoE families: {', '.join(supported_model_types())}"
+        )
+    return adapter
+
+
+def moe_layers_or_error(model: nn.Module) -> tuple[MoEAdapter, list[MoELayer]]:
+    """The adapter and MoE layers of ``model``; errors name the problem when it is not an MoE model."""
+    adapter = get_adapter(model)
+    layers = adapter.moe_layers(model)
+    if not layers:
+        raise AdapterError(
+            f"found no routed-expert layers in this {model.config.model_type} model; "
+            "is it an MoE configuration (num_experts > 0)?"
+        )
+    return adapter, layers
+

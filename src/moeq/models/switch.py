@@ -1,0 +1,70 @@
+"""Switch Transformers: encoder-decoder, top-1 router ``mlp.router.classifier``, one module per
+expert (``mlp.experts.expert_{i}.wi / .wo``, not gated).
+
+The experts module is called with a one-hot dispatch mask ``[tokens, 1, E]`` (all zero for a
+token dropped by the capacity limit) and the routing probability ``[tokens, 1]``; the quantized
+replacement turns that into the top-k form the shared experts runtime takes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..modules.experts import QuantizedExperts
+from .base import MoEAdapter, MoELayer, register_adapter
+
+
+class SwitchQuantizedExperts(QuantizedExperts):
+    """QuantizedExperts called with Switch's dispatch mask instead of top-k indices."""
+
+    def forward(self, hidden_states: torch.Tensor, dispatch_mask: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        mask = dispatch_mask.reshape(hidden_states.shape[0], -1)
+        dropped = mask.sum(dim=-1) == 0
+        # A dropped token gets the sentinel index num_experts, which the runtime skips.
+        index = torch.where(dropped, torch.full_like(dropped, self.num_experts, dtype=torch.long), mask.argmax(dim=-1))
+        return super().forward(hidden_states, index[:, None], routing_weights.reshape(-1, 1))
+
+
+@register_adapter
+class SwitchAdapter(MoEAdapter):
+    family = "switch_transformers"
+    model_types = ("switch_transformers",)
+    projections = ("wi", "wo")
+    attention_markers = ("SelfAttention", "EncDecAttention")
+    router_markers = ("classifier",)
+
+    def moe_layers(self, model: nn.Module) -> list[MoELayer]:
+        layers = []
+        for path, block in model.named_modules():
+            router = getattr(block, "router", None)
+            experts = getattr(block, "experts", None)
+            if router is None or experts is None or not hasattr(router, "classifier"):
+                continue
+            layers.append(
+                MoELayer(
+                    index=len(layers),
+                    path=path,
+                    experts_path=f"{path}.experts",
+                    num_experts=router.num_experts,
+                    projections=self.projections,
+                    router_weight=router.classifier.weight,
+                    expert_weight=lambda e, p, experts=experts: getattr(experts[f"expert_{e}"], p).weight,
+                )
+            )
+        return layers
+
+    def quantized_experts(self, layer: MoELayer, experts: nn.Module, specs: dict, scale_dtype: torch.dtype) -> nn.Module:
+        first = experts["expert_0"]
+        shapes = {"wi": tuple(first.wi.weight.shape), "wo": tuple(first.wo.weight.shape)}
+        return SwitchQuantizedExperts(
+            num_experts=layer.num_experts,
+            shapes=shapes,
+            specs=specs,
+            act_fn=first.act,
+            gated=False,
+            scale_dtype=scale_dtype,
+        )
+
+
+__all__ = ["SwitchAdapter", "SwitchQuantizedExperts"]

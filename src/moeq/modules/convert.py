@@ -1,0 +1,109 @@
+"""Applying a BitPlan to a model: swap in quantized modules, empty (for loading) or filled (quantizing).
+
+``prepare_model`` only builds the skeleton: the quantized modules with empty buffers of the right
+sizes, as ``from_pretrained`` needs before it loads packed weights. ``quantize_model`` quantizes
+each planned weight of a full-precision model and swaps the filled module in, one MoE layer at a
+time, so only one layer's original and packed experts are alive together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..models import MoEAdapter, MoELayer, moe_layers_or_error
+from ..plan import BitPlan, PlanError, TensorSpec
+from ..quant.rtn import quantize_rtn
+from ..quant.tensor import QuantizedTensor
+from .experts import QuantizedExperts
+from .linear import QuantizedLinear
+
+__all__ = ["validate_plan", "prepare_model", "quantize_model", "Quantizer"]
+
+Quantizer = Callable[[torch.Tensor, TensorSpec, torch.dtype], QuantizedTensor]
+
+
+def rtn_quantizer(weight: torch.Tensor, spec: TensorSpec, scale_dtype: torch.dtype) -> QuantizedTensor:
+    return quantize_rtn(weight, spec.bits, spec.scheme, spec.group_size, spec.clip_search, scale_dtype)
+
+
+def validate_plan(model: nn.Module, plan: BitPlan) -> tuple[MoEAdapter, list[MoELayer]]:
+    """Check that ``plan`` fits ``model``; errors name the mismatch."""
+    adapter, layers = moe_layers_or_error(model)
+    if plan.model_type != model.config.model_type:
+        raise PlanError(f"the plan is for a {plan.model_type} model, this model is {model.config.model_type}")
+    paths = [layer.path for layer in layers]
+    if plan.layers != paths:
+        raise PlanError(f"the plan's MoE layers {plan.layers[:3]}... do not match the model's {paths[:3]}...")
+    for entry in plan.experts:
+        layer = layers[entry.layer]
+        if not 0 <= entry.expert < layer.num_experts or entry.projection not in layer.projections:
+            raise PlanError(
+                f"layer {entry.layer} has experts 0..{layer.num_experts - 1} with projections "
+                f"{', '.join(layer.projections)}; the plan names expert {entry.expert} {entry.projection}"
+            )
+    roles = adapter.linear_roles(model)
+    for name in plan.linears:
+        if name not in roles:
+            raise PlanError(f"the plan quantizes {name!r}, which is not a linear layer outside the experts of this model")
+    return adapter, layers
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _empty_linear(linear: nn.Linear, spec: TensorSpec, scale_dtype: torch.dtype) -> QuantizedLinear:
+    return QuantizedLinear(
+        linear.in_features, linear.out_features, spec, scale_dtype, bias=linear.bias is not None, dtype=linear.weight.dtype
+    )
+
+
+def prepare_model(model: nn.Module, plan: BitPlan) -> nn.Module:
+    """Replace every planned module with an empty quantized one (for loading a saved model)."""
+    adapter, layers = validate_plan(model, plan)
+    scale_dtype = getattr(torch, plan.scale_dtype)
+    for layer in layers:
+        specs = plan.expert_specs(layer.index)
+        if specs:
+            experts = model.get_submodule(layer.experts_path)
+            _replace(model, layer.experts_path, adapter.quantized_experts(layer, experts, specs, scale_dtype))
+    for name, spec in plan.linears.items():
+        _replace(model, name, _empty_linear(model.get_submodule(name), spec, scale_dtype))
+    return model
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    plan: BitPlan,
+    quantizer: Quantizer = rtn_quantizer,
+    progress: Callable[[str], None] | None = None,
+) -> nn.Module:
+    """Quantize every weight ``plan`` names, in place, and return ``model``."""
+    adapter, layers = validate_plan(model, plan)
+    scale_dtype = getattr(torch, plan.scale_dtype)
+    for layer in layers:
+        specs = plan.expert_specs(layer.index)
+        if specs:
+            experts = model.get_submodule(layer.experts_path)
+            quantized: QuantizedExperts = adapter.quantized_experts(layer, experts, specs, scale_dtype)
+            for (expert, projection), spec in specs.items():
+                weight = layer.expert_weight(expert, projection)
+                quantized.expert(expert)[projection].load_quantized(quantizer(weight, spec, scale_dtype))
+            _replace(model, layer.experts_path, quantized)
+        if progress:
+            progress(layer.path)
+    for name, spec in plan.linears.items():
+        linear = model.get_submodule(name)
+        replacement = _empty_linear(linear, spec, scale_dtype)
+        replacement.load_quantized(quantizer(linear.weight, spec, scale_dtype))
+        if linear.bias is not None:
+            replacement.bias = nn.Parameter(linear.bias.detach().clone())
+        _replace(model, name, replacement)
+        if progress:
+            progress(name)
+    return model

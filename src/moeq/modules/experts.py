@@ -1,0 +1,74 @@
+"""QuantizedExperts: all routed experts of one MoE layer, packed, with a width per expert and projection.
+
+Why a module of per-expert buffers and not one 3-D tensor: experts of one layer have different
+widths, so their packed codes have different lengths; a ``[E, ...]`` tensor would force one
+width per layer (the limit of llama.cpp, vLLM and SGLang that this project exists to lift).
+Children are named by expert index, so the checkpoint keys read
+``model.layers.3.mlp.experts.7.down_proj.codes``: the expert index is in every name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..kernels import experts_forward_reference
+from ..plan import PlanError, TensorSpec
+from .linear import QuantizedLinear
+
+__all__ = ["QuantizedExperts"]
+
+
+class QuantizedExperts(nn.Module):
+    """Drop-in replacement for a family's experts module: ``(hidden, top_k_index, top_k_weights) -> out``.
+
+    Args:
+        num_experts: routed experts in the layer.
+        shapes: ``{projection: (out, in)}``, in call order (gate, up, down or up, down).
+        specs: ``{(expert, projection): TensorSpec}``; every pair must be present.
+        act_fn: the experts' activation.
+        gated: ``down(act(gate x) * up x)`` if True, else ``down(act(up x))``.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        shapes: dict[str, tuple[int, int]],
+        specs: dict[tuple[int, str], TensorSpec],
+        act_fn: Callable[[torch.Tensor], torch.Tensor],
+        gated: bool,
+        scale_dtype: torch.dtype = torch.float16,
+    ) -> None:
+        super().__init__()
+        self.num_experts, self.gated, self.act_fn = num_experts, gated, act_fn
+        self.projections = tuple(shapes)
+        missing = [(e, p) for e in range(num_experts) for p in self.projections if (e, p) not in specs]
+        if missing:
+            raise PlanError(
+                f"the plan leaves {len(missing)} expert projections of this layer unplanned (first: expert "
+                f"{missing[0][0]} {missing[0][1]}); a quantized layer needs every routed expert planned"
+            )
+        for expert in range(num_experts):
+            self.add_module(
+                str(expert),
+                nn.ModuleDict(
+                    {
+                        proj: QuantizedLinear(shape[1], shape[0], specs[(expert, proj)], scale_dtype)
+                        for proj, shape in shapes.items()
+                    }
+                ),
+            )
+
+    def expert(self, index: int) -> nn.ModuleDict:
+        return self.get_submodule(str(index))
+
+    def dequantized_weights(self, expert: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        linears = self.expert(expert)
+        return [linears[p].weight_for(dtype) for p in self.projections]
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        return experts_forward_reference(
+            hidden_states, top_k_index, top_k_weights, self.num_experts, self.dequantized_weights, self.act_fn, self.gated
+        )
