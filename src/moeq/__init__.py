@@ -1,0 +1,19 @@
+"""moeq: expert-wise mixed-precision quantization of Mixture-of-Experts language models.
+
+Public API::
+
+    import moeq
+    model = moeq.quantize(model, moeq.QuantConfig(bits=3))      # or a BitPlan
+    moeq.save(model, "out/")
+    model = moeq.load("out/")   # AutoModelForCausalLM.from_pretrained("out/") works too
+"""
+
+from . import models  # noqa: F401  (adapter registration)
+from .api import plan_for, quantize
+from .config import QuantConfig
+from .io import load, read_plan, save
+from .plan import BitPlan, PlanError
+
+__version__ = "0.1.0"
+
+__all__ = ["BitPlan", "PlanError", "QuantConfig", "load", "plan_for", "quantize", "read_plan", "save"]

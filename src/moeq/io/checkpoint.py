@@ -1,0 +1,106 @@
+"""Saving and loading quantized models as Hugging Face style folders.
+
+A saved folder holds ``config.json`` (with the moeq ``quantization_config``: format version and
+BitPlan), ``model.safetensors`` whose tensor names are the model's own module paths (packed
+experts read ``<layer>.experts.<e>.<projection>.codes|scales|zeros``), the generation config,
+and the tokenizer files copied from the source checkpoint when it has them. It is written into
+a temporary sibling folder and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..plan import BitPlan
+from .atomic import atomic_directory
+from .hf import QUANT_METHOD, MoeqConfig
+
+__all__ = ["save", "load", "read_plan", "CheckpointError", "TOKENIZER_FILES"]
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "added_tokens.json",
+    "spiece.model",
+    "chat_template.jinja",
+)
+
+
+class CheckpointError(ValueError):
+    """A folder that is not a (readable) moeq checkpoint."""
+
+
+def _deduplicated_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied tensors stored once (the first name wins; loading re-ties them)."""
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = tensor.detach().contiguous().cpu()
+    return tensors
+
+
+def save(model: nn.Module, out: str | Path, source: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Write a quantized ``model`` to the folder ``out``.
+
+    Args:
+        model: a model returned by :func:`moeq.quantize` (or :func:`load`).
+        out: the output folder; refused if it exists, unless ``overwrite``.
+        source: the original checkpoint folder, to copy tokenizer files from (default: the folder
+            the model was loaded from, when that is a local folder).
+        overwrite: replace an existing ``out`` (only once the new folder is complete).
+    """
+    quant = getattr(model.config, "quantization_config", None)
+    if not isinstance(quant, MoeqConfig):
+        raise CheckpointError("this model is not quantized by moeq; call moeq.quantize(model, ...) first")
+    out = Path(out)
+    source = Path(source) if source else Path(getattr(model.config, "_name_or_path", "") or ".")
+    with atomic_directory(out, overwrite=overwrite) as work:
+        model.config.save_pretrained(work)
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None and getattr(model, "can_generate", lambda: False)():
+            generation_config.save_pretrained(work)
+        save_file(_deduplicated_state_dict(model), work / "model.safetensors", metadata={"format": "pt"})
+        if source.is_dir() and source.resolve() != out.resolve():
+            for name in TOKENIZER_FILES:
+                if (source / name).is_file():
+                    shutil.copy2(source / name, work / name)
+    return out
+
+
+def read_plan(path: str | Path) -> BitPlan:
+    """The BitPlan stored in a moeq checkpoint's ``config.json``, without loading any weights."""
+    config_path = Path(path) / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no config.json; is it a model folder?") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_path} is not valid JSON ({err})") from None
+    quant = config.get("quantization_config") or {}
+    if quant.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(f"{path} is not a moeq checkpoint (no quantization_config with quant_method 'moeq')")
+    return MoeqConfig(**{k: v for k, v in quant.items() if k != "quant_method"}).bit_plan()
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Load a moeq checkpoint with transformers, packed modules rebuilt, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    read_plan(path)  # a clear error for folders that are not moeq checkpoints
+    config = AutoConfig.from_pretrained(path)
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    return auto.from_pretrained(path).to(device).eval()

@@ -1,0 +1,64 @@
+"""moeq as a transformers quantization method: ``from_pretrained`` rebuilds the packed modules.
+
+Registered through transformers' public hooks (``register_quantization_config`` and
+``register_quantizer``) when ``moeq`` is imported. A saved folder's ``config.json`` carries
+``quantization_config = {"quant_method": "moeq", "format_version": 1, "plan": <BitPlan JSON>}``;
+before weights load, the quantizer swaps the planned modules for empty quantized ones of the
+right sizes (on the meta device), and the packed tensors then load by name like any other
+weight. No full-precision copy of the experts is ever built.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..plan import BitPlan
+
+__all__ = ["QUANT_METHOD", "FORMAT_VERSION", "MoeqConfig", "MoeqHfQuantizer"]
+
+QUANT_METHOD = "moeq"
+FORMAT_VERSION = 1
+
+
+@register_quantization_config(QUANT_METHOD)
+class MoeqConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of a moeq checkpoint: a format version and the BitPlan."""
+
+    def __init__(self, plan: dict[str, Any] | BitPlan, format_version: int = FORMAT_VERSION, **kwargs: Any) -> None:
+        self.quant_method = QUANT_METHOD
+        if format_version != FORMAT_VERSION:
+            raise ValueError(
+                f"this checkpoint uses moeq format {format_version}; this moeq reads format {FORMAT_VERSION}"
+            )
+        self.format_version = format_version
+        self.plan = plan.to_json() if isinstance(plan, BitPlan) else plan
+
+    def bit_plan(self) -> BitPlan:
+        return BitPlan.from_json(self.plan)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_method": QUANT_METHOD, "format_version": self.format_version, "plan": self.plan}
+
+
+@register_quantizer(QUANT_METHOD)
+class MoeqHfQuantizer(HfQuantizer):
+    """Loads moeq checkpoints (pre-quantized only; quantize with ``moeq.quantize``)."""
+
+    requires_calibration = True  # from_pretrained cannot quantize on the fly; moeq.quantize does
+    quantization_config: MoeqConfig
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        from ..modules.convert import prepare_model
+
+        prepare_model(model, self.quantization_config.bit_plan())
+        return model
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
