@@ -9,6 +9,7 @@ a temporary sibling folder and renamed into place only when complete.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -69,7 +70,10 @@ def save(model: nn.Module, out: str | Path, source: str | Path | None = None, ov
     out = Path(out)
     source = Path(source) if source else Path(getattr(model.config, "_name_or_path", "") or ".")
     with atomic_directory(out, overwrite=overwrite) as work:
-        model.config.save_pretrained(work)
+        config = copy.deepcopy(model.config)
+        config.architectures = [type(model).__name__]
+        config.dtype = next(model.parameters()).dtype
+        config.save_pretrained(work)
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None and getattr(model, "can_generate", lambda: False)():
             generation_config.save_pretrained(work)

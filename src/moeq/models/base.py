@@ -145,6 +145,7 @@ class FusedExpertsAdapter(MoEAdapter):
             act_fn=experts.act_fn,
             gated=True,
             scale_dtype=scale_dtype,
+            dtype=experts.down_proj.dtype,
         )
 
 

@@ -16,7 +16,13 @@ from .base import MoEAdapter, MoELayer, register_adapter
 
 
 class SwitchQuantizedExperts(QuantizedExperts):
-    """QuantizedExperts called with Switch's dispatch mask instead of top-k indices."""
+    """QuantizedExperts called with Switch's dispatch mask instead of top-k indices.
+
+    Experts keep Switch's names (``experts.expert_3.wi``), so code that indexes
+    ``experts["expert_3"]``, such as transformers' weight initialisation, still works.
+    """
+
+    child_name = "expert_{}"
 
     def forward(self, hidden_states: torch.Tensor, dispatch_mask: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
         mask = dispatch_mask.reshape(hidden_states.shape[0], -1)
@@ -64,6 +70,7 @@ class SwitchAdapter(MoEAdapter):
             act_fn=first.act,
             gated=False,
             scale_dtype=scale_dtype,
+            dtype=first.wi.weight.dtype,
         )
 
 

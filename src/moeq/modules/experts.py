@@ -30,7 +30,10 @@ class QuantizedExperts(nn.Module):
         specs: ``{(expert, projection): TensorSpec}``; every pair must be present.
         act_fn: the experts' activation.
         gated: ``down(act(gate x) * up x)`` if True, else ``down(act(up x))``.
+        scale_dtype: storage dtype of the scales; dtype: the original weights' dtype.
     """
+
+    child_name = "{}"  # how expert i's submodule is named; a family may keep its own convention
 
     def __init__(
         self,
@@ -40,6 +43,7 @@ class QuantizedExperts(nn.Module):
         act_fn: Callable[[torch.Tensor], torch.Tensor],
         gated: bool,
         scale_dtype: torch.dtype = torch.float16,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.num_experts, self.gated, self.act_fn = num_experts, gated, act_fn
@@ -52,17 +56,20 @@ class QuantizedExperts(nn.Module):
             )
         for expert in range(num_experts):
             self.add_module(
-                str(expert),
+                self.child_name.format(expert),
                 nn.ModuleDict(
                     {
-                        proj: QuantizedLinear(shape[1], shape[0], specs[(expert, proj)], scale_dtype)
+                        proj: QuantizedLinear(shape[1], shape[0], specs[(expert, proj)], scale_dtype, dtype=dtype)
                         for proj, shape in shapes.items()
                     }
                 ),
             )
 
     def expert(self, index: int) -> nn.ModuleDict:
-        return self.get_submodule(str(index))
+        return self.get_submodule(self.child_name.format(index))
+
+    def __getitem__(self, name: str) -> nn.ModuleDict:
+        return self.get_submodule(name)
 
     def dequantized_weights(self, expert: int, dtype: torch.dtype) -> list[torch.Tensor]:
         linears = self.expert(expert)

@@ -35,6 +35,7 @@ class QuantizedLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.weight_dtype = dtype or torch.get_default_dtype()
         self.group_size = resolve_group_size(in_features, spec.group_size)
         groups = in_features // self.group_size
         self.register_buffer("codes", torch.empty(packed_nbytes(in_features * out_features, spec.bits), dtype=torch.uint8))
@@ -56,7 +57,7 @@ class QuantizedLinear(nn.Module):
             group_size=self.group_size,
             scheme=self.spec.scheme,
             shape=(self.out_features, self.in_features),
-            dtype=self.scales.dtype,
+            dtype=self.weight_dtype,
         )
 
     def load_quantized(self, tensor: QuantizedTensor) -> None:
@@ -72,6 +73,12 @@ class QuantizedLinear(nn.Module):
 
     def weight_for(self, dtype: torch.dtype) -> torch.Tensor:
         return self.quantized.dequantize(dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight in the original dtype, for code that inspects ``.weight``
+        (Switch's feed-forward reads its dtype). Costs a dequantization per access."""
+        return self.quantized.dequantize(self.weight_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_for(x.dtype), self.bias)
