@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_write_text", "atomic_directory", "OutputExistsError"]
+__all__ = ["atomic_write_text", "atomic_directory", "ensure_output_free", "OutputExistsError"]
 
 
 class OutputExistsError(FileExistsError):
@@ -31,6 +31,12 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def ensure_output_free(target: Path, overwrite: bool) -> None:
+    """Refuse an existing output path unless ``overwrite`` (checked early, before long work)."""
+    if Path(target).exists() and not overwrite:
+        raise OutputExistsError(f"output folder {target} already exists; choose another --out or pass --overwrite")
+
+
 @contextmanager
 def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``target`` in one rename.
@@ -40,8 +46,7 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     complete, so a crash never leaves a half-written output.
     """
     target = Path(target)
-    if target.exists() and not overwrite:
-        raise OutputExistsError(f"output folder {target} already exists; choose another --out or pass --overwrite")
+    ensure_output_free(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
     try:

@@ -20,6 +20,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..modules.experts import QuantizedExperts
+
 __all__ = [
     "AdapterError",
     "LinearRole",
@@ -73,6 +75,11 @@ class MoEAdapter:
     attention_markers: ClassVar[tuple[str, ...]] = ("self_attn",)
     shared_markers: ClassVar[tuple[str, ...]] = ()
     router_markers: ClassVar[tuple[str, ...]] = ("gate",)  # last path component of a router linear
+    experts_class: ClassVar[type[QuantizedExperts]] = QuantizedExperts
+
+    def quantized_path(self, layer: MoELayer, expert: int, projection: str) -> str:
+        """Module path of one expert projection once quantized (its tensors are ``<path>.codes`` etc.)."""
+        return f"{layer.experts_path}.{self.experts_class.child_name.format(expert)}.{projection}"
 
     def moe_layers(self, model: nn.Module) -> list[MoELayer]:
         raise NotImplementedError
@@ -134,11 +141,9 @@ class FusedExpertsAdapter(MoEAdapter):
         return layers
 
     def quantized_experts(self, layer: MoELayer, experts: nn.Module, specs: dict, scale_dtype: torch.dtype) -> nn.Module:
-        from ..modules.experts import QuantizedExperts
-
         hidden, intermediate = experts.down_proj.shape[1], experts.down_proj.shape[2]
         shapes = {"gate_proj": (intermediate, hidden), "up_proj": (intermediate, hidden), "down_proj": (hidden, intermediate)}
-        return QuantizedExperts(
+        return self.experts_class(
             num_experts=layer.num_experts,
             shapes=shapes,
             specs=specs,

@@ -39,6 +39,7 @@ class SwitchAdapter(MoEAdapter):
     projections = ("wi", "wo")
     attention_markers = ("SelfAttention", "EncDecAttention")
     router_markers = ("classifier",)
+    experts_class = SwitchQuantizedExperts
 
     def moe_layers(self, model: nn.Module) -> list[MoELayer]:
         layers = []
@@ -63,7 +64,7 @@ class SwitchAdapter(MoEAdapter):
     def quantized_experts(self, layer: MoELayer, experts: nn.Module, specs: dict, scale_dtype: torch.dtype) -> nn.Module:
         first = experts["expert_0"]
         shapes = {"wi": tuple(first.wi.weight.shape), "wo": tuple(first.wo.weight.shape)}
-        return SwitchQuantizedExperts(
+        return self.experts_class(
             num_experts=layer.num_experts,
             shapes=shapes,
             specs=specs,

@@ -24,6 +24,8 @@ class QuantizedLinear(nn.Module):
     :meth:`load_quantized`.
     """
 
+    TENSOR_NAMES = ("codes", "scales", "zeros")  # the packed storage, as named in checkpoints
+
     def __init__(
         self,
         in_features: int,

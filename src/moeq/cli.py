@@ -1,0 +1,160 @@
+"""The ``moeq`` command: a thin typer layer over the public API, rendered with rich.
+
+Every command parses its options, calls the API, and renders the result. Errors the user can
+fix (bad input, an existing output folder) are printed as one line naming the problem and the
+fix, with exit status 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .api import plan_for, quantize
+from .config import FULL_PRECISION_BITS, QuantConfig
+from .io.atomic import OutputExistsError, ensure_output_free
+from .io.checkpoint import CheckpointError, save
+from .io.inspect import CheckpointReport, inspect_checkpoint
+from .io.source import load_source
+from .models import AdapterError
+from .plan import BitPlan, PlanError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Expert-wise mixed-precision quantization of MoE models.")
+console = Console()
+err_console = Console(stderr=True)
+
+USER_ERRORS = (AdapterError, CheckpointError, OutputExistsError, PlanError, ValueError, FileNotFoundError)
+
+
+def _fail(err: Exception) -> None:
+    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _quantize_with_progress(model: torch.nn.Module, plan: BitPlan) -> None:
+    steps = len(plan.layers) + len(plan.linears)
+    with Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err_console, transient=True,
+    ) as bar:
+        task = bar.add_task("quantizing", total=steps)
+        quantize(model, plan, progress=lambda name: bar.update(task, advance=1, description=f"quantizing {name}"))
+
+
+@app.command("quantize")
+def quantize_command(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Hugging Face model folder (full precision).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (must not exist unless --overwrite).")],
+    bits: Annotated[int | None, typer.Option(help=f"Bits for every routed expert (1-8; {FULL_PRECISION_BITS} = leave them).")] = None,
+    plan_path: Annotated[Path | None, typer.Option("--plan", help="BitPlan JSON (from `moeq allocate`).")] = None,
+    scheme: Annotated[str, typer.Option(help="sym | asym | log | sign.")] = "asym",
+    group_size: Annotated[int | None, typer.Option(help="Inputs per scale; default one scale per output channel.")] = None,
+    clip_search: Annotated[bool, typer.Option(help="Search a clipping ratio per group (PAPERS.md §1).")] = False,
+    attn_bits: Annotated[int | None, typer.Option(help="Quantize attention linears too.")] = None,
+    shared_bits: Annotated[int | None, typer.Option(help="Quantize shared experts too.")] = None,
+    dense_bits: Annotated[int | None, typer.Option(help="Quantize dense (non-MoE) feed-forward linears too.")] = None,
+    lm_head_bits: Annotated[int | None, typer.Option(help="Quantize the output head too.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for anything random (recorded in the plan).")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+) -> None:
+    """Quantize the routed experts of MODEL (and optionally other linears) and save to --out."""
+    try:
+        if (bits is None) == (plan_path is None):
+            raise ValueError("give exactly one of --bits B or --plan PLAN.json")
+        ensure_output_free(out, overwrite)
+        plan = BitPlan.load(plan_path) if plan_path else None
+        torch.manual_seed(seed)
+        started = time.perf_counter()
+        model = load_source(model_path)
+        if plan is None:
+            config = QuantConfig(
+                bits=bits, scheme=scheme, group_size=group_size, clip_search=clip_search, attn_bits=attn_bits,
+                shared_bits=shared_bits, dense_bits=dense_bits, lm_head_bits=lm_head_bits,
+            )
+            plan = plan_for(model, config)
+            plan.method["seed"] = seed
+        _quantize_with_progress(model, plan)
+        save(model, out, source=model_path, overwrite=overwrite)
+    except USER_ERRORS as err:
+        _fail(err)
+    elapsed = time.perf_counter() - started
+    budget = plan.budget
+    console.print(
+        f"[green]saved[/] {out}  experts at {budget.get('avg_expert_bits', 0):.3g} bits on average, "
+        f"model {budget.get('model_bytes', 0) / 2**20:.2f} MiB (from {budget.get('model_bytes_full_precision', 0) / 2**20:.2f} MiB) "
+        f"in {elapsed:.1f} s"
+    )
+
+
+def _bits_label(bits: dict[str, int]) -> str:
+    values = list(bits.values())
+    return str(values[0]) if len(set(values)) == 1 else "/".join(str(b) for b in values)
+
+
+def render_report(report: CheckpointReport) -> None:
+    """Print a checkpoint report: one table per MoE layer, then the totals."""
+    for layer in report.layers:
+        projections = "/".join(layer.experts[0].bits) if layer.experts else ""
+        table = Table(title=f"layer {layer.index}: {layer.path}", title_justify="left")
+        table.add_column("expert", justify="right")
+        table.add_column(f"bits ({projections})", justify="right")
+        table.add_column("bytes", justify="right")
+        table.add_column("16-bit bytes", justify="right")
+        table.add_column("ratio", justify="right")
+        for expert in layer.experts:
+            table.add_row(
+                str(expert.expert), _bits_label(expert.bits), f"{expert.nbytes:,}", f"{expert.fp16_bytes:,}", f"{expert.ratio:.2f}x"
+            )
+        console.print(table)
+    summary = Table(title="totals", title_justify="left", show_header=False)
+    summary.add_row("model type", report.model_type)
+    summary.add_row("mean expert bits", f"{report.avg_expert_bits:.3f}" if report.avg_expert_bits is not None else "-")
+    summary.add_row("routed experts", f"{report.expert_bytes:,} B vs {report.expert_fp16_bytes:,} B at 16 bits "
+                    f"({report.expert_fp16_bytes / max(report.expert_bytes, 1):.2f}x)")
+    summary.add_row("weights on disk", f"{report.file_bytes:,} B vs {report.model_fp16_bytes:,} B at 16 bits "
+                    f"({report.model_fp16_bytes / max(report.file_bytes, 1):.2f}x)")
+    summary.add_row("made by", str(report.method.get("strategy", "?")))
+    console.print(summary)
+
+
+@app.command("info")
+def info_command(path: Annotated[Path, typer.Argument(metavar="DIR", help="A folder written by `moeq quantize`.")]) -> None:
+    """Print per layer and expert the bits, the bytes and the compression against 16 bits."""
+    try:
+        report = inspect_checkpoint(path)
+    except USER_ERRORS as err:
+        _fail(err)
+    render_report(report)
+
+
+@app.command("demo")
+def demo_command(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the source model and its quantized copies.")] = Path("runs/demo"),
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+) -> None:
+    """Quantize a small Mixtral-architecture model (built from a config) at 4, 3 and 2 bits."""
+    from .demo import run_demo
+
+    try:
+        rows = run_demo(out, overwrite=overwrite)
+    except USER_ERRORS as err:
+        _fail(err)
+    table = Table(title="demo: routed experts quantized (asym, per channel), everything else full precision", title_justify="left")
+    for column in ("expert bits", "expert bytes", "vs 16-bit", "file bytes", "vs bf16 source", "logits rel. error", "reload exact", "seconds"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            str(row.bits), f"{row.expert_bytes:,}", f"{row.expert_fp16_bytes / row.expert_bytes:.2f}x", f"{row.file_bytes:,}",
+            f"{row.source_file_bytes / row.file_bytes:.2f}x", f"{row.logits_rel_error:.4f}", "yes" if row.reload_exact else "NO",
+            f"{row.seconds:.2f}",
+        )
+    console.print(table)
+    console.print(f"folders under {out}; inspect one with: moeq info {out}/experts-{rows[-1].bits}bit")

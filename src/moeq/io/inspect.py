@@ -1,0 +1,126 @@
+"""What a saved moeq checkpoint holds, per MoE layer and expert, read without loading weights.
+
+Shapes come from the model skeleton built on the meta device (the adapter is the one source of
+truth for where experts are); bytes come from the safetensors headers, so they are the true
+storage on disk, scales and zero points included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..models import get_adapter
+from ..modules.linear import QuantizedLinear
+from .checkpoint import CheckpointError, read_plan
+
+__all__ = ["ExpertReport", "LayerReport", "CheckpointReport", "inspect_checkpoint"]
+
+_FP16_BYTES = 2
+
+
+@dataclass
+class ExpertReport:
+    expert: int
+    bits: dict[str, int]  # projection -> bits
+    nbytes: int
+    fp16_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.fp16_bytes / self.nbytes
+
+
+@dataclass
+class LayerReport:
+    index: int
+    path: str
+    experts: list[ExpertReport] = field(default_factory=list)
+
+
+@dataclass
+class CheckpointReport:
+    model_type: str
+    layers: list[LayerReport]
+    file_bytes: int
+    model_fp16_bytes: int
+    avg_expert_bits: float | None
+    method: dict
+
+    @property
+    def expert_bytes(self) -> int:
+        return sum(e.nbytes for layer in self.layers for e in layer.experts)
+
+    @property
+    def expert_fp16_bytes(self) -> int:
+        return sum(e.fp16_bytes for layer in self.layers for e in layer.experts)
+
+
+def _tensor_sizes(folder: Path) -> dict[str, int]:
+    sizes = {}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder} holds no .safetensors file")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    piece = handle.get_slice(name)
+                    shape = piece.get_shape()
+                    numel = 1
+                    for dim in shape:
+                        numel *= dim
+                    sizes[name] = numel * _dtype_size(piece.get_dtype())
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            raise CheckpointError(f"{file} is not a readable safetensors file ({err})") from None
+    return sizes
+
+
+def _dtype_size(name: str) -> int:
+    return {"U8": 1, "I8": 1, "BOOL": 1, "F16": 2, "BF16": 2, "I16": 2, "F32": 4, "I32": 4, "F64": 8, "I64": 8}.get(name, 4)
+
+
+def inspect_checkpoint(path: str | Path) -> CheckpointReport:
+    """Per-layer, per-expert bits and bytes of the moeq checkpoint at ``path``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    folder = Path(path)
+    plan = read_plan(folder)
+    sizes = _tensor_sizes(folder)
+    config = AutoConfig.from_pretrained(folder)
+    config.quantization_config = None
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    with torch.device("meta"):
+        skeleton = auto.from_config(config)
+    adapter = get_adapter(skeleton)
+    layers = []
+    for layer in adapter.moe_layers(skeleton):
+        specs = plan.expert_specs(layer.index)
+        report = LayerReport(layer.index, layer.path)
+        for expert in range(layer.num_experts):
+            bits, nbytes, fp16 = {}, 0, 0
+            for projection in layer.projections:
+                numel = layer.expert_weight(expert, projection).numel()
+                fp16 += numel * _FP16_BYTES
+                spec = specs.get((expert, projection))
+                bits[projection] = spec.bits if spec else 16
+                if spec:
+                    prefix = adapter.quantized_path(layer, expert, projection) + "."
+                    nbytes += sum(sizes.get(prefix + name, 0) for name in QuantizedLinear.TENSOR_NAMES)
+                else:
+                    nbytes += numel * _FP16_BYTES
+            report.experts.append(ExpertReport(expert, bits, nbytes, fp16))
+        layers.append(report)
+    fp16_model = sum(p.numel() for p in skeleton.parameters()) * _FP16_BYTES
+    return CheckpointReport(
+        model_type=plan.model_type,
+        layers=layers,
+        file_bytes=sum(f.stat().st_size for f in folder.glob("*.safetensors")),
+        model_fp16_bytes=fp16_model,
+        avg_expert_bits=plan.budget.get("avg_expert_bits"),
+        method=plan.method,
+    )
+

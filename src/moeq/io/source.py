@@ -1,0 +1,50 @@
+"""Opening a source checkpoint: clear errors before any weight is read.
+
+The model type is checked against the adapters from ``config.json`` alone, so an unsupported
+or non-MoE model fails in milliseconds, not after loading gigabytes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from ..models import get_adapter, moe_layers_or_error
+from .checkpoint import CheckpointError
+
+__all__ = ["read_config", "load_source"]
+
+
+def read_config(path: str | Path) -> dict:
+    """``config.json`` of a model folder as a dict; errors name the folder and the fix."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"model folder {path} does not exist; pass the folder that holds config.json")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{path} has no config.json; point MODEL at a Hugging Face model folder")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_path} is not valid JSON ({err})") from None
+
+
+def load_source(path: str | Path) -> nn.Module:
+    """Load a full-precision MoE checkpoint (in its stored dtype) for quantization, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    raw = read_config(path)
+    if (raw.get("quantization_config") or {}).get("quant_method"):
+        raise CheckpointError(f"{path} is already quantized ({raw['quantization_config']['quant_method']}); start from the full-precision model")
+    get_adapter(raw.get("model_type"))
+    config = AutoConfig.from_pretrained(path)
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(path, config=config)
+    except (OSError, ValueError, RuntimeError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"could not read the weights of {path}: {first_line}") from None
+    moe_layers_or_error(model)
+    return model.eval()
