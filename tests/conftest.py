@@ -1,0 +1,33 @@
+"""Shared helpers: tiny models of every family (built from configs, nothing downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from moeq.models.tiny import TINY_FAMILIES, tiny_model
+
+
+def logits(model: nn.Module, seed: int = 0) -> torch.Tensor:
+    """Logits of a fixed batch of token ids; encoder-decoders get a fixed decoder prefix too."""
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        if model.config.is_encoder_decoder:
+            return model(input_ids=ids, decoder_input_ids=ids[:, :6]).logits
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture(params=TINY_FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def source_folder(tmp_path: Path, family: str) -> Path:
+    """A full-precision tiny checkpoint of ``family`` saved on disk."""
+    folder = tmp_path / f"{family}-source"
+    tiny_model(family).save_pretrained(folder)
+    return folder
