@@ -27,6 +27,15 @@ from .models import AdapterError
 from .plan import BitPlan, PlanError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Expert-wise mixed-precision quantization of MoE models.")
+
+
+@app.callback()
+def _quiet_transformers() -> None:
+    """moeq draws its own progress; transformers' per-load bars would interleave with it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 console = Console()
 err_console = Console(stderr=True)
 
@@ -71,14 +80,14 @@ def quantize_command(
             raise ValueError("give exactly one of --bits B or --plan PLAN.json")
         ensure_output_free(out, overwrite)
         plan = BitPlan.load(plan_path) if plan_path else None
+        config = None if plan else QuantConfig(
+            bits=bits, scheme=scheme, group_size=group_size, clip_search=clip_search, attn_bits=attn_bits,
+            shared_bits=shared_bits, dense_bits=dense_bits, lm_head_bits=lm_head_bits,
+        )
         torch.manual_seed(seed)
         started = time.perf_counter()
         model = load_source(model_path)
         if plan is None:
-            config = QuantConfig(
-                bits=bits, scheme=scheme, group_size=group_size, clip_search=clip_search, attn_bits=attn_bits,
-                shared_bits=shared_bits, dense_bits=dense_bits, lm_head_bits=lm_head_bits,
-            )
             plan = plan_for(model, config)
             plan.method["seed"] = seed
         _quantize_with_progress(model, plan)

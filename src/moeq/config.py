@@ -37,9 +37,16 @@ class QuantConfig:
     lm_head_bits: int | None = None
     scale_dtype: str = "float16"
 
+    def __post_init__(self) -> None:
+        _check_bits("--bits", self.bits)
+        for role, bits in self.role_bits().items():
+            _check_bits(f"{role} bits", bits)
+        for bits in {self.bits, *self.role_bits().values()} - {None, FULL_PRECISION_BITS}:
+            self.spec(bits)  # validates scheme and width together
+
     def spec(self, bits: int) -> TensorSpec:
         scheme = self.scheme
-        if Scheme(scheme) is Scheme.SIGN and bits != 1:
+        if scheme == Scheme.SIGN.value and bits != 1:
             scheme = Scheme.ASYM.value
         return TensorSpec(bits=bits, scheme=scheme, group_size=self.group_size, clip_search=self.clip_search)
 
@@ -60,9 +67,6 @@ def _check_bits(name: str, bits: int | None) -> None:
 def uniform_plan(model: nn.Module, config: QuantConfig) -> BitPlan:
     """The plan that gives every routed expert ``config.bits`` and other linears their role's width."""
     adapter, layers = moe_layers_or_error(model)
-    _check_bits("--bits", config.bits)
-    for role, bits in config.role_bits().items():
-        _check_bits(f"{role} bits", bits)
     experts = []
     if config.bits != FULL_PRECISION_BITS:
         spec = config.spec(config.bits)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ..models import get_adapter
 from ..modules.linear import QuantizedLinear
@@ -74,7 +74,7 @@ def _tensor_sizes(folder: Path) -> dict[str, int]:
                     for dim in shape:
                         numel *= dim
                     sizes[name] = numel * _dtype_size(piece.get_dtype())
-        except Exception as err:  # safetensors raises its own error types for damaged files
+        except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{file} is not a readable safetensors file ({err})") from None
     return sizes
 

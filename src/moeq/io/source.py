@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safetensors import SafetensorError
 from torch import nn
 
 from ..models import get_adapter, moe_layers_or_error
@@ -43,7 +44,7 @@ def load_source(path: str | Path) -> nn.Module:
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     try:
         model = auto.from_pretrained(path, config=config)
-    except (OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"could not read the weights of {path}: {first_line}") from None
     moe_layers_or_error(model)

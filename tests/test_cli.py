@@ -1,0 +1,109 @@
+"""The command line: quantize and info end to end, and one-line errors for bad input."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from typer.testing import CliRunner
+
+import moeq
+from moeq.cli import app
+from moeq.config import QuantConfig, uniform_plan
+from moeq.models.tiny import tiny_model
+from tests.conftest import logits
+
+runner = CliRunner()
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_quantize_then_info(source_folder: Path, tmp_path: Path, family: str) -> None:
+    before = _digest(source_folder)
+    out = tmp_path / "q"
+    result = runner.invoke(app, ["quantize", str(source_folder), "--out", str(out), "--bits", "3"])
+    assert result.exit_code == 0, result.output
+    assert _digest(source_folder) == before, "the source checkpoint must never change"
+    expected = moeq.quantize(tiny_model(family), QuantConfig(bits=3))
+    assert torch.equal(logits(moeq.load(out)), logits(expected))
+    info = runner.invoke(app, ["info", str(out)], env={"COLUMNS": "200"})
+    assert info.exit_code == 0, info.output
+    assert "layer 1" in info.output and "mean expert bits" in info.output and "3.000" in info.output
+    ratio_rows = [line for line in info.output.splitlines() if line.strip().startswith("│") and "x │" in line]
+    assert len(ratio_rows) == 16  # 2 layers x 8 experts
+
+
+def test_quantize_with_a_mixed_plan(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    tiny_model("mixtral").save_pretrained(source)
+    plan = uniform_plan(tiny_model("mixtral"), QuantConfig(bits=2))
+    for entry in plan.experts[:6]:
+        object.__setattr__(entry, "spec", type(entry.spec)(4, "sym"))
+    plan.save(tmp_path / "plan.json")
+    result = runner.invoke(app, ["quantize", str(source), "--out", str(tmp_path / "q"), "--plan", str(tmp_path / "plan.json")])
+    assert result.exit_code == 0, result.output
+    info = runner.invoke(app, ["info", str(tmp_path / "q")], env={"COLUMNS": "200"})
+    assert "4 │" in info.output and "2 │" in info.output
+
+
+def _error(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_errors_are_one_line_and_leave_nothing(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    tiny_model("olmoe").save_pretrained(source)
+    out = tmp_path / "out"
+    dense = tmp_path / "dense"
+    transformers.AutoModelForCausalLM.from_config(
+        transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)
+    ).save_pretrained(dense)
+    corrupt = tmp_path / "corrupt"
+    tiny_model("olmoe").save_pretrained(corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\x00\x01garbage")
+    cases = [
+        (["quantize", str(dense), "--out", str(out), "--bits", "3"], "'llama' has no moeq adapter; supported MoE families:"),
+        (["quantize", str(tmp_path / "nowhere"), "--out", str(out), "--bits", "3"], "does not exist"),
+        (["quantize", str(source), "--out", str(out)], "give exactly one of --bits"),
+        (["quantize", str(source), "--out", str(out), "--bits", "11"], "--bits must be 1 to 8"),
+        (["quantize", str(source), "--out", str(out), "--bits", "1", "--scheme", "sym"], "'sym' takes 2 to 8 bits"),
+        (["quantize", str(source), "--out", str(out), "--plan", str(tmp_path / "none.json")], "does not exist"),
+        (["quantize", str(corrupt), "--out", str(out), "--bits", "3"], "could not read the weights of"),
+        (["quantize", str(source), "--out", str(source), "--bits", "3"], "already exists; choose another --out or pass --overwrite"),
+        (["info", str(source)], "is not a moeq checkpoint"),
+    ]
+    for args, message in cases:
+        line = _error(runner.invoke(app, args))
+        assert message in line, (args, line)
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt", "dense", "src"]
+
+
+def test_already_quantized_source_is_refused(tmp_path: Path) -> None:
+    moeq.save(moeq.quantize(tiny_model("mixtral"), QuantConfig(bits=3)), tmp_path / "q")
+    line = _error(runner.invoke(app, ["quantize", str(tmp_path / "q"), "--out", str(tmp_path / "q2"), "--bits", "2"]))
+    assert "already quantized (moeq)" in line
+
+
+def test_plan_is_recorded_with_seed(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    tiny_model("mixtral").save_pretrained(source)
+    result = runner.invoke(app, ["quantize", str(source), "--out", str(tmp_path / "q"), "--bits", "4", "--seed", "7",
+                                 "--group-size", "32", "--attn-bits", "8"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["plan"]
+    assert plan["method"]["seed"] == 7 and plan["method"]["config"]["group_size"] == 32
+    assert len(plan["linears"]) == 8
+
+
+@pytest.mark.parametrize("command", ["quantize", "info", "demo"])
+def test_help(command: str) -> None:
+    assert runner.invoke(app, [command, "--help"]).exit_code == 0
