@@ -20,6 +20,19 @@ def test_json_round_trip(tmp_path: Path) -> None:
     assert again.experts[0].spec == TensorSpec(3, "asym", 16, True)
 
 
+def test_rows_are_compact_and_expand_to_the_same_plan() -> None:
+    model = tiny_model("mixtral")
+    plan = uniform_plan(model, QuantConfig(bits=3))
+    for entry in plan.experts[::5]:
+        object.__setattr__(entry, "spec", TensorSpec(2, "sym", 32))
+    rows = plan.to_json()["experts"]
+    assert len(rows) == 2 * 3  # one row per (layer, projection)
+    assert any(isinstance(row["bits"], list) for row in rows) and rows[0]["clip_search"] is False
+    again = BitPlan.from_json(plan.to_json())
+    as_set = lambda p: {(e.layer, e.expert, e.projection, e.spec) for e in p.experts}  # noqa: E731
+    assert as_set(again) == as_set(plan)
+
+
 def test_uniform_plan_budget_matches_theory() -> None:
     model = tiny_model("mixtral")  # 2 layers x 8 experts x (gate, up [96, 64] + down [64, 96]), fp32
     plan = uniform_plan(model, QuantConfig(bits=3))
@@ -51,12 +64,14 @@ def test_sign_scheme_applies_to_one_bit_only() -> None:
         (lambda d: d.update(format="other"), "not a moeq bit plan"),
         (lambda d: d.update(version=7), "version 7 is not supported"),
         (lambda d: d.pop("layers"), "lacks the required key 'layers'"),
-        (lambda d: d["experts"][0].update(bits=9), r"experts\[0\]: scheme 'asym' takes 1 to 8 bits"),
+        (lambda d: d["experts"][0].update(bits=9), r"experts\[0\] expert 0: scheme 'asym' takes 1 to 8 bits"),
         (lambda d: d["experts"][0].update(scheme="nf4"), "unknown quantization scheme 'nf4'"),
         (lambda d: d["experts"][0].update(layer=5), "names layer 5, the plan has 2 MoE layers"),
         (lambda d: d["experts"].append(dict(d["experts"][0])), "listed twice"),
         (lambda d: d["experts"][0].update(group_size=0), "group_size must be a positive integer"),
-        (lambda d: d["experts"][0].pop("expert"), "needs integer layer and expert"),
+        (lambda d: d["experts"][0].pop("experts"), "needs an integer layer, a projection name and a list"),
+        (lambda d: d["experts"][0].update(bits=[3, 2]), "bits lists 2 values for 8 experts"),
+        (lambda d: d["experts"][0].update(colour="red"), "unknown keys"),
     ],
 )
 def test_malformed_plans_are_named(mutate, message) -> None:

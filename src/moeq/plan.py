@@ -6,14 +6,16 @@ other linear it quantizes (by module path), the bit width, scheme and group size
 does not name stays in full precision. It records how it was made (``method``) and the budget it
 met (``budget``: mean expert bits, the paper's measure, and the true bytes).
 
-JSON form (``format: "moeq.bitplan"``, ``version: 1``)::
+JSON form (``format: "moeq.bitplan"``, ``version: 1``). Expert specs are stored one row per
+(layer, projection), with a list over experts for any field that varies and a scalar for a field
+that does not, so a 256-expert, 58-layer model's plan stays small and readable::
 
     {"format": "moeq.bitplan", "version": 1, "model_type": "mixtral",
      "layers": ["model.layers.0.mlp", ...], "scale_dtype": "float16",
-     "experts": [{"layer": 0, "expert": 3, "projection": "gate_proj",
-                  "bits": 3, "scheme": "asym", "group_size": null, "clip_search": false}, ...],
-     "linears": {"model.layers.0.self_attn.q_proj": {"bits": 4, ...}},
-     "method": {"strategy": "uniform", ...}, "budget": {"avg_expert_bits": 3.0, ...}}
+     "experts": [{"layer": 0, "projection": "gate_proj", "experts": [0, 1, 2, 3],
+                  "bits": [3, 3, 2, 1], "scheme": "asym", "group_size": null, "clip_search": false}, ...],
+     "linears": {"model.layers.0.self_attn.q_proj": {"bits": 4, "scheme": "asym", ...}},
+     "method": {"strategy": "uniform", ...}, "budget": {"avg_expert_bits": 2.25, ...}}
 
 ``group_size: null`` means one scale per output channel.
 """
@@ -31,6 +33,9 @@ __all__ = ["PLAN_FORMAT", "PLAN_VERSION", "PlanError", "TensorSpec", "ExpertEntr
 
 PLAN_FORMAT = "moeq.bitplan"
 PLAN_VERSION = 1
+
+
+SPEC_FIELDS = ("bits", "scheme", "group_size", "clip_search")
 
 
 class PlanError(ValueError):
@@ -60,7 +65,7 @@ class TensorSpec:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> TensorSpec:
-        unknown = set(data) - {"bits", "scheme", "group_size", "clip_search"}
+        unknown = set(data) - set(SPEC_FIELDS)
         if unknown or "bits" not in data:
             raise PlanError(f"{where}: expected keys bits, scheme, group_size, clip_search; got {sorted(data)}")
         try:
@@ -126,10 +131,7 @@ class BitPlan:
             "model_type": self.model_type,
             "layers": list(self.layers),
             "scale_dtype": self.scale_dtype,
-            "experts": [
-                {"layer": e.layer, "expert": e.expert, "projection": e.projection, **e.spec.to_json()}
-                for e in self.experts
-            ],
+            "experts": self._expert_rows(),
             "linears": {name: spec.to_json() for name, spec in self.linears.items()},
             "method": self.method,
             "budget": self.budget,
@@ -146,14 +148,8 @@ class BitPlan:
             if key not in data:
                 raise PlanError(f"bit plan lacks the required key {key!r}")
         experts = []
-        for i, raw in enumerate(data["experts"]):
-            where = f"experts[{i}]"
-            try:
-                layer, expert, projection = int(raw["layer"]), int(raw["expert"]), str(raw["projection"])
-            except (KeyError, TypeError, ValueError):
-                raise PlanError(f"{where}: needs integer layer and expert and a projection name") from None
-            spec_fields = {k: v for k, v in raw.items() if k not in ("layer", "expert", "projection")}
-            experts.append(ExpertEntry(layer, expert, projection, TensorSpec.from_json(spec_fields, where)))
+        for i, row in enumerate(data["experts"]):
+            experts += _expand_row(row, f"experts[{i}]")
         linears = {
             name: TensorSpec.from_json(spec, f"linears[{name!r}]") for name, spec in data.get("linears", {}).items()
         }
@@ -166,6 +162,20 @@ class BitPlan:
             method=dict(data.get("method", {})),
             budget=dict(data.get("budget", {})),
         )
+
+    def _expert_rows(self) -> list[dict[str, Any]]:
+        rows: dict[tuple[int, str], list[ExpertEntry]] = {}
+        for entry in self.experts:
+            rows.setdefault((entry.layer, entry.projection), []).append(entry)
+        out = []
+        for (layer, projection), entries in rows.items():
+            entries.sort(key=lambda e: e.expert)
+            row: dict[str, Any] = {"layer": layer, "projection": projection, "experts": [e.expert for e in entries]}
+            for key in SPEC_FIELDS:
+                values = [e.spec.to_json()[key] for e in entries]
+                row[key] = values[0] if all(v == values[0] for v in values) else values
+            out.append(row)
+        return out
 
     def save(self, path: str | Path) -> None:
         """Write the plan as JSON (atomically: a temporary file, then a rename)."""
@@ -183,3 +193,30 @@ class BitPlan:
             raise PlanError(f"bit plan {path} is not valid JSON ({err})") from None
         return cls.from_json(data)
 
+
+
+def _expand_row(row: dict[str, Any], where: str) -> list[ExpertEntry]:
+    """ExpertEntry objects of one (layer, projection) row of the JSON form."""
+    try:
+        layer, projection, experts = int(row["layer"]), str(row["projection"]), [int(e) for e in row["experts"]]
+    except (KeyError, TypeError, ValueError):
+        raise PlanError(f"{where}: needs an integer layer, a projection name and a list of expert indices") from None
+    unknown = set(row) - {"layer", "projection", "experts", *SPEC_FIELDS}
+    if unknown:
+        raise PlanError(f"{where}: unknown keys {sorted(unknown)}")
+    columns = {}
+    for key in SPEC_FIELDS:
+        if key not in row:
+            continue
+        value = row[key]
+        if isinstance(value, list):
+            if len(value) != len(experts):
+                raise PlanError(f"{where}: {key} lists {len(value)} values for {len(experts)} experts")
+            columns[key] = value
+        else:
+            columns[key] = [value] * len(experts)
+    return [
+        ExpertEntry(layer, expert, projection,
+                    TensorSpec.from_json({k: v[i] for k, v in columns.items()}, f"{where} expert {expert}"))
+        for i, expert in enumerate(experts)
+    ]
