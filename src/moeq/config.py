@@ -71,7 +71,8 @@ def uniform_plan(model: nn.Module, config: QuantConfig) -> BitPlan:
     if config.bits != FULL_PRECISION_BITS:
         spec = config.spec(config.bits)
         for layer in layers:
-            resolve_group_size(layer.expert_weight(0, layer.projections[0]).shape[1], spec.group_size)
+            for _, inputs in layer.shapes.values():
+                resolve_group_size(inputs, spec.group_size)
             experts += [ExpertEntry(layer.index, e, p, spec) for e in range(layer.num_experts) for p in layer.projections]
     linears = {}
     role_bits = config.role_bits()
@@ -95,23 +96,25 @@ def plan_budget(model: nn.Module, plan: BitPlan) -> dict[str, float | int]:
     """Mean expert bits (parameter-weighted) and the true bytes of the experts and of the model."""
     _, layers = moe_layers_or_error(model)
     scale_bytes = torch.empty(0, dtype=getattr(torch, plan.scale_dtype)).element_size()
-    expert_params = quantized_expert_params = 0
+    expert_params = 0
     expert_bits_sum = 0.0
     expert_bytes = expert_fp_bytes = 0
     for layer in layers:
         specs = plan.expert_specs(layer.index)
-        for (e, p), weight in layer.expert_weights().items():
-            expert_params += weight.numel()
-            expert_fp_bytes += weight.numel() * weight.element_size()
-            spec = specs.get((e, p))
-            if spec is None:
-                expert_bytes += weight.numel() * weight.element_size()
-                expert_bits_sum += weight.numel() * FULL_PRECISION_BITS
-                continue
-            quantized_expert_params += weight.numel()
-            group = resolve_group_size(weight.shape[1], spec.group_size)
-            expert_bytes += storage_nbytes(tuple(weight.shape), spec.bits, group, spec.scheme, scale_bytes)
-            expert_bits_sum += weight.numel() * spec.bits
+        element = torch.empty(0, dtype=layer.dtype).element_size()
+        for e in range(layer.num_experts):
+            for p, shape in layer.shapes.items():
+                numel = shape[0] * shape[1]
+                expert_params += numel
+                expert_fp_bytes += numel * element
+                spec = specs.get((e, p))
+                if spec is None:
+                    expert_bytes += numel * element
+                    expert_bits_sum += numel * FULL_PRECISION_BITS
+                    continue
+                group = resolve_group_size(shape[1], spec.group_size)
+                expert_bytes += storage_nbytes(shape, spec.bits, group, spec.scheme, scale_bytes)
+                expert_bits_sum += numel * spec.bits
     linear_saving = 0
     for name, spec in plan.linears.items():
         weight = model.get_submodule(name).weight

@@ -103,7 +103,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointReport:
         for expert in range(layer.num_experts):
             bits, nbytes, fp16 = {}, 0, 0
             for projection in layer.projections:
-                numel = layer.expert_weight(expert, projection).numel()
+                numel = layer.shapes[projection][0] * layer.shapes[projection][1]
                 fp16 += numel * _FP16_BYTES
                 spec = specs.get((expert, projection))
                 bits[projection] = spec.bits if spec else 16

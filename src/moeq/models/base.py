@@ -24,6 +24,7 @@ from ..modules.experts import QuantizedExperts
 
 __all__ = [
     "AdapterError",
+    "TensorSource",
     "LinearRole",
     "MoELayer",
     "MoEAdapter",
@@ -60,10 +61,26 @@ class MoELayer:
     projections: tuple[str, ...]
     router_weight: torch.Tensor  # [num_experts, hidden]
     expert_weight: Callable[[int, str], torch.Tensor]  # (expert, projection) -> 2-D weight
+    shapes: dict[str, tuple[int, int]]  # projection -> (out, in), the same for every expert
+    dtype: torch.dtype  # of the stored expert weights
     shared_paths: list[str] = field(default_factory=list)
 
     def expert_weights(self) -> dict[tuple[int, str], torch.Tensor]:
+        """Every expert weight (for a checkpoint read lazily, this reads them all)."""
         return {(e, p): self.expert_weight(e, p) for e in range(self.num_experts) for p in self.projections}
+
+    @property
+    def expert_numel(self) -> int:
+        """Weights in one expert (all projections)."""
+        return sum(out * inp for out, inp in self.shapes.values())
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """Where a weight lives in a checkpoint: a tensor name and an index into it (``()`` = all)."""
+
+    key: str
+    index: tuple = ()
 
 
 class MoEAdapter:
@@ -76,6 +93,21 @@ class MoEAdapter:
     shared_markers: ClassVar[tuple[str, ...]] = ()
     router_markers: ClassVar[tuple[str, ...]] = ("gate",)  # last path component of a router linear
     experts_class: ClassVar[type[QuantizedExperts]] = QuantizedExperts
+    # On-disk spellings that differ from the in-memory module paths: (in memory, on disk) pairs.
+    disk_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    def expert_sources(self, layer: MoELayer, expert: int, projection: str) -> list[TensorSource]:
+        """Candidate checkpoint locations of one expert weight, in order of preference."""
+        raise NotImplementedError
+
+    def router_sources(self, layer: MoELayer) -> list[TensorSource]:
+        raise NotImplementedError
+
+    def _with_renames(self, sources: list[TensorSource]) -> list[TensorSource]:
+        out = list(sources)
+        for memory, disk in self.disk_renames:
+            out += [TensorSource(s.key.replace(memory, disk), s.index) for s in sources if memory in s.key]
+        return out
 
     def quantized_path(self, layer: MoELayer, expert: int, projection: str) -> str:
         """Module path of one expert projection once quantized (its tensors are ``<path>.codes`` etc.)."""
@@ -126,6 +158,7 @@ class FusedExpertsAdapter(MoEAdapter):
             router = getattr(block, "gate", None)
             if experts is None or router is None or not hasattr(experts, "gate_up_proj"):
                 continue
+            hidden, intermediate = experts.down_proj.shape[1], experts.down_proj.shape[2]
             layers.append(
                 MoELayer(
                     index=len(layers),
@@ -135,22 +168,40 @@ class FusedExpertsAdapter(MoEAdapter):
                     projections=self.projections,
                     router_weight=router.weight,
                     expert_weight=_fused_expert_weight(experts),
+                    shapes={"gate_proj": (intermediate, hidden), "up_proj": (intermediate, hidden),
+                            "down_proj": (hidden, intermediate)},
+                    dtype=experts.down_proj.dtype,
                     shared_paths=[f"{path}.{m}" for m in self.shared_markers if hasattr(block, m)],
                 )
             )
         return layers
 
+    # Per-expert names used by checkpoints that predate the fused layout (e.g. Mixtral's w1/w3/w2).
+    disk_projection_names: ClassVar[dict[str, str]] = {}
+
+    def expert_sources(self, layer: MoELayer, expert: int, projection: str) -> list[TensorSource]:
+        intermediate = layer.shapes["gate_proj"][0]
+        fused = {
+            "gate_proj": TensorSource(f"{layer.experts_path}.gate_up_proj", (expert, slice(0, intermediate))),
+            "up_proj": TensorSource(f"{layer.experts_path}.gate_up_proj", (expert, slice(intermediate, 2 * intermediate))),
+            "down_proj": TensorSource(f"{layer.experts_path}.down_proj", (expert,)),
+        }[projection]
+        names = {projection, self.disk_projection_names.get(projection, projection)}
+        per_expert = [TensorSource(f"{layer.experts_path}.{expert}.{name}.weight") for name in sorted(names)]
+        return self._with_renames([fused, *per_expert])
+
+    def router_sources(self, layer: MoELayer) -> list[TensorSource]:
+        return self._with_renames([TensorSource(f"{layer.path}.gate.weight")])
+
     def quantized_experts(self, layer: MoELayer, experts: nn.Module, specs: dict, scale_dtype: torch.dtype) -> nn.Module:
-        hidden, intermediate = experts.down_proj.shape[1], experts.down_proj.shape[2]
-        shapes = {"gate_proj": (intermediate, hidden), "up_proj": (intermediate, hidden), "down_proj": (hidden, intermediate)}
         return self.experts_class(
             num_experts=layer.num_experts,
-            shapes=shapes,
+            shapes=layer.shapes,
             specs=specs,
             act_fn=experts.act_fn,
             gated=True,
             scale_dtype=scale_dtype,
-            dtype=experts.down_proj.dtype,
+            dtype=layer.dtype,
         )
 
 

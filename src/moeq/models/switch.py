@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..modules.experts import QuantizedExperts
-from .base import MoEAdapter, MoELayer, register_adapter
+from .base import MoEAdapter, MoELayer, TensorSource, register_adapter
 
 
 class SwitchQuantizedExperts(QuantizedExperts):
@@ -57,22 +57,28 @@ class SwitchAdapter(MoEAdapter):
                     projections=self.projections,
                     router_weight=router.classifier.weight,
                     expert_weight=lambda e, p, experts=experts: getattr(experts[f"expert_{e}"], p).weight,
+                    shapes={p: tuple(getattr(experts["expert_0"], p).weight.shape) for p in self.projections},
+                    dtype=experts["expert_0"].wi.weight.dtype,
                 )
             )
         return layers
 
     def quantized_experts(self, layer: MoELayer, experts: nn.Module, specs: dict, scale_dtype: torch.dtype) -> nn.Module:
-        first = experts["expert_0"]
-        shapes = {"wi": tuple(first.wi.weight.shape), "wo": tuple(first.wo.weight.shape)}
         return self.experts_class(
             num_experts=layer.num_experts,
-            shapes=shapes,
+            shapes=layer.shapes,
             specs=specs,
-            act_fn=first.act,
+            act_fn=experts["expert_0"].act,
             gated=False,
             scale_dtype=scale_dtype,
-            dtype=first.wi.weight.dtype,
+            dtype=layer.dtype,
         )
+
+    def expert_sources(self, layer: MoELayer, expert: int, projection: str) -> list[TensorSource]:
+        return [TensorSource(f"{layer.experts_path}.expert_{expert}.{projection}.weight")]
+
+    def router_sources(self, layer: MoELayer) -> list[TensorSource]:
+        return [TensorSource(f"{layer.path}.router.classifier.weight")]
 
 
 __all__ = ["SwitchAdapter", "SwitchQuantizedExperts"]
