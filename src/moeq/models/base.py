@@ -63,6 +63,8 @@ class MoELayer:
     expert_weight: Callable[[int, str], torch.Tensor]  # (expert, projection) -> 2-D weight
     shapes: dict[str, tuple[int, int]]  # projection -> (out, in), the same for every expert
     dtype: torch.dtype  # of the stored expert weights
+    act_fn: Callable[[torch.Tensor], torch.Tensor]
+    gated: bool  # down(act(gate x) * up x) if True, else down(act(up x)); projections in that order
     shared_paths: list[str] = field(default_factory=list)
 
     def expert_weights(self) -> dict[tuple[int, str], torch.Tensor]:
@@ -103,6 +105,12 @@ class MoEAdapter:
     def router_sources(self, layer: MoELayer) -> list[TensorSource]:
         raise NotImplementedError
 
+    def routing_of_call(self, layer: MoELayer, args: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(hidden [tokens, H], top_k_index, top_k_weights)`` from the arguments the family's
+        experts module is called with (transformers 5's fused experts take exactly these)."""
+        hidden, index, weights = args[:3]
+        return hidden, index, weights
+
     def _with_renames(self, sources: list[TensorSource]) -> list[TensorSource]:
         out = list(sources)
         for memory, disk in self.disk_renames:
@@ -116,9 +124,17 @@ class MoEAdapter:
     def moe_layers(self, model: nn.Module) -> list[MoELayer]:
         raise NotImplementedError
 
-    def quantized_experts(self, layer: MoELayer, experts: nn.Module, specs: dict, scale_dtype: torch.dtype) -> nn.Module:
-        """An empty quantized replacement of ``experts`` whose buffers match ``specs``."""
-        raise NotImplementedError
+    def quantized_experts(self, layer: MoELayer, specs: dict, scale_dtype: torch.dtype) -> QuantizedExperts:
+        """An empty quantized replacement of the layer's experts module whose buffers match ``specs``."""
+        return self.experts_class(
+            num_experts=layer.num_experts,
+            shapes=layer.shapes,
+            specs=specs,
+            act_fn=layer.act_fn,
+            gated=layer.gated,
+            scale_dtype=scale_dtype,
+            dtype=layer.dtype,
+        )
 
     def linear_roles(self, model: nn.Module) -> dict[str, str]:
         """``{module path: role}`` for every ``nn.Linear`` outside the routed experts."""
@@ -171,6 +187,8 @@ class FusedExpertsAdapter(MoEAdapter):
                     shapes={"gate_proj": (intermediate, hidden), "up_proj": (intermediate, hidden),
                             "down_proj": (hidden, intermediate)},
                     dtype=experts.down_proj.dtype,
+                    act_fn=experts.act_fn,
+                    gated=True,
                     shared_paths=[f"{path}.{m}" for m in self.shared_markers if hasattr(block, m)],
                 )
             )
@@ -192,17 +210,6 @@ class FusedExpertsAdapter(MoEAdapter):
 
     def router_sources(self, layer: MoELayer) -> list[TensorSource]:
         return self._with_renames([TensorSource(f"{layer.path}.gate.weight")])
-
-    def quantized_experts(self, layer: MoELayer, experts: nn.Module, specs: dict, scale_dtype: torch.dtype) -> nn.Module:
-        return self.experts_class(
-            num_experts=layer.num_experts,
-            shapes=layer.shapes,
-            specs=specs,
-            act_fn=experts.act_fn,
-            gated=True,
-            scale_dtype=scale_dtype,
-            dtype=layer.dtype,
-        )
 
 
 def _fused_expert_weight(experts: nn.Module) -> Callable[[int, str], torch.Tensor]:

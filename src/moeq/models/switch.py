@@ -15,6 +15,15 @@ from ..modules.experts import QuantizedExperts
 from .base import MoEAdapter, MoELayer, TensorSource, register_adapter
 
 
+def dispatch_to_top_k(dispatch_mask: torch.Tensor, routing_weights: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Switch's one-hot dispatch mask ``[tokens, 1, E]`` and probabilities ``[tokens, 1]`` as
+    top-1 ``(index, weight)``; a token dropped by the capacity limit gets the sentinel index ``E``."""
+    mask = dispatch_mask.reshape(routing_weights.numel(), -1)
+    dropped = mask.sum(dim=-1) == 0
+    index = torch.where(dropped, torch.full_like(dropped, num_experts, dtype=torch.long), mask.argmax(dim=-1))
+    return index[:, None], routing_weights.reshape(-1, 1)
+
+
 class SwitchQuantizedExperts(QuantizedExperts):
     """QuantizedExperts called with Switch's dispatch mask instead of top-k indices.
 
@@ -25,11 +34,8 @@ class SwitchQuantizedExperts(QuantizedExperts):
     child_name = "expert_{}"
 
     def forward(self, hidden_states: torch.Tensor, dispatch_mask: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
-        mask = dispatch_mask.reshape(hidden_states.shape[0], -1)
-        dropped = mask.sum(dim=-1) == 0
-        # A dropped token gets the sentinel index num_experts, which the runtime skips.
-        index = torch.where(dropped, torch.full_like(dropped, self.num_experts, dtype=torch.long), mask.argmax(dim=-1))
-        return super().forward(hidden_states, index[:, None], routing_weights.reshape(-1, 1))
+        index, weights = dispatch_to_top_k(dispatch_mask, routing_weights, self.num_experts)
+        return super().forward(hidden_states, index, weights)
 
 
 @register_adapter
@@ -59,20 +65,15 @@ class SwitchAdapter(MoEAdapter):
                     expert_weight=lambda e, p, experts=experts: getattr(experts[f"expert_{e}"], p).weight,
                     shapes={p: tuple(getattr(experts["expert_0"], p).weight.shape) for p in self.projections},
                     dtype=experts["expert_0"].wi.weight.dtype,
+                    act_fn=experts["expert_0"].act,
+                    gated=False,
                 )
             )
         return layers
 
-    def quantized_experts(self, layer: MoELayer, experts: nn.Module, specs: dict, scale_dtype: torch.dtype) -> nn.Module:
-        return self.experts_class(
-            num_experts=layer.num_experts,
-            shapes=layer.shapes,
-            specs=specs,
-            act_fn=experts["expert_0"].act,
-            gated=False,
-            scale_dtype=scale_dtype,
-            dtype=layer.dtype,
-        )
+    def routing_of_call(self, layer: MoELayer, args: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden, dispatch_mask, routing_weights = args[:3]
+        return (hidden, *dispatch_to_top_k(dispatch_mask, routing_weights, layer.num_experts))
 
     def expert_sources(self, layer: MoELayer, expert: int, projection: str) -> list[TensorSource]:
         return [TensorSource(f"{layer.experts_path}.expert_{expert}.{projection}.weight")]
@@ -81,4 +82,4 @@ class SwitchAdapter(MoEAdapter):
         return [TensorSource(f"{layer.path}.router.classifier.weight")]
 
 
-__all__ = ["SwitchAdapter", "SwitchQuantizedExperts"]
+__all__ = ["SwitchAdapter", "SwitchQuantizedExperts", "dispatch_to_top_k"]

@@ -13,7 +13,10 @@ from torch import nn
 
 __all__ = ["TINY_FAMILIES", "tiny_config", "tiny_model"]
 
-_COMMON = dict(vocab_size=256, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+_COMMON = dict(
+    vocab_size=256, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+    bos_token_id=None, eos_token_id=None, pad_token_id=None,
+)
 
 
 def tiny_config(family: str) -> transformers.PretrainedConfig:
@@ -53,8 +56,6 @@ TINY_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "s
 def tiny_model(family: str, seed: int = 0) -> nn.Module:
     """A randomly initialised tiny model of ``family`` in eval mode, reproducible from ``seed``."""
     config = tiny_config(family)
-    if family != "switch_transformers":
-        config.eos_token_id = config.bos_token_id = config.pad_token_id = None
     torch.manual_seed(seed)
     if config.is_encoder_decoder:
         model = transformers.AutoModelForSeq2SeqLM.from_config(config)

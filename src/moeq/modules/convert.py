@@ -69,8 +69,7 @@ def prepare_model(model: nn.Module, plan: BitPlan) -> nn.Module:
     for layer in layers:
         specs = plan.expert_specs(layer.index)
         if specs:
-            experts = model.get_submodule(layer.experts_path)
-            _replace(model, layer.experts_path, adapter.quantized_experts(layer, experts, specs, scale_dtype))
+            _replace(model, layer.experts_path, adapter.quantized_experts(layer, specs, scale_dtype))
     for name, spec in plan.linears.items():
         _replace(model, name, _empty_linear(model.get_submodule(name), spec, scale_dtype))
     return model
@@ -89,8 +88,7 @@ def quantize_model(
     for layer in layers:
         specs = plan.expert_specs(layer.index)
         if specs:
-            experts = model.get_submodule(layer.experts_path)
-            quantized: QuantizedExperts = adapter.quantized_experts(layer, experts, specs, scale_dtype)
+            quantized: QuantizedExperts = adapter.quantized_experts(layer, specs, scale_dtype)
             for (expert, projection), spec in specs.items():
                 weight = layer.expert_weight(expert, projection)
                 quantized.expert(expert)[projection].load_quantized(quantizer(weight, spec, scale_dtype))

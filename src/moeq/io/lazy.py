@@ -1,0 +1,116 @@
+"""Reading a checkpoint lazily: one tensor (or one expert's slice of a fused tensor) at a time.
+
+``open_lazy(folder)`` builds the model's skeleton on the meta device (no weights), asks the
+adapter for its MoE layers, and rebinds each layer's ``expert_weight`` to read from the
+safetensors shards on demand through memory maps. Routers are read eagerly (they are tiny).
+The reader counts the bytes it returns, so a caller can say how much of the checkpoint a
+computation needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from ..models import MoEAdapter, MoELayer, moe_layers_or_error
+from ..models.base import TensorSource
+from .checkpoint import CheckpointError
+from .source import read_config
+
+__all__ = ["LazyCheckpoint", "LazyModel", "open_lazy"]
+
+
+class LazyCheckpoint:
+    """Tensors of a safetensors checkpoint folder (single file or sharded), read on demand."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.bytes_read = 0
+        self._handles: dict[Path, object] = {}
+        self._file_of: dict[str, Path] = {}
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise CheckpointError(f"{index} is not a valid shard index ({err})") from None
+            self._file_of = {key: self.folder / name for key, name in weight_map.items()}
+        else:
+            for file in sorted(self.folder.glob("*.safetensors")):
+                for key in self._handle(file).keys():
+                    self._file_of[key] = file
+        if not self._file_of:
+            raise CheckpointError(f"{self.folder} holds no safetensors weights")
+
+    def _handle(self, file: Path):
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt")
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(f"{file} is not a readable safetensors file ({err})") from None
+        return self._handles[file]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._file_of
+
+    def read(self, source: TensorSource) -> torch.Tensor:
+        """The tensor (or the indexed part of it) at ``source``."""
+        file = self._file_of[source.key]
+        try:
+            piece = self._handle(file).get_slice(source.key)
+            tensor = piece[source.index] if source.index else piece[:]
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"could not read tensor {source.key} from {file} ({err})") from None
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def read_first(self, sources: list[TensorSource], what: str) -> torch.Tensor:
+        """The first of ``sources`` present in the checkpoint; an error lists them all if none is."""
+        for source in sources:
+            if source.key in self:
+                return self.read(source)
+        names = ", ".join(sorted({s.key for s in sources}))
+        raise CheckpointError(f"{self.folder} has no tensor for {what} (looked for {names})")
+
+
+@dataclasses.dataclass
+class LazyModel:
+    """A checkpoint opened without loading it: config, meta skeleton, adapter and lazy MoE layers."""
+
+    folder: Path
+    config: object
+    skeleton: nn.Module
+    adapter: MoEAdapter
+    layers: list[MoELayer]
+    reader: LazyCheckpoint
+
+
+def open_lazy(folder: str | Path) -> LazyModel:
+    """Open the checkpoint at ``folder`` for lazy reading of its routers and experts."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from ..models import get_adapter
+
+    raw = read_config(folder)
+    get_adapter(raw.get("model_type"))
+    config = AutoConfig.from_pretrained(folder)
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    with torch.device("meta"):
+        skeleton = auto.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    adapter, meta_layers = moe_layers_or_error(skeleton)
+    reader = LazyCheckpoint(folder)
+    layers = []
+    for layer in meta_layers:
+        router = reader.read_first(adapter.router_sources(layer), f"the router of {layer.path}")
+
+        def expert_weight(expert: int, projection: str, layer: MoELayer = layer) -> torch.Tensor:
+            sources = adapter.expert_sources(layer, expert, projection)
+            return reader.read_first(sources, f"expert {expert} {projection} of {layer.path}")
+
+        layers.append(dataclasses.replace(layer, router_weight=router, expert_weight=expert_weight))
+    return LazyModel(Path(folder), config, skeleton, adapter, layers, reader)
