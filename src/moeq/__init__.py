@@ -3,12 +3,14 @@
 Public API::
 
     import moeq
-    model = moeq.quantize(model, moeq.QuantConfig(bits=3))      # or a BitPlan
+    plan = moeq.allocate("path/to/model", "router-maxvar", avg_bits=2.5, levels=(3, 2, 1))
+    model = moeq.quantize(model, moeq.QuantConfig(bits=3))      # or the plan
     moeq.save(model, "out/")
     model = moeq.load("out/")   # AutoModelForCausalLM.from_pretrained("out/") works too
 """
 
 from . import models  # noqa: F401  (adapter registration)
+from .allocate import allocate
 from .api import plan_for, quantize
 from .config import QuantConfig
 from .io import load, read_plan, save
@@ -16,4 +18,4 @@ from .plan import BitPlan, PlanError
 
 __version__ = "0.1.0"
 
-__all__ = ["BitPlan", "PlanError", "QuantConfig", "load", "plan_for", "quantize", "read_plan", "save"]
+__all__ = ["BitPlan", "PlanError", "QuantConfig", "allocate", "load", "plan_for", "quantize", "read_plan", "save"]

@@ -64,6 +64,12 @@ def quantize_command(
     out: Annotated[Path, typer.Option("--out", help="Output folder (must not exist unless --overwrite).")],
     bits: Annotated[int | None, typer.Option(help=f"Bits for every routed expert (1-8; {FULL_PRECISION_BITS} = leave them).")] = None,
     plan_path: Annotated[Path | None, typer.Option("--plan", help="BitPlan JSON (from `moeq allocate`).")] = None,
+    avg_bits: Annotated[float | None, typer.Option(help="Allocate and quantize in one go: mean expert bits.")] = None,
+    max_gb: Annotated[float | None, typer.Option(help="Allocate to a true model size in GB (1e9 bytes).")] = None,
+    strategy: Annotated[str, typer.Option(help="Allocation strategy with --avg-bits/--max-gb.")] = "router-maxvar",
+    levels: Annotated[str, typer.Option(help="Candidate widths for allocation, high to low.")] = "3,2,1",
+    reference: Annotated[Path | None, typer.Option(help="Initial or pre-trained checkpoint, for the router-norm change.")] = None,
+    calib: Annotated[Path | None, typer.Option(help="Calibration text for the data-based strategies.")] = None,
     scheme: Annotated[str, typer.Option(help="sym | asym | log | sign.")] = "asym",
     group_size: Annotated[int | None, typer.Option(help="Inputs per scale; default one scale per output channel.")] = None,
     clip_search: Annotated[bool, typer.Option(help="Search a clipping ratio per group (PAPERS.md §1).")] = False,
@@ -76,16 +82,19 @@ def quantize_command(
 ) -> None:
     """Quantize the routed experts of MODEL (and optionally other linears) and save to --out."""
     try:
-        if (bits is None) == (plan_path is None):
-            raise ValueError("give exactly one of --bits B or --plan PLAN.json")
+        allocating = avg_bits is not None or max_gb is not None
+        if sum([bits is not None, plan_path is not None, allocating]) != 1:
+            raise ValueError("give exactly one of --bits B, --plan PLAN.json, or --avg-bits / --max-gb with --strategy")
         ensure_output_free(out, overwrite)
         plan = BitPlan.load(plan_path) if plan_path else None
-        config = None if plan else QuantConfig(
+        config = None if plan or allocating else QuantConfig(
             bits=bits, scheme=scheme, group_size=group_size, clip_search=clip_search, attn_bits=attn_bits,
             shared_bits=shared_bits, dense_bits=dense_bits, lm_head_bits=lm_head_bits,
         )
         torch.manual_seed(seed)
         started = time.perf_counter()
+        if allocating:
+            plan = _allocate(model_path, strategy, avg_bits, max_gb, levels, reference, calib, scheme, group_size, seed)
         model = load_source(model_path)
         if plan is None:
             plan = plan_for(model, config)
@@ -100,6 +109,24 @@ def quantize_command(
         f"[green]saved[/] {out}  experts at {budget.get('avg_expert_bits', 0):.3g} bits on average, "
         f"model {budget.get('model_bytes', 0) / 2**20:.2f} MiB (from {budget.get('model_bytes_full_precision', 0) / 2**20:.2f} MiB) "
         f"in {elapsed:.1f} s"
+    )
+
+
+def _parse_levels(levels: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in levels.split(","))
+    except ValueError:
+        raise ValueError(f"--levels takes comma-separated whole bit widths like 3,2,1, got {levels!r}") from None
+
+
+def _allocate(model_path, strategy, avg_bits, max_gb, levels, reference, calib, scheme, group_size, seed) -> BitPlan:
+    from .allocate import allocate
+
+    if avg_bits is not None and max_gb is not None:
+        raise ValueError("give one budget: --avg-bits or --max-gb")
+    return allocate(
+        model_path, strategy, avg_bits=avg_bits, max_bytes=None if max_gb is None else int(max_gb * 1e9),
+        levels=_parse_levels(levels), reference=reference, calibration=calib, scheme=scheme, group_size=group_size, seed=seed,
     )
 
 
@@ -167,3 +194,87 @@ def demo_command(
         )
     console.print(table)
     console.print(f"folders under {out}; inspect one with: moeq info {out}/experts-{rows[-1].bits}bit")
+
+
+def render_plan(plan: BitPlan, max_experts: int = 64) -> None:
+    """Layer x expert table of chosen widths, the scores behind them, and the budget met."""
+    from .analysis.plots import expert_bits_matrix
+
+    matrix = expert_bits_matrix(plan)
+    shown = min(matrix.shape[1], max_experts)
+    table = Table(title=f"bits per expert ({plan.method.get('strategy', '?')})", title_justify="left")
+    table.add_column("layer", justify="right")
+    for expert in range(shown):
+        table.add_column(str(expert), justify="right")
+    colours = {1: "red", 2: "yellow", 3: "green", 4: "cyan"}
+    for layer, row in enumerate(matrix):
+        cells = [f"[{colours.get(int(b), 'white')}]{b:g}[/]" if b == b else "-" for b in row[:shown]]
+        table.add_row(str(layer), *cells)
+    console.print(table)
+    for name, values in plan.scores.items():
+        if name == "error" or not isinstance(values, list) or not values or not isinstance(values[0], list):
+            continue
+        scores = Table(title=name, title_justify="left")
+        scores.add_column("layer", justify="right")
+        for expert in range(min(len(values[0]), shown)):
+            scores.add_column(str(expert), justify="right")
+        for layer, row in enumerate(values):
+            scores.add_row(str(layer), *(f"{v:.3g}" for v in row[:shown]))
+        console.print(scores)
+    if plan.method.get("router_signal"):
+        console.print(f"router signal: {plan.method['router_signal']}")
+    if plan.method.get("promoted") is not None:
+        moved = sum(len(m) for m in plan.method["promoted"])
+        total = sum(len(row) for row in matrix)
+        console.print(f"variance promotion moved {moved} of {total} experts ({100 * moved / max(total, 1):.1f} %)")
+    budget = plan.budget
+    console.print(
+        f"mean expert bits {budget['avg_expert_bits']:.4g}; experts {budget['expert_bytes']:,} B "
+        f"(from {budget['expert_bytes_full_precision']:,}); model {budget['model_bytes']:,} B "
+        f"(from {budget['model_bytes_full_precision']:,}) = {budget['model_bytes'] / 1e9:.4g} GB"
+    )
+
+
+@app.command("allocate")
+def allocate_command(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Hugging Face model folder (read lazily).")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the BitPlan JSON.")],
+    avg_bits: Annotated[float | None, typer.Option(help="Budget: mean bits over routed experts.")] = None,
+    max_bytes: Annotated[int | None, typer.Option(help="Budget: true bytes of the quantized model.")] = None,
+    max_gb: Annotated[float | None, typer.Option(help="Budget: true size in GB (1e9 bytes).")] = None,
+    strategy: Annotated[str, typer.Option(help="router-maxvar | router | variance | frequency | routing-weight | random | uniform | pmq | error-ilp")] = "router-maxvar",
+    levels: Annotated[str, typer.Option(help="Candidate widths, e.g. 3,2,1.")] = "3,2,1",
+    reference: Annotated[Path | None, typer.Option(help="Initial or pre-trained checkpoint, for the router-norm change.")] = None,
+    calib: Annotated[Path | None, typer.Option(help="Calibration text (frequency, routing-weight, pmq).")] = None,
+    scheme: Annotated[str, typer.Option(help="Scheme for widths above 1 bit (1-bit experts use sign).")] = "asym",
+    group_size: Annotated[int | None, typer.Option(help="Inputs per scale.")] = None,
+    maxvar_variant: Annotated[str, typer.Option(help="paper | authors.")] = "paper",
+    seed: Annotated[int, typer.Option(help="Seed for --strategy random.")] = 0,
+    heatmap: Annotated[Path | None, typer.Option(help="Also write a layer x expert PNG heatmap here.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
+) -> None:
+    """Choose a bit width per routed expert and write the plan (no weights are changed)."""
+    from .allocate import allocate
+
+    try:
+        ensure_output_free(out, overwrite)
+        budgets = [b for b in (avg_bits, max_bytes, max_gb) if b is not None]
+        if len(budgets) != 1:
+            raise ValueError("give exactly one budget: --avg-bits, --max-bytes or --max-gb")
+        bytes_budget = max_bytes if max_bytes is not None else (None if max_gb is None else int(max_gb * 1e9))
+        started = time.perf_counter()
+        plan = allocate(
+            model_path, strategy, avg_bits=avg_bits, max_bytes=bytes_budget, levels=_parse_levels(levels),
+            reference=reference, calibration=calib, scheme=scheme, group_size=group_size,
+            maxvar_variant=maxvar_variant, seed=seed,
+        )
+        plan.method["seconds"] = round(time.perf_counter() - started, 3)
+        plan.save(out)
+        if heatmap:
+            from .analysis.plots import bits_heatmap
+
+            bits_heatmap(plan, heatmap)
+    except USER_ERRORS as err:
+        _fail(err)
+    render_plan(plan)
+    console.print(f"[green]wrote[/] {out}" + (f" and {heatmap}" if heatmap else "") + f" in {plan.method['seconds']:.2f} s")

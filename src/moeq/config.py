@@ -132,11 +132,10 @@ def plan_budget(model: nn.Module, plan: BitPlan) -> dict[str, float | int]:
 
 
 def _unique_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """What a checkpoint stores: the state dict, with tied tensors counted once."""
-    seen, tensors = set(), []
-    for tensor in model.state_dict().values():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.numel())
-        if key not in seen:
-            seen.add(key)
-            tensors.append(tensor)
+    """What a checkpoint stores: parameters (tied ones once) and persistent buffers.
+
+    By identity, not by storage, so it also works on a meta-device skeleton."""
+    tensors = list(model.parameters())
+    for module in model.modules():
+        tensors += [b for name, b in module.named_buffers(recurse=False) if name not in module._non_persistent_buffers_set]
     return tensors

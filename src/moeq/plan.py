@@ -15,7 +15,8 @@ that does not, so a 256-expert, 58-layer model's plan stays small and readable::
      "experts": [{"layer": 0, "projection": "gate_proj", "experts": [0, 1, 2, 3],
                   "bits": [3, 3, 2, 1], "scheme": "asym", "group_size": null, "clip_search": false}, ...],
      "linears": {"model.layers.0.self_attn.q_proj": {"bits": 4, "scheme": "asym", ...}},
-     "method": {"strategy": "uniform", ...}, "budget": {"avg_expert_bits": 2.25, ...}}
+     "method": {"strategy": "router-maxvar", ...}, "budget": {"avg_expert_bits": 2.25, ...},
+     "scores": {"router_norm_change": [[...per expert] per layer], "maxvar": [[...]], ...}}
 
 ``group_size: null`` means one scale per output channel.
 """
@@ -100,6 +101,7 @@ class BitPlan:
     scale_dtype: str = "float16"
     method: dict[str, Any] = field(default_factory=dict)
     budget: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, Any] = field(default_factory=dict)  # per-layer lists behind the choice
 
     def __post_init__(self) -> None:
         seen: set[tuple[int, int, str]] = set()
@@ -135,6 +137,7 @@ class BitPlan:
             "linears": {name: spec.to_json() for name, spec in self.linears.items()},
             "method": self.method,
             "budget": self.budget,
+            "scores": self.scores,
         }
 
     @classmethod
@@ -161,6 +164,7 @@ class BitPlan:
             scale_dtype=data.get("scale_dtype", "float16"),
             method=dict(data.get("method", {})),
             budget=dict(data.get("budget", {})),
+            scores=dict(data.get("scores", {})),
         )
 
     def _expert_rows(self) -> list[dict[str, Any]]:

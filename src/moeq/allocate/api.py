@@ -1,0 +1,341 @@
+"""``moeq.allocate``: from a model (in memory or a folder read lazily) to a BitPlan.
+
+Strategies (PAPERS.md §1 and the baselines it is compared with):
+
+==================  ===============================================================================
+``router-maxvar``   the paper: Λ ascending, then one pass of ζ-promotion by MaxVar; count rules
+``router``          Λ ascending only; count rules
+``variance``        MaxVar ascending (the paper's ablation, as PAPERS.md states it); count rules
+``frequency``       most frequently routed first (calibration); count rules
+``routing-weight``  largest mean routing weight first (calibration); count rules
+``random``          a seeded random order; count rules
+``uniform``         every expert at one width
+``pmq``             MC-MoE's per-layer integer program over frequency^α · weight^β · error
+``error-ilp``       one integer program over all experts: least total error within the budget
+==================  ===============================================================================
+
+The data-free strategies (``router-maxvar``, ``router``, ``variance``, ``random``, ``uniform``)
+read only what they need from a checkpoint folder: router rows, and the first expert weight for
+MaxVar. Budgets: ``avg_bits`` (mean over routed expert weights, the paper's measure) or
+``max_bytes`` (true size of the whole quantized model); the plan reports both.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import plan_budget
+from ..models import MoELayer, moe_layers_or_error
+from ..plan import BitPlan, ExpertEntry, PlanError, TensorSpec
+from .counts import CountError, level_counts, validate_levels
+from .ilp import error_ilp, pmq_layer
+from .ranking import ZETA, ascending_order, descending_order, random_order, router_maxvar_order, widths_from_order
+from .scores import max_var, quantization_error, router_norm_change
+
+__all__ = ["STRATEGIES", "CALIBRATED_STRATEGIES", "allocate"]
+
+ORDER_STRATEGIES = ("router-maxvar", "router", "variance", "frequency", "routing-weight", "random")
+STRATEGIES = (*ORDER_STRATEGIES, "uniform", "pmq", "error-ilp")
+CALIBRATED_STRATEGIES = ("frequency", "routing-weight", "pmq")
+
+
+@dataclass
+class _Source:
+    layers: list[MoELayer]
+    budget_model: nn.Module  # the model or its meta skeleton: shapes and dtypes for byte counts
+    folder: Path | None
+    model: nn.Module | None
+    bytes_read: Callable[[], int]
+
+
+def _open(model_or_path: nn.Module | str | Path) -> _Source:
+    if isinstance(model_or_path, nn.Module):
+        _, layers = moe_layers_or_error(model_or_path)
+        return _Source(layers, model_or_path, None, model_or_path, lambda: 0)
+    from ..io.lazy import open_lazy
+
+    lazy = open_lazy(model_or_path)
+    return _Source(lazy.layers, lazy.skeleton, Path(model_or_path), None, lambda: lazy.reader.bytes_read)
+
+
+def _reference_routers(reference: nn.Module | str | Path, layers: list[MoELayer]) -> list[torch.Tensor]:
+    if isinstance(reference, nn.Module):
+        _, ref_layers = moe_layers_or_error(reference)
+    else:
+        from ..io.lazy import open_lazy
+
+        ref_layers = open_lazy(reference).layers
+    if len(ref_layers) != len(layers):
+        raise ValueError(f"the reference has {len(ref_layers)} MoE layers, the model {len(layers)}; it must be the same architecture")
+    return [layer.router_weight for layer in ref_layers]
+
+
+def _one_bit_aware_spec(bits: int, scheme: str, group_size: int | None) -> TensorSpec:
+    # The paper's 1-bit experts are sign codes with a mean-|w| scale; other widths use ``scheme``.
+    if bits == 1:
+        return TensorSpec(1, "sign", group_size)
+    return TensorSpec(bits, "asym" if scheme == "sign" else scheme, group_size)
+
+
+def allocate(
+    model_or_path: nn.Module | str | Path,
+    strategy: str = "router-maxvar",
+    *,
+    avg_bits: float | None = None,
+    max_bytes: int | None = None,
+    levels: Sequence[int] = (3, 2, 1),
+    reference: nn.Module | str | Path | None = None,
+    calibration: torch.Tensor | str | Path | None = None,
+    scheme: str = "asym",
+    group_size: int | None = None,
+    zeta: float = ZETA,
+    maxvar_variant: str = "paper",
+    seed: int = 0,
+    pmq_alpha: float = 1.0,
+    pmq_beta: float = 1.0,
+    weighted_error: bool = False,
+    calib_tokens: int = 16384,
+    seq_len: int = 256,
+) -> BitPlan:
+    """Choose a width for every routed expert of every MoE layer and return the BitPlan.
+
+    Args:
+        model_or_path: a loaded model, or a checkpoint folder (read lazily where possible).
+        strategy: one of :data:`STRATEGIES`.
+        avg_bits / max_bytes: the budget, exactly one: mean expert bits, or the true bytes of
+            the whole quantized model.
+        levels: candidate widths (two, or three equally spaced, for the count rules; any set
+            for ``pmq`` and ``error-ilp``; ignored by ``uniform``).
+        reference: the initial or pre-trained checkpoint (folder or model) for Λ; without it the
+            final router norm stands in, and the plan records which was used.
+        calibration: token ids ``[sequences, length]`` or a text file (tokenized with the
+            model's tokenizer) for the calibration-based strategies and ``weighted_error``.
+        scheme / group_size: how the chosen widths will be quantized (1-bit experts use sign).
+        zeta / maxvar_variant: the promotion threshold and MaxVar definition (``paper`` or
+            ``authors``).
+        seed: for ``random``.
+        pmq_alpha / pmq_beta: exponents of frequency and routing weight in ``pmq``.
+        weighted_error: weight quantization errors by calibration input second moments.
+    """
+    if strategy not in STRATEGIES:
+        raise PlanError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+    if (avg_bits is None) == (max_bytes is None):
+        raise PlanError("give exactly one budget: avg_bits (--avg-bits) or max_bytes (--max-bytes / --max-gb)")
+    source = _open(model_or_path)
+    layers = source.layers
+    num_experts = min(layer.num_experts for layer in layers)
+    widths = tuple(sorted({int(b) for b in levels}, reverse=True))
+    if strategy != "uniform":
+        validate_levels(tuple(levels), num_experts, avg_bits)
+    scores: dict[str, object] = {}
+    method: dict[str, object] = {
+        "strategy": strategy, "levels": list(widths), "scheme": scheme, "group_size": group_size,
+        "one_bit_scheme": "sign", "avg_bits_requested": avg_bits, "max_bytes_requested": max_bytes,
+    }
+
+    def spec(bits: int) -> TensorSpec:
+        return _one_bit_aware_spec(bits, scheme, group_size)
+
+    stats = None
+    if strategy in CALIBRATED_STRATEGIES or weighted_error:
+        stats = _calibrate(source, model_or_path, calibration, calib_tokens, seq_len, weighted_error, method)
+        scores["frequency"] = stats.frequency.tolist()
+        scores["mean_routing_weight"] = stats.mean_weight.tolist()
+
+    orders: list[list[int]] | None = None
+    if strategy in ("router-maxvar", "router"):
+        initial = _reference_routers(reference, layers) if reference is not None else [None] * len(layers)
+        change = [router_norm_change(layer.router_weight, ref).tolist() for layer, ref in zip(layers, initial)]
+        signal = "router_norm_change" if reference is not None else "router_final_norm"
+        scores[signal] = change
+        method["router_signal"] = (
+            f"norm change against the reference {reference if not isinstance(reference, nn.Module) else 'model'}"
+            if reference is not None else "final-norm proxy: no reference checkpoint was given"
+        )
+        if strategy == "router":
+            orders = [ascending_order(c) for c in change]
+        else:
+            maxvars = _maxvars(layers, maxvar_variant)
+            scores["maxvar"] = maxvars
+            results = [router_maxvar_order(c, v, zeta) for c, v in zip(change, maxvars)]
+            orders = [order for order, _ in results]
+            method.update(zeta=zeta, maxvar_variant=maxvar_variant, promoted=[moved for _, moved in results])
+    elif strategy == "variance":
+        maxvars = _maxvars(layers, maxvar_variant)
+        scores["maxvar"] = maxvars
+        method["maxvar_variant"] = maxvar_variant
+        orders = [ascending_order(v) for v in maxvars]
+    elif strategy == "frequency":
+        orders = [descending_order(stats.frequency[i, : layer.num_experts].tolist()) for i, layer in enumerate(layers)]
+    elif strategy == "routing-weight":
+        orders = [descending_order(stats.mean_weight[i, : layer.num_experts].tolist()) for i, layer in enumerate(layers)]
+    elif strategy == "random":
+        rng = random.Random(seed)
+        orders = [random_order(layer.num_experts, rng) for layer in layers]
+        method["seed"] = seed
+
+    errors = None
+    if strategy in ("pmq", "error-ilp"):
+        errors = _errors(layers, widths, spec, stats if weighted_error else None)
+        scores["error"] = {str(b): [[float(e[j]) for e in layer_err] for layer_err in errors] for j, b in enumerate(widths)}
+        method["error"] = "squared Frobenius norm of W - Q(W), summed over the expert's projections" + (
+            ", weighted by calibration input second moments" if weighted_error else ""
+        )
+    if strategy == "pmq":
+        method.update(pmq_alpha=pmq_alpha, pmq_beta=pmq_beta)
+
+    def widths_at(avg: float) -> list[list[int]]:
+        if strategy == "uniform":
+            return [[int(avg)] * layer.num_experts for layer in layers]
+        if orders is not None:
+            return [widths_from_order(order, level_counts(avg, widths, layer.num_experts)) for order, layer in zip(orders, layers)]
+        if strategy == "pmq":
+            return [
+                pmq_layer(stats.frequency[i, : layer.num_experts], stats.mean_weight[i, : layer.num_experts], np.array(errors[i]), widths, avg, pmq_alpha, pmq_beta)
+                for i, layer in enumerate(layers)
+            ]
+        return _error_ilp_widths(layers, widths, errors, avg_bits=avg)
+
+    def build(chosen: list[list[int]]) -> BitPlan:
+        entries = [
+            ExpertEntry(layer.index, e, p, spec(chosen[layer.index][e]))
+            for layer in layers for e in range(layer.num_experts) for p in layer.projections
+        ]
+        plan = BitPlan(source.budget_model.config.model_type, [layer.path for layer in layers], entries)
+        plan.budget = plan_budget(source.budget_model, plan)
+        return plan
+
+    if strategy == "error-ilp" and max_bytes is not None:
+        plan = build(_error_ilp_widths(layers, widths, errors, max_bytes=max_bytes, spec=spec, build=build))
+    elif max_bytes is not None:
+        plan = _fit_bytes(build, widths_at, widths, max_bytes, integer=strategy == "uniform")
+    else:
+        if strategy == "uniform" and (avg_bits != int(avg_bits) or not 1 <= avg_bits <= 8):
+            raise CountError(f"uniform needs a whole number of bits from 1 to 8, got {avg_bits}")
+        plan = build(widths_at(avg_bits))
+    plan.method = method
+    plan.method["bytes_read"] = source.bytes_read()
+    plan.scores = scores
+    return plan
+
+
+def _maxvars(layers: list[MoELayer], variant: str) -> list[list[float]]:
+    first = [layer.projections[0] for layer in layers]
+    return [[max_var(layer.expert_weight(e, p), variant) for e in range(layer.num_experts)] for layer, p in zip(layers, first)]
+
+
+def _errors(layers, widths, spec, stats) -> list[list[list[float]]]:
+    """``[layer][expert][width index]`` squared error of the whole expert at each width."""
+    out = []
+    for layer in layers:
+        per_expert = []
+        for e in range(layer.num_experts):
+            weights = {p: layer.expert_weight(e, p) for p in layer.projections}
+            row = []
+            for b in widths:
+                total = 0.0
+                for p, w in weights.items():
+                    moment = stats.input_second_moment(layer.index, e, p) if stats is not None else None
+                    total += quantization_error(w, spec(b), moment)
+                row.append(total)
+            per_expert.append(row)
+        out.append(per_expert)
+    return out
+
+
+def _error_ilp_widths(layers, widths, errors, avg_bits=None, max_bytes=None, spec=None, build=None) -> list[list[int]]:
+    flat_errors = np.array([row for layer_err in errors for row in layer_err])
+    sizes = np.array([layer.expert_numel for layer in layers for _ in range(layer.num_experts)], dtype=np.float64)
+    if avg_bits is not None:
+        spend = sizes[:, None] * np.array(widths, dtype=np.float64)[None, :]
+        budget = avg_bits * sizes.sum() + 1e-6
+    else:
+        base = build([[min(widths)] * layer.num_experts for layer in layers])
+        fixed = base.budget["model_bytes"] - base.budget["expert_bytes"]
+        spend = np.array([
+            [_expert_bytes(layer, spec(b), base) for b in widths] for layer in layers for _ in range(layer.num_experts)
+        ])
+        budget = max_bytes - fixed
+        if spend[:, -1].sum() > budget:
+            raise CountError(
+                f"a budget of {max_bytes:,} bytes is impossible: the smallest plan at {min(widths)} bits takes "
+                f"{base.budget['model_bytes']:,} bytes"
+            )
+    chosen = error_ilp(flat_errors, widths, spend, budget)
+    out, k = [], 0
+    for layer in layers:
+        out.append(chosen[k : k + layer.num_experts])
+        k += layer.num_experts
+    return out
+
+
+def _expert_bytes(layer: MoELayer, spec: TensorSpec, plan: BitPlan) -> float:
+    from ..quant.rtn import resolve_group_size
+    from ..quant.tensor import storage_nbytes
+
+    scale_bytes = torch.empty(0, dtype=getattr(torch, plan.scale_dtype)).element_size()
+    return float(sum(
+        storage_nbytes(shape, spec.bits, resolve_group_size(shape[1], spec.group_size), spec.scheme, scale_bytes)
+        for shape in layer.shapes.values()
+    ))
+
+
+def _fit_bytes(build, widths_at, widths, max_bytes: int, integer: bool) -> BitPlan:
+    """The plan with the largest average width whose true model bytes fit ``max_bytes``."""
+    low, high = float(min(widths)), float(max(widths))
+    if integer:
+        low, high = 1.0, 8.0
+    smallest = build(widths_at(low))
+    if smallest.budget["model_bytes"] > max_bytes:
+        raise CountError(
+            f"a budget of {max_bytes:,} bytes is impossible: the smallest plan at {low:g} bits takes "
+            f"{smallest.budget['model_bytes']:,} bytes"
+        )
+    if integer:
+        for bits in range(int(high), int(low) - 1, -1):
+            plan = build(widths_at(bits))
+            if plan.budget["model_bytes"] <= max_bytes:
+                return plan
+    best = smallest
+    for _ in range(40):
+        middle = (low + high) / 2
+        plan = build(widths_at(middle))
+        if plan.budget["model_bytes"] <= max_bytes:
+            best, low = plan, middle
+        else:
+            high = middle
+    top = build(widths_at(float(max(widths))))
+    return top if top.budget["model_bytes"] <= max_bytes else best
+
+
+def _calibrate(source: _Source, model_or_path, calibration, calib_tokens: int, seq_len: int, moments: bool, method: dict):
+    from ..calibrate.routing import collect_routing, tokenize_calibration
+
+    if calibration is None:
+        raise PlanError("this strategy needs calibration text: pass --calib FILE (or token ids to moeq.allocate)")
+    model = source.model
+    if model is None:
+        from ..io.source import load_source
+
+        model = load_source(model_or_path)
+    if isinstance(calibration, torch.Tensor):
+        token_ids = calibration
+        method["calibration"] = {"source": "token ids"}
+    else:
+        if source.folder is None:
+            raise PlanError("calibration text needs a tokenizer: pass the model folder, or token ids with an in-memory model")
+        token_ids = tokenize_calibration(source.folder, calibration, calib_tokens, seq_len)
+        method["calibration"] = {"source": str(calibration)}
+    stats = collect_routing(model, token_ids, input_moments=moments)
+    method["calibration"].update(sequences=int(token_ids.shape[0]), sequence_length=int(token_ids.shape[1]), tokens=stats.tokens)
+    if source.model is None:
+        _, loaded_layers = moe_layers_or_error(model)
+        source.layers = [layer for layer in loaded_layers]  # weights now in memory; avoid re-reading
+    return stats

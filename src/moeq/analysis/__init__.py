@@ -1,0 +1,1 @@
+"""Plots and statistics about plans and weights."""
