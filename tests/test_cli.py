@@ -107,3 +107,49 @@ def test_plan_is_recorded_with_seed(tmp_path: Path) -> None:
 @pytest.mark.parametrize("command", ["quantize", "info", "demo"])
 def test_help(command: str) -> None:
     assert runner.invoke(app, [command, "--help"]).exit_code == 0
+
+
+def test_allocate_writes_a_plan_and_a_heatmap(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    tiny_model("mixtral").save_pretrained(source)
+    tiny_model("mixtral", seed=3).save_pretrained(tmp_path / "init")
+    result = runner.invoke(
+        app,
+        ["allocate", str(source), "--avg-bits", "2.25", "--levels", "3,2,1", "--reference", str(tmp_path / "init"),
+         "--out", str(tmp_path / "plan.json"), "--heatmap", str(tmp_path / "plan.png")],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    assert "router_norm_change" in result.output and "mean expert bits 2.25" in result.output
+    assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["method"]["strategy"] == "router-maxvar" and "reference" in plan["method"]["router_signal"]
+    quantized = runner.invoke(app, ["quantize", str(source), "--out", str(tmp_path / "q"), "--plan", str(tmp_path / "plan.json")])
+    assert quantized.exit_code == 0, quantized.output
+
+
+def test_quantize_allocates_in_one_go(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    tiny_model("olmoe").save_pretrained(source)
+    result = runner.invoke(app, ["quantize", str(source), "--out", str(tmp_path / "q"), "--avg-bits", "2.5", "--strategy", "router-maxvar"])
+    assert result.exit_code == 0, result.output
+    plan = moeq.read_plan(tmp_path / "q")
+    assert plan.method["strategy"] == "router-maxvar" and plan.budget["avg_expert_bits"] == pytest.approx(2.5)
+
+
+def test_allocate_errors_are_one_line(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    tiny_model("mixtral").save_pretrained(source)
+    cases = [
+        (["--avg-bits", "2.5", "--strategy", "magic"], "unknown strategy 'magic'"),
+        ([], "give exactly one budget"),
+        (["--avg-bits", "4"], "outside the levels"),
+        (["--avg-bits", "2", "--levels", "4,2,1"], "equally spaced"),
+        (["--avg-bits", "2", "--levels", "three"], "--levels takes comma-separated"),
+        (["--max-bytes", "1000"], "impossible"),
+        (["--avg-bits", "2.5", "--strategy", "pmq"], "needs calibration text"),
+    ]
+    for extra, message in cases:
+        line = _error(runner.invoke(app, ["allocate", str(source), "--out", str(tmp_path / "p.json"), *extra]))
+        assert message in line, (extra, line)
+    assert not (tmp_path / "p.json").exists()
