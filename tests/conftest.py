@@ -31,3 +31,22 @@ def source_folder(tmp_path: Path, family: str) -> Path:
     folder = tmp_path / f"{family}-source"
     tiny_model(family).save_pretrained(folder)
     return folder
+
+
+SAMPLE_TEXT = (
+    "Mixture of experts models route every token to a few experts. "
+    "Quantization gives each expert fewer bits; the router decides which experts matter. "
+) * 40
+
+
+def add_tokenizer(folder: Path, vocab_size: int = 256) -> None:
+    """Train a tiny byte-level BPE tokenizer on sample text and save it beside a model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([SAMPLE_TEXT], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>").save_pretrained(folder)

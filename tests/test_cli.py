@@ -153,3 +153,19 @@ def test_allocate_errors_are_one_line(tmp_path: Path) -> None:
         line = _error(runner.invoke(app, ["allocate", str(source), "--out", str(tmp_path / "p.json"), *extra]))
         assert message in line, (extra, line)
     assert not (tmp_path / "p.json").exists()
+
+
+def test_calibrated_strategies_from_a_text_file(tmp_path: Path) -> None:
+    from tests.conftest import SAMPLE_TEXT, add_tokenizer
+
+    source = tmp_path / "src"
+    tiny_model("qwen2_moe").save_pretrained(source)
+    add_tokenizer(source)
+    (tmp_path / "calib.txt").write_text(SAMPLE_TEXT)
+    for strategy in ("frequency", "routing-weight", "pmq"):
+        result = runner.invoke(app, ["allocate", str(source), "--avg-bits", "2.5", "--strategy", strategy,
+                                     "--calib", str(tmp_path / "calib.txt"), "--out", str(tmp_path / f"{strategy}.json")],
+                               env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        plan = json.loads((tmp_path / f"{strategy}.json").read_text())
+        assert plan["method"]["calibration"]["tokens"] > 0 and "frequency" in plan["scores"]

@@ -246,6 +246,9 @@ def allocate_command(
     levels: Annotated[str, typer.Option(help="Candidate widths, e.g. 3,2,1.")] = "3,2,1",
     reference: Annotated[Path | None, typer.Option(help="Initial or pre-trained checkpoint, for the router-norm change.")] = None,
     calib: Annotated[Path | None, typer.Option(help="Calibration text (frequency, routing-weight, pmq).")] = None,
+    calib_tokens: Annotated[int, typer.Option(help="Calibration tokens to use at most.")] = 16384,
+    seq_len: Annotated[int, typer.Option(help="Calibration sequence length.")] = 256,
+    weighted_error: Annotated[bool, typer.Option(help="Weight quantization errors by calibration inputs (pmq, error-ilp).")] = False,
     scheme: Annotated[str, typer.Option(help="Scheme for widths above 1 bit (1-bit experts use sign).")] = "asym",
     group_size: Annotated[int | None, typer.Option(help="Inputs per scale.")] = None,
     maxvar_variant: Annotated[str, typer.Option(help="paper | authors.")] = "paper",
@@ -266,7 +269,8 @@ def allocate_command(
         plan = allocate(
             model_path, strategy, avg_bits=avg_bits, max_bytes=bytes_budget, levels=_parse_levels(levels),
             reference=reference, calibration=calib, scheme=scheme, group_size=group_size,
-            maxvar_variant=maxvar_variant, seed=seed,
+            maxvar_variant=maxvar_variant, seed=seed, calib_tokens=calib_tokens, seq_len=seq_len,
+            weighted_error=weighted_error,
         )
         plan.method["seconds"] = round(time.perf_counter() - started, 3)
         plan.save(out)

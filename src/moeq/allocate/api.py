@@ -52,7 +52,11 @@ class _Source:
     budget_model: nn.Module  # the model or its meta skeleton: shapes and dtypes for byte counts
     folder: Path | None
     model: nn.Module | None
-    bytes_read: Callable[[], int]
+    reader_bytes: Callable[[], int]
+    loaded_bytes: int = 0  # a checkpoint loaded whole for calibration
+
+    def bytes_read(self) -> int:
+        return self.reader_bytes() + self.loaded_bytes
 
 
 def _open(model_or_path: nn.Module | str | Path) -> _Source:
@@ -146,6 +150,7 @@ def allocate(
     stats = None
     if strategy in CALIBRATED_STRATEGIES or weighted_error:
         stats = _calibrate(source, model_or_path, calibration, calib_tokens, seq_len, weighted_error, method)
+        layers = source.layers  # in memory now, if the checkpoint had to be loaded
         scores["frequency"] = stats.frequency.tolist()
         scores["mean_routing_weight"] = stats.mean_weight.tolist()
 
@@ -336,6 +341,6 @@ def _calibrate(source: _Source, model_or_path, calibration, calib_tokens: int, s
     stats = collect_routing(model, token_ids, input_moments=moments)
     method["calibration"].update(sequences=int(token_ids.shape[0]), sequence_length=int(token_ids.shape[1]), tokens=stats.tokens)
     if source.model is None:
-        _, loaded_layers = moe_layers_or_error(model)
-        source.layers = [layer for layer in loaded_layers]  # weights now in memory; avoid re-reading
+        _, source.layers = moe_layers_or_error(model)  # weights now in memory: stop reading the files
+        source.loaded_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return stats
