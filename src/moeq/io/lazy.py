@@ -89,6 +89,35 @@ class LazyModel:
     layers: list[MoELayer]
     reader: LazyCheckpoint
 
+    @torch.no_grad()
+    def materialize(self, path: str) -> nn.Module:
+        """Give the skeleton's module at ``path`` real CPU tensors read from the checkpoint.
+
+        Routed experts inside it are filled through the adapter (either on-disk layout); every
+        other parameter and persistent buffer is read by name. Call :meth:`release` when done.
+        """
+        module = self.skeleton.get_submodule(path)
+        for sub_name, sub in module.named_modules():
+            if sub._non_persistent_buffers_set:
+                full = f"{path}.{sub_name}".rstrip(".")
+                raise CheckpointError(f"{full} has computed buffers; materializing it from the checkpoint is not supported")
+        module.to_empty(device="cpu")
+        experts_paths = {layer.experts_path: layer for layer in self.layers}
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            key = f"{path}.{name}"
+            owner = next((p for p in experts_paths if key.startswith(p + ".")), None)
+            if owner is not None:
+                continue
+            tensor.data.copy_(self.reader.read_first(self.adapter.tensor_sources(key), key))
+        for experts_path, layer in experts_paths.items():
+            if experts_path == path or experts_path.startswith(path + "."):
+                self.adapter.fill_experts(self.skeleton.get_submodule(experts_path), layer)
+        return module
+
+    def release(self, path: str) -> None:
+        """Return the module at ``path`` to the meta device, freeing its memory."""
+        self.skeleton.get_submodule(path).to_empty(device="meta")
+
 
 def open_lazy(folder: str | Path) -> LazyModel:
     """Open the checkpoint at ``folder`` for lazy reading of its routers and experts."""

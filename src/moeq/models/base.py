@@ -111,6 +111,14 @@ class MoEAdapter:
         hidden, index, weights = args[:3]
         return hidden, index, weights
 
+    def fill_experts(self, experts: nn.Module, layer: MoELayer) -> None:
+        """Copy every expert weight of ``layer`` (e.g. read lazily) into a materialized experts module."""
+        raise NotImplementedError
+
+    def tensor_sources(self, key: str) -> list[TensorSource]:
+        """Candidate checkpoint names of a non-expert tensor (its module path, then renamed ones)."""
+        return self._with_renames([TensorSource(key)])
+
     def _with_renames(self, sources: list[TensorSource]) -> list[TensorSource]:
         out = list(sources)
         for memory, disk in self.disk_renames:
@@ -210,6 +218,14 @@ class FusedExpertsAdapter(MoEAdapter):
 
     def router_sources(self, layer: MoELayer) -> list[TensorSource]:
         return self._with_renames([TensorSource(f"{layer.path}.gate.weight")])
+
+    @torch.no_grad()
+    def fill_experts(self, experts: nn.Module, layer: MoELayer) -> None:
+        intermediate = layer.shapes["gate_proj"][0]
+        for e in range(layer.num_experts):
+            experts.gate_up_proj[e, :intermediate].copy_(layer.expert_weight(e, "gate_proj"))
+            experts.gate_up_proj[e, intermediate:].copy_(layer.expert_weight(e, "up_proj"))
+            experts.down_proj[e].copy_(layer.expert_weight(e, "down_proj"))
 
 
 def _fused_expert_weight(experts: nn.Module) -> Callable[[int, str], torch.Tensor]:

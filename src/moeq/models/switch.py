@@ -78,6 +78,12 @@ class SwitchAdapter(MoEAdapter):
     def expert_sources(self, layer: MoELayer, expert: int, projection: str) -> list[TensorSource]:
         return [TensorSource(f"{layer.experts_path}.expert_{expert}.{projection}.weight")]
 
+    @torch.no_grad()
+    def fill_experts(self, experts: nn.Module, layer: MoELayer) -> None:
+        for e in range(layer.num_experts):
+            for p in layer.projections:
+                getattr(experts[f"expert_{e}"], p).weight.copy_(layer.expert_weight(e, p))
+
     def router_sources(self, layer: MoELayer) -> list[TensorSource]:
         return [TensorSource(f"{layer.path}.router.classifier.weight")]
 
