@@ -23,6 +23,7 @@ from .io.atomic import OutputExistsError, ensure_output_free
 from .io.checkpoint import CheckpointError, save
 from .io.inspect import CheckpointReport, inspect_checkpoint
 from .io.source import load_source
+from .calibrate.runner import CalibrationConfig
 from .models import AdapterError
 from .plan import BitPlan, PlanError
 
@@ -69,7 +70,14 @@ def quantize_command(
     strategy: Annotated[str, typer.Option(help="Allocation strategy with --avg-bits/--max-gb.")] = "router-maxvar",
     levels: Annotated[str, typer.Option(help="Candidate widths for allocation, high to low.")] = "3,2,1",
     reference: Annotated[Path | None, typer.Option(help="Initial or pre-trained checkpoint, for the router-norm change.")] = None,
-    calib: Annotated[Path | None, typer.Option(help="Calibration text for the data-based strategies.")] = None,
+    calib: Annotated[Path | None, typer.Option(help="Calibration text (GPTQ and the data-based strategies).")] = None,
+    quantizer: Annotated[str, typer.Option(help="rtn (round to nearest) or gptq (needs --calib; decoder-only models).")] = "rtn",
+    calib_tokens: Annotated[int, typer.Option(help="Calibration tokens to use at most.")] = 131072,
+    seq_len: Annotated[int, typer.Option(help="Calibration sequence length.")] = 2048,
+    min_tokens: Annotated[int, typer.Option(help="GPTQ: experts routed fewer tokens use --rare-fallback.")] = 16,
+    rare_fallback: Annotated[str, typer.Option(help="rtn (round with clipping search) or all-tokens.")] = "rtn",
+    damp: Annotated[float, typer.Option(help="GPTQ damping, share of the mean Hessian diagonal.")] = 0.01,
+    act_order: Annotated[bool, typer.Option(help="GPTQ: visit columns by decreasing Hessian diagonal.")] = False,
     scheme: Annotated[str, typer.Option(help="sym | asym | log | sign.")] = "asym",
     group_size: Annotated[int | None, typer.Option(help="Inputs per scale; default one scale per output channel.")] = None,
     clip_search: Annotated[bool, typer.Option(help="Search a clipping ratio per group (PAPERS.md §1).")] = False,
@@ -95,21 +103,77 @@ def quantize_command(
         started = time.perf_counter()
         if allocating:
             plan = _allocate(model_path, strategy, avg_bits, max_gb, levels, reference, calib, scheme, group_size, seed)
-        model = load_source(model_path)
-        if plan is None:
-            plan = plan_for(model, config)
-            plan.method["seed"] = seed
-        _quantize_with_progress(model, plan)
-        save(model, out, source=model_path, overwrite=overwrite)
+        if quantizer == "gptq":
+            report, plan = _quantize_calibrated(
+                model_path, out, plan, config, seed, calib, calib_tokens, seq_len, overwrite,
+                CalibrationConfig(quantizer="gptq", min_tokens=min_tokens, rare_fallback=rare_fallback, damp=damp, act_order=act_order),
+            )
+        elif quantizer != "rtn":
+            raise ValueError(f"unknown quantizer {quantizer!r}; choose rtn or gptq")
+        else:
+            report = None
+            model = load_source(model_path)
+            if plan is None:
+                plan = plan_for(model, config)
+                plan.method["seed"] = seed
+            _quantize_with_progress(model, plan)
+            save(model, out, source=model_path, overwrite=overwrite)
     except USER_ERRORS as err:
         _fail(err)
     elapsed = time.perf_counter() - started
+    if report is not None:
+        render_calibration(report, min_tokens)
     budget = plan.budget
     console.print(
         f"[green]saved[/] {out}  experts at {budget.get('avg_expert_bits', 0):.3g} bits on average, "
         f"model {budget.get('model_bytes', 0) / 2**20:.2f} MiB (from {budget.get('model_bytes_full_precision', 0) / 2**20:.2f} MiB) "
         f"in {elapsed:.1f} s"
     )
+
+
+def _quantize_calibrated(model_path, out, plan, config, seed, calib, calib_tokens, seq_len, overwrite, calibration):
+    from .calibrate.routing import tokenize_calibration
+    from .calibrate.runner import quantize_calibrated
+    from .io.lazy import open_lazy
+
+    if calib is None:
+        raise ValueError("--quantizer gptq needs calibration text: pass --calib FILE")
+    if plan is None:
+        plan = plan_for(open_lazy(model_path).skeleton, config)
+        plan.method["seed"] = seed
+    token_ids = tokenize_calibration(model_path, calib, calib_tokens, seq_len)
+    with Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err_console, transient=True,
+    ) as bar:
+        from transformers import AutoConfig
+
+        layers = AutoConfig.from_pretrained(model_path).num_hidden_layers
+        task = bar.add_task("calibrating", total=layers)
+        report = quantize_calibrated(
+            model_path, plan, token_ids, out, calibration, overwrite=overwrite,
+            progress=lambda name: bar.update(task, advance=1, description=f"GPTQ {name}"),
+        )
+    return report, plan
+
+
+def render_calibration(report, min_tokens: int) -> None:
+    """Tokens each expert received and the method it got."""
+    table = Table(title=f"calibration: {report.calibration_tokens:,} tokens; tokens routed to each expert", title_justify="left")
+    table.add_column("layer", justify="right")
+    width = max((len(row) for row in report.tokens), default=0)
+    for expert in range(min(width, 64)):
+        table.add_column(str(expert), justify="right")
+    for layer, row in enumerate(report.tokens):
+        table.add_row(str(layer), *(f"[red]{t}[/]" if t < min_tokens else str(t) for t in row[:64]))
+    console.print(table)
+    if report.starved:
+        fallback = sorted({report.methods[layer][expert] for layer, expert, _ in report.starved})
+        names = ", ".join(f"{layer}/{expert}" for layer, expert, _ in report.starved[:20])
+        more = f" and {len(report.starved) - 20} more" if len(report.starved) > 20 else ""
+        console.print(f"[yellow]{len(report.starved)} experts below {min_tokens} tokens[/] (layer/expert: {names}{more}) used {', '.join(fallback)}")
+    else:
+        console.print("every expert reached the minimum token count and was quantized with GPTQ")
 
 
 def _parse_levels(levels: str) -> tuple[int, ...]:

@@ -154,8 +154,14 @@ class _LayerStats:
         self.hessians[key].add(inputs)
 
 
-def _expert_hook(adapter, layer, stats: _LayerStats, only: set[int] | None = None):
-    """Pre-hook on an experts module: per expert, Σ x xᵀ of its gate/up input and its down input."""
+def _expert_hook(adapter, layer, stats: _LayerStats, stage: str, only: set[int] | None = None, weights_of=None):
+    """Pre-hook on an experts module.
+
+    ``stage="in"``: per expert, token count, routing weight sum and Σ x xᵀ of the gate/up input.
+    ``stage="out"``: Σ h hᵀ of the down input, with ``h`` computed from ``weights_of(expert)``
+    (the already quantized gate/up weights, so the down projection is fitted to what it will see).
+    ``only``: feed every token to these experts instead of the routed ones (statistics only).
+    """
 
     def hook(module, args):
         hidden, index, weights = adapter.routing_of_call(layer, args)
@@ -167,15 +173,17 @@ def _expert_hook(adapter, layer, stats: _LayerStats, only: set[int] | None = Non
             else:
                 hit = index == expert
                 rows = hit.any(dim=-1)
-                stats.counts[(layer.index, expert)] = stats.counts.get((layer.index, expert), 0) + int(rows.sum())
-                stats.weight_sums[(layer.index, expert)] = stats.weight_sums.get((layer.index, expert), 0.0) + float(
-                    weights[hit].double().sum()
-                )
+                if stage == "in":
+                    key = (layer.index, expert)
+                    stats.counts[key] = stats.counts.get(key, 0) + int(rows.sum())
+                    stats.weight_sums[key] = stats.weight_sums.get(key, 0.0) + float(weights[hit].double().sum())
             if not rows.any():
                 continue
             x = hidden[rows].to(torch.float32)
-            stats.add(f"{layer.index}.{expert}.in", x)
-            w = [layer.expert_weight(expert, p).to(torch.float32) for p in layer.projections[:-1]]
+            if stage == "in":
+                stats.add(f"{layer.index}.{expert}.in", x)
+                continue
+            w = weights_of(expert)
             h = layer.act_fn(x @ w[0].T)
             if layer.gated:
                 h = h * (x @ w[1].T)
@@ -239,23 +247,9 @@ def quantize_calibrated(
     return report
 
 
-def _quantize_layer(lazy, adapter, plan, path, module, moe_layers, inputs, config, scale_dtype, report) -> None:
-    """Collect statistics for one materialized decoder layer, then quantize its planned weights."""
-    stats = _LayerStats()
-    local_layers = {layer.path: layer for layer in adapter.moe_layers(module)}
-    handles = []
-    live = {}  # MoE layer index -> MoELayer bound to the materialized weights
-    for layer in moe_layers:
-        relative = layer.path[len(path) + 1 :]
-        bound = local_layers[relative]
-        bound.index = layer.index
-        live[layer.index] = bound
-        experts = module.get_submodule(relative + ".experts")
-        handles.append(experts.register_forward_pre_hook(_expert_hook(adapter, bound, stats)))
-    linears = {name: spec for name, spec in plan.linears.items() if name.startswith(path + ".")}
-    for name in linears:
-        linear = module.get_submodule(name[len(path) + 1 :])
-        handles.append(linear.register_forward_pre_hook(lambda m, a, key=name: stats.add(key, a[0])))
+def _run(module: nn.Module, inputs: list[tuple], hooks: list[tuple[nn.Module, object]]) -> None:
+    """One pass of the calibration inputs through a layer with temporary pre-hooks."""
+    handles = [target.register_forward_pre_hook(hook) for target, hook in hooks]
     try:
         with torch.no_grad():
             for captured in inputs:
@@ -264,31 +258,39 @@ def _quantize_layer(lazy, adapter, plan, path, module, moe_layers, inputs, confi
         for handle in handles:
             handle.remove()
 
-    for index, bound in live.items():
+
+def _quantize_layer(lazy, adapter, plan, path, module, moe_layers, inputs, config, scale_dtype, report) -> None:
+    """Collect statistics for one materialized decoder layer, then quantize its planned weights.
+
+    Pass 1 collects the gate/up (and other linears') Hessians with the original weights; the
+    gate/up projections are quantized; pass 2 collects each expert's down-projection Hessian from
+    the quantized gate/up outputs, so the down projection compensates the error upstream of it.
+    """
+    stats = _LayerStats()
+    local_layers = {layer.path: layer for layer in adapter.moe_layers(module)}
+    live = {}  # MoE layer index -> (MoELayer bound to the materialized weights, experts module)
+    for layer in moe_layers:
+        bound = local_layers[layer.path[len(path) + 1 :]]
+        bound.index = layer.index
+        live[layer.index] = (bound, module.get_submodule(bound.path + ".experts"))
+    linears = {name: spec for name, spec in plan.linears.items() if name.startswith(path + ".")}
+    hooks = [(experts, _expert_hook(adapter, bound, stats, "in")) for bound, experts in live.values()]
+    for name in linears:
+        hooks.append((module.get_submodule(name[len(path) + 1 :]), lambda m, a, key=name: stats.add(key, a[0])))
+    _run(module, inputs, hooks)
+
+    replacements = {}
+    for index, (bound, experts) in live.items():
         specs = plan.expert_specs(index)
         for expert in range(bound.num_experts):
-            tokens = stats.counts.get((index, expert), 0)
-            report.tokens[index][expert] = tokens
+            report.tokens[index][expert] = stats.counts.get((index, expert), 0)
             report.routing_weight_sums[index][expert] = stats.weight_sums.get((index, expert), 0.0)
-        starved = [e for e in range(bound.num_experts) if report.tokens[index][e] < config.min_tokens]
-        report.starved += [(index, e, report.tokens[index][e]) for e in starved]
-        if starved and config.rare_fallback == "all-tokens" and config.quantizer == "gptq" and specs:
-            _all_token_statistics(adapter, module, path, bound, set(starved), inputs, stats)
-        if not specs:
-            continue
-        quantized = adapter.quantized_experts(bound, specs, scale_dtype)
-        for expert in range(bound.num_experts):
-            method = _expert_method(config, expert in starved)
-            report.methods[index][expert] = method
-            for position, projection in enumerate(bound.projections):
-                spec = specs[(expert, projection)]
-                weight = bound.expert_weight(expert, projection)
-                key = f"{index}.{expert}.{'out' if position == len(bound.projections) - 1 else 'in'}"
-                name = f"{bound.path}.experts.{expert}.{projection}"
-                quantized.expert(expert)[projection].load_quantized(
-                    _quantize(weight, spec, stats.hessians.get(key), method, config, scale_dtype, f"{path}.{name}")
-                )
-        _set(module, bound.path + ".experts", quantized)
+        starved = {e for e in range(bound.num_experts) if report.tokens[index][e] < config.min_tokens}
+        report.starved += [(index, e, report.tokens[index][e]) for e in sorted(starved)]
+        if specs:
+            replacements[bound.path + ".experts"] = _quantize_experts(
+                adapter, module, path, bound, experts, specs, starved, inputs, stats, config, scale_dtype, report
+            )
     for name, spec in linears.items():
         relative = name[len(path) + 1 :]
         linear = module.get_submodule(relative)
@@ -298,22 +300,46 @@ def _quantize_layer(lazy, adapter, plan, path, module, moe_layers, inputs, confi
         replacement.load_quantized(_quantize(linear.weight, spec, stats.hessians.get(name), method, config, scale_dtype, name))
         if linear.bias is not None:
             replacement.bias = nn.Parameter(linear.bias.detach().clone())
+        replacements[relative] = replacement
+    for relative, replacement in replacements.items():
         _set(module, relative, replacement)
 
 
-def _all_token_statistics(adapter, module, path, bound, starved: set[int], inputs, stats: _LayerStats) -> None:
-    """Second pass: every token through the starved experts, for their Hessians only."""
-    for expert in starved:  # drop the few routed rows so both Hessians come from the same tokens
-        stats.hessians.pop(f"{bound.index}.{expert}.in", None)
-        stats.hessians.pop(f"{bound.index}.{expert}.out", None)
-    experts = module.get_submodule(bound.path + ".experts")
-    handle = experts.register_forward_pre_hook(_expert_hook(adapter, bound, stats, only=starved))
-    try:
-        with torch.no_grad():
-            for captured in inputs:
-                _layer_output(module, captured)
-    finally:
-        handle.remove()
+def _quantize_experts(adapter, module, path, bound, experts, specs, starved, inputs, stats, config, scale_dtype, report):
+    """The packed experts of one MoE layer: gate/up first, then down on the quantized gate/up outputs."""
+    index = bound.index
+    gptq = config.quantizer == "gptq"
+    all_tokens = set(starved) if gptq and config.rare_fallback == "all-tokens" else set()
+    if all_tokens:  # every token through the starved experts, for their statistics only
+        for expert in all_tokens:
+            stats.hessians.pop(f"{index}.{expert}.in", None)
+        _run(module, inputs, [(experts, _expert_hook(adapter, bound, stats, "in", only=all_tokens))])
+    quantized = adapter.quantized_experts(bound, specs, scale_dtype)
+    *first, down = bound.projections
+    for expert in range(bound.num_experts):
+        report.methods[index][expert] = _expert_method(config, expert in starved)
+
+    def put(expert: int, projection: str, stage: str) -> None:
+        quantized.expert(expert)[projection].load_quantized(_quantize(
+            bound.expert_weight(expert, projection), specs[(expert, projection)], stats.hessians.get(f"{index}.{expert}.{stage}"),
+            report.methods[index][expert], config, scale_dtype, f"{path}.{bound.path}.experts.{expert}.{projection}",
+        ))
+
+    for expert in range(bound.num_experts):
+        for projection in first:
+            put(expert, projection, "in")
+    if gptq:
+        def upstream(expert: int) -> list[torch.Tensor]:
+            return [quantized.expert(expert)[p].weight_for(torch.float32) for p in first]
+
+        _run(module, inputs, [(experts, _expert_hook(adapter, bound, stats, "out", weights_of=upstream))])
+        if all_tokens:  # the all-token pass replaces the starved experts' few routed rows
+            for expert in all_tokens:
+                stats.hessians.pop(f"{index}.{expert}.out", None)
+            _run(module, inputs, [(experts, _expert_hook(adapter, bound, stats, "out", only=all_tokens, weights_of=upstream))])
+    for expert in range(bound.num_experts):
+        put(expert, down, "out")
+    return quantized
 
 
 def _expert_method(config: CalibrationConfig, starved: bool) -> str:
