@@ -4,7 +4,8 @@
 adapter for its MoE layers, and rebinds each layer's ``expert_weight`` to read from the
 safetensors shards on demand through memory maps. Routers are read eagerly (they are tiny).
 The reader counts the bytes it returns, so a caller can say how much of the checkpoint a
-computation needed.
+computation needed. Files are memory-mapped only for the duration of one read, so the process's
+resident memory stays at the size of the tensors it holds, not of the pages it has read.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ class LazyCheckpoint:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         self.bytes_read = 0
-        self._handles: dict[Path, object] = {}
         self._file_of: dict[str, Path] = {}
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
@@ -42,18 +42,20 @@ class LazyCheckpoint:
             self._file_of = {key: self.folder / name for key, name in weight_map.items()}
         else:
             for file in sorted(self.folder.glob("*.safetensors")):
-                for key in self._handle(file).keys():
-                    self._file_of[key] = file
+                with self._open(file) as handle:
+                    for key in handle.keys():
+                        self._file_of[key] = file
         if not self._file_of:
             raise CheckpointError(f"{self.folder} holds no safetensors weights")
 
-    def _handle(self, file: Path):
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(str(file), framework="pt")
-            except (SafetensorError, OSError) as err:
-                raise CheckpointError(f"{file} is not a readable safetensors file ({err})") from None
-        return self._handles[file]
+    @staticmethod
+    def _open(file: Path):
+        # Opened per read and closed after it: a long-lived memory map would keep every page read
+        # so far resident in this process, and its memory would grow with the checkpoint.
+        try:
+            return safe_open(str(file), framework="pt")
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{file} is not a readable safetensors file ({err})") from None
 
     def __contains__(self, key: str) -> bool:
         return key in self._file_of
@@ -62,8 +64,9 @@ class LazyCheckpoint:
         """The tensor (or the indexed part of it) at ``source``."""
         file = self._file_of[source.key]
         try:
-            piece = self._handle(file).get_slice(source.key)
-            tensor = piece[source.index] if source.index else piece[:]
+            with self._open(file) as handle:
+                piece = handle.get_slice(source.key)
+                tensor = piece[source.index] if source.index else piece[:]
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"could not read tensor {source.key} from {file} ({err})") from None
         self.bytes_read += tensor.numel() * tensor.element_size()
