@@ -46,3 +46,34 @@ def test_calibration_text_is_tokenized_with_the_model_tokenizer(tmp_path: Path) 
         tokenize_calibration(tmp_path, tmp_path / "none.txt", 256, 32)
     with pytest.raises(ValueError, match="fewer than one sequence"):
         tokenize_calibration(tmp_path, tmp_path / "calib.txt", 256, 100_000)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_layer_by_layer_statistics_equal_the_whole_model_pass(tmp_path: Path, family: str) -> None:
+    from moeq.calibrate.runner import collect_routing_streaming
+
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path / "m")
+    ids = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(2))
+    whole = collect_routing(model, ids, batch_size=3, input_moments=True)
+    streamed = collect_routing_streaming(tmp_path / "m", ids, input_moments=True, batch_size=3)
+    assert streamed.tokens == whole.tokens
+    assert torch.equal(streamed.counts, whole.counts)
+    torch.testing.assert_close(streamed.weight_sums, whole.weight_sums, atol=1e-5, rtol=1e-5)
+    projection = "down_proj"
+    a = whole.input_second_moment(0, 1, projection)
+    b = streamed.input_second_moment(0, 1, projection)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_allocation_from_a_folder_calibrates_layer_by_layer(tmp_path: Path) -> None:
+    from moeq.allocate import allocate
+
+    model = tiny_model("olmoe")
+    model.save_pretrained(tmp_path / "m")
+    ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(3))
+    from_folder = allocate(tmp_path / "m", "frequency", avg_bits=2.5, calibration=ids)
+    in_memory = allocate(model, "frequency", avg_bits=2.5, calibration=ids)
+    assert from_folder.method["calibration"]["pass"] == "layer by layer from the checkpoint"
+    assert in_memory.method["calibration"]["pass"] == "whole model in memory"
+    assert from_folder.to_json()["experts"] == in_memory.to_json()["experts"]

@@ -53,6 +53,7 @@ class _Source:
     folder: Path | None
     model: nn.Module | None
     reader_bytes: Callable[[], int]
+    lazy: object | None = None  # the LazyModel of a checkpoint folder
     loaded_bytes: int = 0  # a checkpoint loaded whole for calibration
 
     def bytes_read(self) -> int:
@@ -66,7 +67,7 @@ def _open(model_or_path: nn.Module | str | Path) -> _Source:
     from ..io.lazy import open_lazy
 
     lazy = open_lazy(model_or_path)
-    return _Source(lazy.layers, lazy.skeleton, Path(model_or_path), None, lambda: lazy.reader.bytes_read)
+    return _Source(lazy.layers, lazy.skeleton, Path(model_or_path), None, lambda: lazy.reader.bytes_read, lazy)
 
 
 def _reference_routers(reference: nn.Module | str | Path, layers: list[MoELayer]) -> list[torch.Tensor]:
@@ -321,15 +322,13 @@ def _fit_bytes(build, widths_at, widths, max_bytes: int, integer: bool) -> BitPl
 
 
 def _calibrate(source: _Source, model_or_path, calibration, calib_tokens: int, seq_len: int, moments: bool, method: dict):
+    """Routing statistics: layer by layer from a decoder-only checkpoint folder (one layer in
+    memory), or one pass through a model in memory (given, or loaded for encoder-decoders)."""
     from ..calibrate.routing import collect_routing, tokenize_calibration
+    from ..calibrate.runner import collect_routing_streaming
 
     if calibration is None:
         raise PlanError("this strategy needs calibration text: pass --calib FILE (or token ids to moeq.allocate)")
-    model = source.model
-    if model is None:
-        from ..io.source import load_source
-
-        model = load_source(model_or_path)
     if isinstance(calibration, torch.Tensor):
         token_ids = calibration
         method["calibration"] = {"source": "token ids"}
@@ -338,9 +337,19 @@ def _calibrate(source: _Source, model_or_path, calibration, calib_tokens: int, s
             raise PlanError("calibration text needs a tokenizer: pass the model folder, or token ids with an in-memory model")
         token_ids = tokenize_calibration(source.folder, calibration, calib_tokens, seq_len)
         method["calibration"] = {"source": str(calibration)}
-    stats = collect_routing(model, token_ids, input_moments=moments)
-    method["calibration"].update(sequences=int(token_ids.shape[0]), sequence_length=int(token_ids.shape[1]), tokens=stats.tokens)
-    if source.model is None:
+    if source.model is not None:
+        stats = collect_routing(source.model, token_ids, input_moments=moments)
+        method["calibration"]["pass"] = "whole model in memory"
+    elif not source.lazy.config.is_encoder_decoder:
+        stats = collect_routing_streaming(source.lazy, token_ids, input_moments=moments)
+        method["calibration"]["pass"] = "layer by layer from the checkpoint"
+    else:
+        from ..io.source import load_source
+
+        model = load_source(model_or_path)
+        stats = collect_routing(model, token_ids, input_moments=moments)
+        method["calibration"]["pass"] = "whole model in memory"
         _, source.layers = moe_layers_or_error(model)  # weights now in memory: stop reading the files
         source.loaded_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    method["calibration"].update(sequences=int(token_ids.shape[0]), sequence_length=int(token_ids.shape[1]), tokens=stats.tokens)
     return stats

@@ -1,35 +1,48 @@
 """Routing statistics from calibration text, counted with the model's own routers.
 
-A forward pre-hook on every routed-experts module sees exactly what the router decided: the
-hidden states and each token's selected experts and weights. Per MoE layer and expert it
-accumulates the number of routed tokens, the sum of their routing weights and, on request, the
-per-channel second moment of each projection's input (``Σ x²`` over the routed tokens, for the
-gate/up input and for the down input computed with the original weights), which weights the
-quantization error by what the expert really sees.
+:class:`RoutingStats` is what the allocation strategies read (frequency, mean routing weight,
+input second moments); it is built from the one collector (:mod:`moeq.calibrate.collector`),
+filled either by a whole-model pass (:func:`collect_routing`, for a model already in memory) or
+layer by layer from a checkpoint (:func:`moeq.calibrate.runner.collect_routing_streaming`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..models import moe_layers_or_error
+from ..models import MoELayer, moe_layers_or_error
+from .collector import ExpertStatistics
 
 __all__ = ["RoutingStats", "collect_routing", "tokenize_calibration"]
 
 
 @dataclass
 class RoutingStats:
-    """Per (MoE layer, expert): routed tokens, routing weight sums, and optional input moments."""
+    """Per (MoE layer, expert): routed tokens and routing weight sums, and the collector behind them."""
 
     tokens: int  # tokens that passed through each MoE layer
     counts: torch.Tensor  # [layers, experts] int64
     weight_sums: torch.Tensor  # [layers, experts] float64
-    input_sq_sums: dict[tuple[int, int, str], torch.Tensor] = field(default_factory=dict)
+    statistics: ExpertStatistics
+    last_projection: list[str]  # per layer: the projection whose input is stage "out"
+
+    @classmethod
+    def from_statistics(cls, statistics: ExpertStatistics, layers: list[MoELayer]) -> RoutingStats:
+        num_experts = max(layer.num_experts for layer in layers)
+        counts = torch.zeros(len(layers), num_experts, dtype=torch.int64)
+        weight_sums = torch.zeros(len(layers), num_experts, dtype=torch.float64)
+        for (layer, expert), count in statistics.counts.items():
+            counts[layer, expert] = count
+            weight_sums[layer, expert] = statistics.weight_sums[(layer, expert)]
+        seen = {statistics.tokens.get(layer.index, 0) for layer in layers}
+        if len(seen) > 1:
+            raise RuntimeError(f"MoE layers saw different token counts {sorted(seen)}; routing hooks are inconsistent")
+        return cls(seen.pop(), counts, weight_sums, statistics, [layer.projections[-1] for layer in layers])
 
     @property
     def frequency(self) -> torch.Tensor:
@@ -42,9 +55,9 @@ class RoutingStats:
         return self.weight_sums / self.counts.clamp(min=1).to(torch.float64)
 
     def input_second_moment(self, layer: int, expert: int, projection: str) -> torch.Tensor | None:
-        total = self.input_sq_sums.get((layer, expert, projection))
-        count = int(self.counts[layer, expert])
-        return None if total is None or count == 0 else total / count
+        """Mean squared input per channel of one expert projection (None without moments or tokens)."""
+        stage = "out" if projection == self.last_projection[layer] else "in"
+        return self.statistics.second_moment(layer, expert, stage)
 
 
 def tokenize_calibration(model_folder: str | Path, text_file: str | Path, num_tokens: int, seq_len: int) -> torch.Tensor:
@@ -69,28 +82,18 @@ def tokenize_calibration(model_folder: str | Path, text_file: str | Path, num_to
 def collect_routing(
     model: nn.Module, token_ids: torch.Tensor, batch_size: int = 8, input_moments: bool = False
 ) -> RoutingStats:
-    """Run ``token_ids [sequences, length]`` through ``model`` and count each expert's routing."""
+    """Run ``token_ids [sequences, length]`` through a loaded ``model`` and count each expert's routing.
+
+    With ``input_moments`` the per-channel second moments of every expert projection's input
+    are collected too (diagonals only: every layer's statistics are alive at once here).
+    """
     adapter, layers = moe_layers_or_error(model)
-    num_experts = max(layer.num_experts for layer in layers)
-    counts = torch.zeros(len(layers), num_experts, dtype=torch.int64)
-    weight_sums = torch.zeros(len(layers), num_experts, dtype=torch.float64)
-    moments: dict[tuple[int, int, str], torch.Tensor] = {}
-    tokens_seen = [0] * len(layers)
-
-    def hook_for(layer):
-        def hook(module: nn.Module, args: tuple) -> None:
-            hidden, index, weights = adapter.routing_of_call(layer, args)
-            tokens_seen[layer.index] += hidden.shape[0]
-            valid = index < layer.num_experts
-            flat = index[valid]
-            counts[layer.index] += torch.bincount(flat, minlength=layer.num_experts)[: layer.num_experts].cpu()
-            weight_sums[layer.index].index_add_(0, flat.cpu(), weights[valid].detach().to(torch.float64).cpu())
-            if input_moments:
-                _accumulate_moments(layer, hidden, index, moments)
-
-        return hook
-
-    handles = [model.get_submodule(layer.experts_path).register_forward_pre_hook(hook_for(layer)) for layer in layers]
+    statistics = ExpertStatistics("diagonal" if input_moments else None)
+    stages = ("in", "out") if input_moments else ("in",)
+    handles = [
+        model.get_submodule(layer.experts_path).register_forward_pre_hook(statistics.hook(adapter, layer, stages))
+        for layer in layers
+    ]
     try:
         for batch in token_ids.split(batch_size):
             if model.config.is_encoder_decoder:
@@ -100,26 +103,4 @@ def collect_routing(
     finally:
         for handle in handles:
             handle.remove()
-    if len(set(tokens_seen)) > 1:
-        raise RuntimeError(f"MoE layers saw different token counts {tokens_seen}; routing hooks are inconsistent")
-    return RoutingStats(tokens_seen[0], counts, weight_sums, moments)
-
-
-def _accumulate_moments(layer, hidden: torch.Tensor, index: torch.Tensor, moments: dict) -> None:
-    """Σ x² of each projection's input over the tokens routed to each expert (original weights)."""
-    for expert in range(layer.num_experts):
-        rows = (index == expert).any(dim=-1)
-        if not rows.any():
-            continue
-        x = hidden[rows].to(torch.float32)
-        for projection in layer.projections[:-1]:
-            _add(moments, (layer.index, expert, projection), x.pow(2).sum(dim=0))
-        weights = [layer.expert_weight(expert, p).to(torch.float32) for p in layer.projections[:-1]]
-        h = layer.act_fn(x @ weights[0].T)
-        if layer.gated:
-            h = h * (x @ weights[1].T)
-        _add(moments, (layer.index, expert, layer.projections[-1]), h.pow(2).sum(dim=0))
-
-
-def _add(store: dict, key, value: torch.Tensor) -> None:
-    store[key] = store[key] + value.cpu().double() if key in store else value.cpu().double()
+    return RoutingStats.from_statistics(statistics, layers)

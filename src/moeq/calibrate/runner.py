@@ -49,9 +49,11 @@ from ..plan import BitPlan, TensorSpec
 from ..quant.gptq import gptq_quantize
 from ..quant.rtn import quantize_rtn
 from ..quant.tensor import QuantizedTensor
+from .collector import ExpertStatistics
 from .hessian import HessianSum
+from .routing import RoutingStats
 
-__all__ = ["CalibrationConfig", "CalibrationReport", "quantize_calibrated", "RARE_FALLBACKS"]
+__all__ = ["CalibrationConfig", "CalibrationReport", "collect_routing_streaming", "quantize_calibrated", "RARE_FALLBACKS"]
 
 RARE_FALLBACKS = ("rtn", "all-tokens")
 
@@ -140,56 +142,35 @@ def _layer_output(module: nn.Module, captured: tuple) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-class _LayerStats:
-    """Hessians, counts and routing weights of one decoder layer's planned weights."""
+@torch.no_grad()
+def collect_routing_streaming(
+    source: str | Path | LazyModel, token_ids: torch.Tensor, input_moments: bool = False, batch_size: int = 8
+) -> RoutingStats:
+    """Routing statistics of a decoder-only checkpoint, one layer in memory at a time.
 
-    def __init__(self) -> None:
-        self.hessians: dict[str, HessianSum] = {}
-        self.counts: dict[tuple[int, int], int] = {}
-        self.weight_sums: dict[tuple[int, int], float] = {}
-
-    def add(self, key: str, inputs: torch.Tensor) -> None:
-        if key not in self.hessians:
-            self.hessians[key] = HessianSum(inputs.shape[-1])
-        self.hessians[key].add(inputs)
-
-
-def _expert_hook(adapter, layer, stats: _LayerStats, stage: str, only: set[int] | None = None, weights_of=None):
-    """Pre-hook on an experts module.
-
-    ``stage="in"``: per expert, token count, routing weight sum and Σ x xᵀ of the gate/up input.
-    ``stage="out"``: Σ h hᵀ of the down input, with ``h`` computed from ``weights_of(expert)``
-    (the already quantized gate/up weights, so the down projection is fitted to what it will see).
-    ``only``: feed every token to these experts instead of the routed ones (statistics only).
+    The same collector as the whole-model pass, fed layer by layer through the original weights.
+    ``source`` is a checkpoint folder or an already opened :class:`LazyModel`.
     """
-
-    def hook(module, args):
-        hidden, index, weights = adapter.routing_of_call(layer, args)
-        for expert in range(layer.num_experts):
-            if only is not None:
-                if expert not in only:
-                    continue
-                rows = torch.ones(hidden.shape[0], dtype=torch.bool)
-            else:
-                hit = index == expert
-                rows = hit.any(dim=-1)
-                if stage == "in":
-                    key = (layer.index, expert)
-                    stats.counts[key] = stats.counts.get(key, 0) + int(rows.sum())
-                    stats.weight_sums[key] = stats.weight_sums.get(key, 0.0) + float(weights[hit].double().sum())
-            if not rows.any():
-                continue
-            x = hidden[rows].to(torch.float32)
-            if stage == "in":
-                stats.add(f"{layer.index}.{expert}.in", x)
-                continue
-            w = weights_of(expert)
-            h = layer.act_fn(x @ w[0].T)
-            if layer.gated:
-                h = h * (x @ w[1].T)
-            stats.add(f"{layer.index}.{expert}.out", h)
-
-    return hook
+    lazy = source if isinstance(source, LazyModel) else open_lazy(source)
+    prefix = _decoder_prefix(lazy)
+    statistics = ExpertStatistics("diagonal" if input_moments else None)
+    stages = ("in", "out") if input_moments else ("in",)
+    inputs = _capture_inputs(lazy, prefix, token_ids, batch_size)
+    for number in range(len(lazy.skeleton.get_submodule(f"{prefix}.layers"))):
+        path = f"{prefix}.layers.{number}"
+        module = lazy.materialize(path)
+        hooks = []
+        for bound in lazy.adapter.moe_layers(module):
+            bound.index = next(layer.index for layer in lazy.layers if layer.path == f"{path}.{bound.path}")
+            hooks.append((module.get_submodule(bound.path + ".experts"), statistics.hook(lazy.adapter, bound, stages)))
+        handles = [target.register_forward_pre_hook(hook) for target, hook in hooks]
+        try:
+            inputs = [(_layer_output(module, captured), captured[1], captured[2]) for captured in inputs]
+        finally:
+            for handle in handles:
+                handle.remove()
+        lazy.release(path)
+    return RoutingStats.from_statistics(statistics, lazy.layers)
 
 
 def quantize_calibrated(
@@ -266,7 +247,7 @@ def _quantize_layer(lazy, adapter, plan, path, module, moe_layers, inputs, confi
     gate/up projections are quantized; pass 2 collects each expert's down-projection Hessian from
     the quantized gate/up outputs, so the down projection compensates the error upstream of it.
     """
-    stats = _LayerStats()
+    stats = ExpertStatistics("full")
     local_layers = {layer.path: layer for layer in adapter.moe_layers(module)}
     live = {}  # MoE layer index -> (MoELayer bound to the materialized weights, experts module)
     for layer in moe_layers:
@@ -274,9 +255,9 @@ def _quantize_layer(lazy, adapter, plan, path, module, moe_layers, inputs, confi
         bound.index = layer.index
         live[layer.index] = (bound, module.get_submodule(bound.path + ".experts"))
     linears = {name: spec for name, spec in plan.linears.items() if name.startswith(path + ".")}
-    hooks = [(experts, _expert_hook(adapter, bound, stats, "in")) for bound, experts in live.values()]
+    hooks = [(experts, stats.hook(adapter, bound, ("in",))) for bound, experts in live.values()]
     for name in linears:
-        hooks.append((module.get_submodule(name[len(path) + 1 :]), lambda m, a, key=name: stats.add(key, a[0])))
+        hooks.append((module.get_submodule(name[len(path) + 1 :]), lambda m, a, key=name: stats.add_moment(key, a[0])))
     _run(module, inputs, hooks)
 
     replacements = {}
@@ -312,8 +293,8 @@ def _quantize_experts(adapter, module, path, bound, experts, specs, starved, inp
     all_tokens = set(starved) if gptq and config.rare_fallback == "all-tokens" else set()
     if all_tokens:  # every token through the starved experts, for their statistics only
         for expert in all_tokens:
-            stats.hessians.pop(f"{index}.{expert}.in", None)
-        _run(module, inputs, [(experts, _expert_hook(adapter, bound, stats, "in", only=all_tokens))])
+            stats.forget((index, expert, "in"))
+        _run(module, inputs, [(experts, stats.hook(adapter, bound, ("in",), only=all_tokens))])
     quantized = adapter.quantized_experts(bound, specs, scale_dtype)
     *first, down = bound.projections
     for expert in range(bound.num_experts):
@@ -321,7 +302,7 @@ def _quantize_experts(adapter, module, path, bound, experts, specs, starved, inp
 
     def put(expert: int, projection: str, stage: str) -> None:
         quantized.expert(expert)[projection].load_quantized(_quantize(
-            bound.expert_weight(expert, projection), specs[(expert, projection)], stats.hessians.get(f"{index}.{expert}.{stage}"),
+            bound.expert_weight(expert, projection), specs[(expert, projection)], stats.hessians.get((index, expert, stage)),
             report.methods[index][expert], config, scale_dtype, f"{path}.{bound.path}.experts.{expert}.{projection}",
         ))
 
@@ -332,11 +313,11 @@ def _quantize_experts(adapter, module, path, bound, experts, specs, starved, inp
         def upstream(expert: int) -> list[torch.Tensor]:
             return [quantized.expert(expert)[p].weight_for(torch.float32) for p in first]
 
-        _run(module, inputs, [(experts, _expert_hook(adapter, bound, stats, "out", weights_of=upstream))])
+        _run(module, inputs, [(experts, stats.hook(adapter, bound, ("out",), weights_of=upstream))])
         if all_tokens:  # the all-token pass replaces the starved experts' few routed rows
             for expert in all_tokens:
-                stats.hessians.pop(f"{index}.{expert}.out", None)
-            _run(module, inputs, [(experts, _expert_hook(adapter, bound, stats, "out", only=all_tokens, weights_of=upstream))])
+                stats.forget((index, expert, "out"))
+            _run(module, inputs, [(experts, stats.hook(adapter, bound, ("out",), only=all_tokens, weights_of=upstream))])
     for expert in range(bound.num_experts):
         put(expert, down, "out")
     return quantized
