@@ -42,9 +42,13 @@ def _source(tmp_path: Path, family: str, edit=None) -> tuple[Path, torch.nn.Modu
 
 
 def _first_moe_error(model, reference) -> float:
-    """Relative error of the first MoE layer's experts on held-out tokens (the same routed inputs)."""
+    return _moe_error(model, reference, 0)
+
+
+def _moe_error(model, reference, layer: int) -> float:
+    """Relative error of one MoE layer's experts on held-out tokens (fed the reference's inputs)."""
     _, layers = moe_layers_or_error(reference)
-    path = layers[0].experts_path
+    path = layers[layer].experts_path
     calls = []
     handle = reference.get_submodule(path).register_forward_pre_hook(lambda m, a: calls.append(a))
     logits(reference, seed=5)
@@ -138,11 +142,16 @@ def test_shared_experts_and_attention_get_gptq_too(tmp_path: Path) -> None:
     assert _relative_error(loaded, model) < _relative_error(rounded, model)
 
 
-def test_encoder_decoder_models_are_refused_clearly(tmp_path: Path) -> None:
+def test_switch_encoder_decoder_gets_gptq_block_by_block(tmp_path: Path) -> None:
     source, model = _source(tmp_path, "switch_transformers")
-    with pytest.raises(ValueError, match="switch_transformers is not supported yet: use --quantizer rtn"):
-        quantize_calibrated(source, uniform_plan(model, QuantConfig(bits=3)), _ids(), tmp_path / "q")
-    assert not (tmp_path / "q").exists()
+    quantize_calibrated(source, uniform_plan(model, QuantConfig(bits=3)), _ids(32), tmp_path / "gptq")
+    rounded = tiny_model("switch_transformers")
+    correlate(rounded)
+    rounded = moeq.quantize(rounded, uniform_plan(model, QuantConfig(bits=3)))
+    loaded = moeq.load(tmp_path / "gptq")
+    assert torch.equal(loaded.shared.weight, model.shared.weight)
+    for layer in (0, 1):  # encoder and decoder MoE layers
+        assert _moe_error(loaded, model, layer) < 0.95 * _moe_error(rounded, model, layer)
 
 
 def test_non_finite_weights_are_named(tmp_path: Path) -> None:

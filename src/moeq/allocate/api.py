@@ -54,10 +54,9 @@ class _Source:
     model: nn.Module | None
     reader_bytes: Callable[[], int]
     lazy: object | None = None  # the LazyModel of a checkpoint folder
-    loaded_bytes: int = 0  # a checkpoint loaded whole for calibration
 
     def bytes_read(self) -> int:
-        return self.reader_bytes() + self.loaded_bytes
+        return self.reader_bytes()
 
 
 def _open(model_or_path: nn.Module | str | Path) -> _Source:
@@ -322,8 +321,8 @@ def _fit_bytes(build, widths_at, widths, max_bytes: int, integer: bool) -> BitPl
 
 
 def _calibrate(source: _Source, model_or_path, calibration, calib_tokens: int, seq_len: int, moments: bool, method: dict):
-    """Routing statistics: layer by layer from a decoder-only checkpoint folder (one layer in
-    memory), or one pass through a model in memory (given, or loaded for encoder-decoders)."""
+    """Routing statistics: block by block from a checkpoint folder (one block in memory), or one
+    pass through a model already in memory."""
     from ..calibrate.routing import collect_routing, tokenize_calibration
     from ..calibrate.runner import collect_routing_streaming
 
@@ -340,16 +339,8 @@ def _calibrate(source: _Source, model_or_path, calibration, calib_tokens: int, s
     if source.model is not None:
         stats = collect_routing(source.model, token_ids, input_moments=moments)
         method["calibration"]["pass"] = "whole model in memory"
-    elif not source.lazy.config.is_encoder_decoder:
+    else:
         stats = collect_routing_streaming(source.lazy, token_ids, input_moments=moments)
         method["calibration"]["pass"] = "layer by layer from the checkpoint"
-    else:
-        from ..io.source import load_source
-
-        model = load_source(model_or_path)
-        stats = collect_routing(model, token_ids, input_moments=moments)
-        method["calibration"]["pass"] = "whole model in memory"
-        _, source.layers = moe_layers_or_error(model)  # weights now in memory: stop reading the files
-        source.loaded_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     method["calibration"].update(sequences=int(token_ids.shape[0]), sequence_length=int(token_ids.shape[1]), tokens=stats.tokens)
     return stats

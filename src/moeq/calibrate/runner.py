@@ -1,11 +1,12 @@
-"""Layer-by-layer calibrated quantization (GPTQ) with one decoder layer in memory at a time.
+"""Layer-by-layer calibrated quantization (GPTQ) with one block in memory at a time.
 
-The road, for a decoder-only checkpoint folder:
+The road, for a checkpoint folder (the adapter says which stacks of blocks to walk: the decoder,
+or the encoder and then the decoder of an encoder-decoder model):
 
 1. Build the model skeleton on the meta device; give real tensors only to the embeddings (and a
-   fresh rotary embedding), run the calibration tokens up to the first decoder layer and keep
+   fresh rotary embedding), run the calibration tokens up to the stack's first block and keep
    what it would receive (hidden states and the model's own mask and position arguments).
-2. For each decoder layer in turn: read its weights from the checkpoint, run the calibration
+2. For each block in turn: read its weights from the checkpoint, run the calibration
    inputs through it with hooks that collect, per routed expert, the inputs the router really
    sends it (``Σ x xᵀ`` for the gate/up input and, computed with the original weights, for the
    down input), token counts and routing weights, and the Hessians of the other planned linears.
@@ -104,72 +105,93 @@ class _Catcher(nn.Module):
         raise _Stop
 
 
-def _decoder_prefix(lazy: LazyModel) -> str:
-    base = getattr(lazy.skeleton, "base_model_prefix", "model")
-    body = getattr(lazy.skeleton, base, None)
-    if lazy.config.is_encoder_decoder or body is None or not hasattr(body, "layers") or not hasattr(body, "embed_tokens"):
-        raise ValueError(
-            f"calibrated (GPTQ) quantization runs layer by layer on decoder-only models; "
-            f"{lazy.config.model_type} is not supported yet: use --quantizer rtn"
-        )
-    return base
-
-
-def _capture_inputs(lazy: LazyModel, prefix: str, token_ids: torch.Tensor, batch_size: int) -> list[tuple]:
-    body = lazy.skeleton.get_submodule(prefix)
-    lazy.materialize(f"{prefix}.embed_tokens")
-    if hasattr(body, "rotary_emb"):
-        body.rotary_emb = type(body.rotary_emb)(config=lazy.config)
-    first = body.layers[0]
+def _capture(lazy: LazyModel, stack, token_ids: torch.Tensor, batch_size: int, contexts) -> list[tuple]:
+    """The first block's inputs ``(hidden, args, kwargs)`` for every calibration batch."""
+    for path in stack.inputs:
+        lazy.materialize(path)
+    blocks = lazy.skeleton.get_submodule(f"{stack.path}.{stack.blocks}")
+    first = blocks[0]
     store: list = []
-    body.layers[0] = _Catcher(store)
+    blocks[0] = _Catcher(store)
     try:
         with torch.no_grad():
-            for batch in token_ids.split(batch_size):
+            for number, batch in enumerate(token_ids.split(batch_size)):
                 try:
-                    body(input_ids=batch, use_cache=False)
+                    lazy.adapter.run_stack(lazy.skeleton, stack, batch, None if contexts is None else contexts[number])
                 except _Stop:
                     pass
     finally:
-        body.layers[0] = first
-        lazy.release(f"{prefix}.embed_tokens")
+        blocks[0] = first
+        for path in stack.inputs:
+            lazy.release(path)
     return store
 
 
-def _layer_output(module: nn.Module, captured: tuple) -> torch.Tensor:
+def _call(module: nn.Module, captured: tuple):
     hidden, args, kwargs = captured
-    out = module(hidden, *args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
+    return module(hidden, *args, **kwargs)
 
 
-@torch.no_grad()
+def _walk(
+    lazy: LazyModel,
+    token_ids: torch.Tensor,
+    batch_size: int,
+    on_block: Callable[[str, nn.Module, list[tuple]], None],
+    after_block: Callable[[str, nn.Module], None] | None = None,
+) -> None:
+    """Feed the calibration tokens through every stack with one block materialized at a time.
+
+    ``on_block(path, module, inputs)`` sees each block with its real weights before its outputs
+    are computed (it may collect statistics and swap in quantized modules); the outputs of the
+    block as it then stands are the next block's inputs; ``after_block(path, module)`` runs before
+    the block goes back to the meta device.
+    """
+    adapter = lazy.adapter
+    contexts = None
+    with torch.no_grad():
+        for stack in adapter.layer_stacks(lazy.skeleton):
+            inputs = _capture(lazy, stack, token_ids, batch_size, contexts)
+            for number in range(len(lazy.skeleton.get_submodule(f"{stack.path}.{stack.blocks}"))):
+                path = f"{stack.path}.{stack.blocks}.{number}"
+                module = lazy.materialize(path)
+                on_block(path, module, inputs)
+                inputs = [adapter.next_block_inputs(captured, _call(module, captured)) for captured in inputs]
+                if after_block:
+                    after_block(path, module)
+                lazy.release(path)
+            for path in stack.outputs:
+                lazy.materialize(path)
+            contexts = adapter.stack_context(lazy.skeleton, stack, [captured[0] for captured in inputs])
+            for path in stack.outputs:
+                lazy.release(path)
+
+
+def _bind(lazy: LazyModel, path: str, module: nn.Module) -> list:
+    """The MoE layers inside a materialized block, bound to its weights, with their global index."""
+    bound_layers = []
+    for bound in lazy.adapter.moe_layers(module):
+        bound.index = next(layer.index for layer in lazy.layers if layer.path == f"{path}.{bound.path}")
+        bound_layers.append(bound)
+    return bound_layers
+
+
 def collect_routing_streaming(
     source: str | Path | LazyModel, token_ids: torch.Tensor, input_moments: bool = False, batch_size: int = 8
 ) -> RoutingStats:
-    """Routing statistics of a decoder-only checkpoint, one layer in memory at a time.
+    """Routing statistics of a checkpoint, one block in memory at a time.
 
-    The same collector as the whole-model pass, fed layer by layer through the original weights.
+    The same collector as the whole-model pass, fed block by block through the original weights.
     ``source`` is a checkpoint folder or an already opened :class:`LazyModel`.
     """
     lazy = source if isinstance(source, LazyModel) else open_lazy(source)
-    prefix = _decoder_prefix(lazy)
     statistics = ExpertStatistics("diagonal" if input_moments else None)
     stages = ("in", "out") if input_moments else ("in",)
-    inputs = _capture_inputs(lazy, prefix, token_ids, batch_size)
-    for number in range(len(lazy.skeleton.get_submodule(f"{prefix}.layers"))):
-        path = f"{prefix}.layers.{number}"
-        module = lazy.materialize(path)
-        hooks = []
-        for bound in lazy.adapter.moe_layers(module):
-            bound.index = next(layer.index for layer in lazy.layers if layer.path == f"{path}.{bound.path}")
-            hooks.append((module.get_submodule(bound.path + ".experts"), statistics.hook(lazy.adapter, bound, stages)))
-        handles = [target.register_forward_pre_hook(hook) for target, hook in hooks]
-        try:
-            inputs = [(_layer_output(module, captured), captured[1], captured[2]) for captured in inputs]
-        finally:
-            for handle in handles:
-                handle.remove()
-        lazy.release(path)
+
+    def on_block(path: str, module: nn.Module, inputs: list[tuple]) -> None:
+        hooks = [(module.get_submodule(b.path + ".experts"), statistics.hook(lazy.adapter, b, stages)) for b in _bind(lazy, path, module)]
+        _run(module, inputs, hooks)
+
+    _walk(lazy, token_ids, batch_size, on_block)
     return RoutingStats.from_statistics(statistics, lazy.layers)
 
 
@@ -185,33 +207,29 @@ def quantize_calibrated(
     """Quantize the checkpoint at ``folder`` by ``plan`` with calibration, writing ``out``."""
     lazy = open_lazy(folder)
     adapter, _ = validate_plan(lazy.skeleton, plan)
-    prefix = _decoder_prefix(lazy)
     scale_dtype = getattr(torch, plan.scale_dtype)
     report = CalibrationReport(calibration_tokens=int(token_ids.numel()))
     report.tokens = [[0] * layer.num_experts for layer in lazy.layers]
     report.methods = [[""] * layer.num_experts for layer in lazy.layers]
     report.routing_weight_sums = [[0.0] * layer.num_experts for layer in lazy.layers]
-    decoder_layers = lazy.skeleton.get_submodule(f"{prefix}.layers")
     folder = Path(folder)
 
     with atomic_directory(Path(out), overwrite=overwrite) as work:
-        inputs = _capture_inputs(lazy, prefix, token_ids, config.batch_size)
         weight_map: dict[str, str] = {}
-        for number in range(len(decoder_layers)):
-            path = f"{prefix}.layers.{number}"
-            module = lazy.materialize(path)
-            moe_layers = [layer for layer in lazy.layers if layer.path.startswith(path + ".")]
-            _quantize_layer(lazy, adapter, plan, path, module, moe_layers, inputs, config, scale_dtype, report)
-            with torch.no_grad():
-                inputs = [(_layer_output(module, captured), captured[1], captured[2]) for captured in inputs]
-            shard = f"layer-{number:05d}.safetensors"
+
+        def on_block(path: str, module: nn.Module, inputs: list[tuple]) -> None:
+            _quantize_layer(lazy, adapter, plan, path, module, _bind(lazy, path, module), inputs, config, scale_dtype, report)
+
+        def after_block(path: str, module: nn.Module) -> None:
+            shard = f"{path.replace('.', '-')}.safetensors"
             tensors = {f"{path}.{k}": v.detach().contiguous() for k, v in module.state_dict().items()}
             save_file(tensors, work / shard, metadata={"format": "pt"})
             weight_map.update({key: shard for key in tensors})
-            lazy.release(path)
             if progress:
                 progress(path)
-        rest = _rest_tensors(lazy, prefix)
+
+        _walk(lazy, token_ids, config.batch_size, on_block, after_block)
+        rest = _rest_tensors(lazy)
         save_file(rest, work / "rest.safetensors", metadata={"format": "pt"})
         weight_map.update({key: "rest.safetensors" for key in rest})
         (work / "model.safetensors.index.json").write_text(
@@ -234,7 +252,7 @@ def _run(module: nn.Module, inputs: list[tuple], hooks: list[tuple[nn.Module, ob
     try:
         with torch.no_grad():
             for captured in inputs:
-                _layer_output(module, captured)
+                _call(module, captured)
     finally:
         for handle in handles:
             handle.remove()
@@ -248,12 +266,8 @@ def _quantize_layer(lazy, adapter, plan, path, module, moe_layers, inputs, confi
     the quantized gate/up outputs, so the down projection compensates the error upstream of it.
     """
     stats = ExpertStatistics("full")
-    local_layers = {layer.path: layer for layer in adapter.moe_layers(module)}
-    live = {}  # MoE layer index -> (MoELayer bound to the materialized weights, experts module)
-    for layer in moe_layers:
-        bound = local_layers[layer.path[len(path) + 1 :]]
-        bound.index = layer.index
-        live[layer.index] = (bound, module.get_submodule(bound.path + ".experts"))
+    # MoE layer index -> (MoELayer bound to the materialized weights, its experts module)
+    live = {bound.index: (bound, module.get_submodule(bound.path + ".experts")) for bound in moe_layers}
     linears = {name: spec for name, spec in plan.linears.items() if name.startswith(path + ".")}
     hooks = [(experts, stats.hook(adapter, bound, ("in",))) for bound, experts in live.values()]
     for name in linears:
@@ -346,19 +360,19 @@ def _set(module: nn.Module, relative: str, replacement: nn.Module) -> None:
     setattr(module.get_submodule(parent) if parent else module, child, replacement)
 
 
-def _rest_tensors(lazy: LazyModel, prefix: str) -> dict[str, torch.Tensor]:
-    """Every stored tensor outside the decoder layers (tied ones once), read from the source."""
+def _rest_tensors(lazy: LazyModel) -> dict[str, torch.Tensor]:
+    """Every stored tensor outside the walked blocks (tied ones once), read from the source."""
     out = {}
-    layers_prefix = f"{prefix}.layers."
+    blocks = tuple(f"{stack.path}.{stack.blocks}." for stack in lazy.adapter.layer_stacks(lazy.skeleton))
     seen = set()
     for name, param in list(lazy.skeleton.named_parameters()) + list(lazy.skeleton.named_buffers()):
-        if name.startswith(layers_prefix) or id(param) in seen:
+        if name.startswith(blocks) or id(param) in seen:
             continue
         owner = lazy.skeleton.get_submodule(name.rpartition(".")[0]) if "." in name else lazy.skeleton
         if name.rpartition(".")[2] in owner._non_persistent_buffers_set:
             continue
         seen.add(id(param))
-        out[name] = lazy.reader.read_first(lazy.adapter.tensor_sources(name), name).contiguous()
+        out[name] = lazy.read_tensor(name).contiguous()
     return out
 
 

@@ -92,6 +92,14 @@ class LazyModel:
     layers: list[MoELayer]
     reader: LazyCheckpoint
 
+    def read_tensor(self, name: str) -> torch.Tensor:
+        """A non-expert tensor by its module path (or the on-disk spellings, or its tied source)."""
+        sources = self.adapter.tensor_sources(name)
+        tied = (getattr(self.skeleton, "all_tied_weights_keys", None) or {}).get(name)
+        if tied:
+            sources += self.adapter.tensor_sources(tied)
+        return self.reader.read_first(sources, name)
+
     @torch.no_grad()
     def materialize(self, path: str) -> nn.Module:
         """Give the skeleton's module at ``path`` real CPU tensors read from the checkpoint.
@@ -111,7 +119,7 @@ class LazyModel:
             owner = next((p for p in experts_paths if key.startswith(p + ".")), None)
             if owner is not None:
                 continue
-            tensor.data.copy_(self.reader.read_first(self.adapter.tensor_sources(key), key))
+            tensor.data.copy_(self.read_tensor(key))
         for experts_path, layer in experts_paths.items():
             if experts_path == path or experts_path.startswith(path + "."):
                 self.adapter.fill_experts(self.skeleton.get_submodule(experts_path), layer)
@@ -133,7 +141,7 @@ def open_lazy(folder: str | Path) -> LazyModel:
     config = AutoConfig.from_pretrained(folder)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     with torch.device("meta"):
-        skeleton = auto.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+        skeleton = auto.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32).eval()
     adapter, meta_layers = moe_layers_or_error(skeleton)
     reader = LazyCheckpoint(folder)
     layers = []

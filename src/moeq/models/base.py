@@ -78,6 +78,16 @@ class MoELayer:
 
 
 @dataclass(frozen=True)
+class LayerStack:
+    """A run of blocks that calibration walks one at a time (a decoder, or an encoder then a decoder)."""
+
+    path: str  # the stack module, e.g. "model", "encoder"
+    blocks: str  # its attribute holding the blocks, e.g. "layers", "block"
+    inputs: tuple[str, ...]  # modules needed to compute the first block's inputs (embeddings)
+    outputs: tuple[str, ...] = ()  # modules applied after the last block (e.g. a final norm)
+
+
+@dataclass(frozen=True)
 class TensorSource:
     """Where a weight lives in a checkpoint: a tensor name and an index into it (``()`` = all)."""
 
@@ -114,6 +124,33 @@ class MoEAdapter:
     def fill_experts(self, experts: nn.Module, layer: MoELayer) -> None:
         """Copy every expert weight of ``layer`` (e.g. read lazily) into a materialized experts module."""
         raise NotImplementedError
+
+    # Walking the model block by block (calibration). Defaults fit decoder-only models whose body
+    # (``base_model_prefix``) holds ``embed_tokens``, ``layers`` and a rotary embedding.
+
+    def layer_stacks(self, model: nn.Module) -> list[LayerStack]:
+        base = getattr(model, "base_model_prefix", "model")
+        body = getattr(model, base, None)
+        if body is None or not hasattr(body, "layers") or not hasattr(body, "embed_tokens"):
+            raise ValueError(f"{model.config.model_type}: no decoder body with embed_tokens and layers to calibrate through")
+        return [LayerStack(base, "layers", (f"{base}.embed_tokens",))]
+
+    def run_stack(self, model: nn.Module, stack: LayerStack, input_ids: torch.Tensor, context: object) -> None:
+        """Call the stack on a batch (its first block is a catcher that stops the call)."""
+        body = model.get_submodule(stack.path)
+        rotary = getattr(body, "rotary_emb", None)
+        if rotary is not None and any(b.is_meta for b in rotary.buffers()):
+            body.rotary_emb = type(rotary)(config=model.config)  # computed buffers, not stored
+        body(input_ids=input_ids, use_cache=False)
+
+    def next_block_inputs(self, captured: tuple, output) -> tuple:
+        """The next block's ``(hidden, args, kwargs)`` from this block's inputs and output."""
+        hidden = output[0] if isinstance(output, tuple) else output
+        return hidden, captured[1], captured[2]
+
+    def stack_context(self, model: nn.Module, stack: LayerStack, hidden: list[torch.Tensor]) -> object:
+        """What the next stack needs from this one (per batch), after ``stack.outputs`` are applied."""
+        return None
 
     def tensor_sources(self, key: str) -> list[TensorSource]:
         """Candidate checkpoint names of a non-expert tensor (its module path, then renamed ones)."""

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..modules.experts import QuantizedExperts
-from .base import MoEAdapter, MoELayer, TensorSource, register_adapter
+from .base import LayerStack, MoEAdapter, MoELayer, TensorSource, register_adapter
 
 
 def dispatch_to_top_k(dispatch_mask: torch.Tensor, routing_weights: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +83,32 @@ class SwitchAdapter(MoEAdapter):
         for e in range(layer.num_experts):
             for p in layer.projections:
                 getattr(experts[f"expert_{e}"], p).weight.copy_(layer.expert_weight(e, p))
+
+    def layer_stacks(self, model: nn.Module) -> list[LayerStack]:
+        return [
+            LayerStack("encoder", "block", ("encoder.embed_tokens",), ("encoder.final_layer_norm",)),
+            LayerStack("decoder", "block", ("decoder.embed_tokens",)),
+        ]
+
+    def run_stack(self, model: nn.Module, stack: LayerStack, input_ids: torch.Tensor, context: object) -> None:
+        # Calibration feeds the decoder the same ids as the encoder (as the routing statistics do).
+        if stack.path == "encoder":
+            model.encoder(input_ids=input_ids)
+        else:
+            model.decoder(input_ids=input_ids, encoder_hidden_states=context, use_cache=False)
+
+    def next_block_inputs(self, captured: tuple, output) -> tuple:
+        # T5-style blocks return (hidden, self-attention bias, cross-attention bias); the first block
+        # computes the position biases and the stack hands them to every later block.
+        hidden, args, kwargs = captured
+        mask, _, encoder_hidden, encoder_mask, cross_bias = args
+        new_cross = output[2] if encoder_hidden is not None else cross_bias
+        return output[0], (mask, output[1], encoder_hidden, encoder_mask, new_cross), kwargs
+
+    def stack_context(self, model: nn.Module, stack: LayerStack, hidden: list[torch.Tensor]) -> object:
+        if stack.path != "encoder":
+            return None
+        return [model.encoder.final_layer_norm(h) for h in hidden]
 
     def router_sources(self, layer: MoELayer) -> list[TensorSource]:
         return [TensorSource(f"{layer.path}.router.classifier.weight")]
