@@ -71,7 +71,7 @@ def quantize_command(
     levels: Annotated[str, typer.Option(help="Candidate widths for allocation, high to low.")] = "3,2,1",
     reference: Annotated[Path | None, typer.Option(help="Initial or pre-trained checkpoint, for the router-norm change.")] = None,
     calib: Annotated[Path | None, typer.Option(help="Calibration text (GPTQ and the data-based strategies).")] = None,
-    quantizer: Annotated[str, typer.Option(help="rtn (round to nearest) or gptq (needs --calib; decoder-only models).")] = "rtn",
+    quantizer: Annotated[str, typer.Option(help="rtn (round to nearest) or gptq (needs --calib).")] = "rtn",
     calib_tokens: Annotated[int, typer.Option(help="Calibration tokens to use at most.")] = 131072,
     seq_len: Annotated[int, typer.Option(help="Calibration sequence length.")] = 2048,
     min_tokens: Annotated[int, typer.Option(help="GPTQ: experts routed fewer tokens use --rare-fallback.")] = 16,
