@@ -76,3 +76,18 @@ def test_bad_hessians_are_named() -> None:
     with pytest.raises(HessianError, match="expected \\(128, 128\\)"):
         gptq_quantize(weight, hessian[:4, :4], 3)
     assert gptq_quantize(weight, hessian, 2, Scheme.ASYM).bits == 2
+
+
+@pytest.mark.parametrize("kwargs", [{"bits": 3}, {"bits": 2, "group_size": 32}, {"bits": 3, "group_size": 32, "act_order": True},
+                                    {"bits": 1, "scheme": "sign", "group_size": 32}])
+def test_a_batch_equals_its_members_quantized_alone(kwargs) -> None:
+    from moeq.quant.gptq import gptq_quantize_batch
+
+    layers = [_layer(seed) for seed in (10, 11, 12)]
+    batch = gptq_quantize_batch([w for w, _, _ in layers], [h for _, _, h in layers], **kwargs)
+    for (weight, _, hessian), together in zip(layers, batch):
+        alone = gptq_quantize(weight, hessian, **kwargs)
+        assert torch.equal(alone.codes, together.codes) and torch.equal(alone.scales, together.scales)
+        assert (alone.zeros is None) == (together.zeros is None)
+        if alone.zeros is not None:
+            assert torch.equal(alone.zeros, together.zeros)

@@ -47,7 +47,7 @@ from ..io.lazy import LazyModel, open_lazy
 from ..modules.convert import validate_plan
 from ..modules.linear import QuantizedLinear
 from ..plan import BitPlan, TensorSpec
-from ..quant.gptq import gptq_quantize
+from ..quant.gptq import gptq_quantize, gptq_quantize_batch
 from ..quant.rtn import quantize_rtn
 from ..quant.tensor import QuantizedTensor
 from .collector import ExpertStatistics
@@ -280,7 +280,7 @@ def _quantize_layer(lazy, adapter, plan, path, module, moe_layers, inputs, confi
         for expert in range(bound.num_experts):
             report.tokens[index][expert] = stats.counts.get((index, expert), 0)
             report.routing_weight_sums[index][expert] = stats.weight_sums.get((index, expert), 0.0)
-        starved = {e for e in range(bound.num_experts) if report.tokens[index][e] < config.min_tokens}
+        starved = {e for e in range(bound.num_experts) if report.tokens[index][e] < max(config.min_tokens, 1)}
         report.starved += [(index, e, report.tokens[index][e]) for e in sorted(starved)]
         if specs:
             replacements[bound.path + ".experts"] = _quantize_experts(
@@ -314,15 +314,32 @@ def _quantize_experts(adapter, module, path, bound, experts, specs, starved, inp
     for expert in range(bound.num_experts):
         report.methods[index][expert] = _expert_method(config, expert in starved)
 
-    def put(expert: int, projection: str, stage: str) -> None:
-        quantized.expert(expert)[projection].load_quantized(_quantize(
-            bound.expert_weight(expert, projection), specs[(expert, projection)], stats.hessians.get((index, expert, stage)),
-            report.methods[index][expert], config, scale_dtype, f"{path}.{bound.path}.experts.{expert}.{projection}",
-        ))
+    def put(projection: str, stage: str) -> None:
+        """Quantize one projection of every expert; GPTQ runs batched over experts sharing a spec."""
+        batches: dict[TensorSpec, list[int]] = {}
+        for expert in range(bound.num_experts):
+            spec = specs[(expert, projection)]
+            hessian = stats.hessians.get((index, expert, stage))
+            if report.methods[index][expert].startswith("gptq") and hessian is not None and hessian.rows > 0:
+                batches.setdefault(spec, []).append(expert)
+                continue
+            quantized.expert(expert)[projection].load_quantized(_quantize(
+                bound.expert_weight(expert, projection), spec, None, "rtn-clip" if expert in starved else "rtn",
+                config, scale_dtype, f"{path}.{bound.path}.experts.{expert}.{projection}",
+            ))
+        for spec, experts_in_batch in batches.items():
+            results = gptq_quantize_batch(
+                [bound.expert_weight(e, projection) for e in experts_in_batch],
+                [stats.hessians[(index, e, stage)].matrix for e in experts_in_batch],
+                spec.bits, spec.scheme, spec.group_size, spec.clip_search, damp=config.damp,
+                block_size=config.block_size, act_order=config.act_order, scale_dtype=scale_dtype,
+                names=[f"{path}.{bound.path}.experts.{e}.{projection}" for e in experts_in_batch],
+            )
+            for expert, result in zip(experts_in_batch, results):
+                quantized.expert(expert)[projection].load_quantized(result)
 
-    for expert in range(bound.num_experts):
-        for projection in first:
-            put(expert, projection, "in")
+    for projection in first:
+        put(projection, "in")
     if gptq:
         def upstream(expert: int) -> list[torch.Tensor]:
             return [quantized.expert(expert)[p].weight_for(torch.float32) for p in first]
@@ -332,8 +349,7 @@ def _quantize_experts(adapter, module, path, bound, experts, specs, starved, inp
             for expert in all_tokens:
                 stats.forget((index, expert, "out"))
             _run(module, inputs, [(experts, stats.hook(adapter, bound, ("out",), only=all_tokens, weights_of=upstream))])
-    for expert in range(bound.num_experts):
-        put(expert, down, "out")
+    put(down, "out")
     return quantized
 
 

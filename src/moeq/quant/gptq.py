@@ -25,7 +25,7 @@ from .rtn import _round_scales, _search_clip, resolve_group_size, split_groups
 from .schemes import Scheme, check_scheme_bits, decode, encode, fit_scales
 from .tensor import QuantizedTensor
 
-__all__ = ["gptq_quantize", "HessianError"]
+__all__ = ["gptq_quantize", "gptq_quantize_batch", "HessianError"]
 
 
 class HessianError(ValueError):
@@ -33,6 +33,7 @@ class HessianError(ValueError):
 
 
 def _fit(groups: torch.Tensor, scheme: Scheme, bits: int, clip_search: bool, scale_dtype: torch.dtype):
+    """Scales (as stored, back in float32) and zero points for ``groups [rows, G, group]``."""
     clip = _search_clip(groups, scheme, bits, scale_dtype) if clip_search else 1.0
     scales, zeros = fit_scales(groups, scheme, bits, clip)
     return _round_scales(scales, scale_dtype).to(torch.float32), zeros
@@ -51,73 +52,116 @@ def gptq_quantize(
     scale_dtype: torch.dtype = torch.float16,
     name: str = "weight",
 ) -> QuantizedTensor:
-    """GPTQ-quantize ``weight [out, in]`` given ``hessian [in, in]`` (``Σ x x^T`` of its inputs)."""
+    """GPTQ-quantize ``weight [out, in]`` given ``hessian [in, in]`` (``Σ x xᵀ`` of its inputs)."""
+    return gptq_quantize_batch(
+        [weight], [hessian], bits, scheme, group_size, clip_search, damp, block_size, act_order, scale_dtype, [name]
+    )[0]
+
+
+def gptq_quantize_batch(
+    weights: list[torch.Tensor],
+    hessians: list[torch.Tensor],
+    bits: int,
+    scheme: Scheme | str = Scheme.ASYM,
+    group_size: int | None = None,
+    clip_search: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    scale_dtype: torch.dtype = torch.float16,
+    names: list[str] | None = None,
+) -> list[QuantizedTensor]:
+    """GPTQ for several weights of one shape and spec at once (the experts of a layer): one
+    column loop over a ``[batch, out, in]`` stack instead of one per weight. Each result equals
+    :func:`gptq_quantize` of that weight alone."""
     scheme = check_scheme_bits(scheme, bits)
     if clip_search and scheme is Scheme.SIGN:
         raise ValueError("the clipping search does not apply to 'sign' (its mean|w| scale is already optimal)")
-    rows, cols = weight.shape
-    if hessian.shape != (cols, cols):
-        raise HessianError(f"Hessian of {name} has shape {tuple(hessian.shape)}, expected ({cols}, {cols})")
-    if not torch.isfinite(weight).all():
-        raise ValueError(f"{name} holds NaN or infinite values")
-    if not torch.isfinite(hessian).all():
-        raise HessianError(f"the calibration Hessian of {name} holds NaN or infinite values; check the calibration inputs")
+    names = names or [f"weight {i}" for i in range(len(weights))]
+    batch = len(weights)
+    rows, cols = weights[0].shape
+    for weight, hessian, name in zip(weights, hessians, names):
+        if weight.shape != (rows, cols):
+            raise ValueError(f"{name} has shape {tuple(weight.shape)}; a batch needs one shape ({rows}, {cols})")
+        if hessian.shape != (cols, cols):
+            raise HessianError(f"Hessian of {name} has shape {tuple(hessian.shape)}, expected ({cols}, {cols})")
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"{name} holds NaN or infinite values")
+        if not torch.isfinite(hessian).all():
+            raise HessianError(f"the calibration Hessian of {name} holds NaN or infinite values; check the calibration inputs")
     group = resolve_group_size(cols, group_size)
-    w = weight.detach().to(torch.float32).clone()
-    h = hessian.detach().to(torch.float32).clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    groups_per_row = cols // group
+    w = torch.stack([x.detach().to(torch.float32) for x in weights])
+    h = torch.stack([x.detach().to(torch.float32) for x in hessians])
+    diagonal = torch.diagonal(h, dim1=1, dim2=2)
+    dead = diagonal == 0  # [B, C]
+    h = h + torch.diag_embed(dead.to(h.dtype))
+    w = w.masked_fill(dead[:, None, :], 0.0)
 
-    per_channel = group == cols
-    static = per_channel or act_order
+    static = group == cols or act_order
     if static:  # every group's scale from the (dead-column-zeroed) original weight
-        scales, zeros = _fit(split_groups(w, group), scheme, bits, clip_search, scale_dtype)
+        s, z = _fit(w.reshape(batch * rows, groups_per_row, group), scheme, bits, clip_search, scale_dtype)
+        scales = s.reshape(batch, rows, groups_per_row)
+        zeros = None if z is None else z.reshape(batch, rows, groups_per_row)
     else:
-        scales = torch.zeros(rows, cols // group)
-        zeros = torch.zeros(rows, cols // group) if scheme is Scheme.ASYM else None
+        scales = torch.zeros(batch, rows, groups_per_row)
+        zeros = torch.zeros(batch, rows, groups_per_row) if scheme is Scheme.ASYM else None
 
-    order = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(cols)
-    w, h = w[:, order], h[order][:, order]
-    h += torch.eye(cols) * (damp * torch.mean(torch.diag(h)))
+    diagonal = torch.diagonal(h, dim1=1, dim2=2)
+    if act_order:
+        order = torch.argsort(diagonal, dim=1, descending=True, stable=True)  # [B, C]
+    else:
+        order = torch.arange(cols).expand(batch, cols)
+    w = torch.gather(w, 2, order[:, None, :].expand(batch, rows, cols))
+    h = torch.gather(torch.gather(h, 1, order[:, :, None].expand(batch, cols, cols)), 2, order[:, None, :].expand(batch, cols, cols))
+    h = h + torch.eye(cols) * (damp * torch.diagonal(h, dim1=1, dim2=2).mean(dim=1))[:, None, None]
     try:
         upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     except torch.linalg.LinAlgError:
-        raise HessianError(f"the calibration Hessian of {name} is not positive definite even with damping {damp}") from None
+        raise HessianError(
+            f"the calibration Hessian of {', '.join(names)} is not positive definite even with damping {damp}"
+        ) from None
 
-    codes = torch.zeros(rows, cols, dtype=torch.int64)
+    codes = torch.zeros(batch, rows, cols, dtype=torch.int64)  # in processing order
+    arange = torch.arange(batch)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
-        block = w[:, start:end].clone()
+        block = w[:, :, start:end].clone()
         errors = torch.zeros_like(block)
-        u = upper[start:end, start:end]
+        u = upper[:, start:end, start:end]
         for i in range(end - start):
-            column = int(order[start + i])
+            column = order[:, start + i]  # [B] original column of each weight
             g = column // group
-            if not static and column % group == 0:
+            if not static and (start + i) % group == 0:
                 # Fit this group's scale on the weights as updated so far (columns in order).
-                current = torch.cat([block[:, i:], w[:, end:]], dim=1)[:, :group]
-                s, z = _fit(current.reshape(rows, 1, group), scheme, bits, clip_search, scale_dtype)
-                scales[:, g] = s[:, 0]
+                current = torch.cat([block[:, :, i:], w[:, :, end:]], dim=2)[:, :, :group]
+                s, z = _fit(current.reshape(batch * rows, 1, group), scheme, bits, clip_search, scale_dtype)
+                scales[:, :, (start + i) // group] = s.reshape(batch, rows)
                 if zeros is not None:
-                    zeros[:, g] = z[:, 0]
-            zero = None if zeros is None else zeros[:, g : g + 1]
-            x = block[:, i].reshape(rows, 1, 1)
-            code = encode(x, scales[:, g : g + 1], zero, scheme, bits)
-            q = decode(code, scales[:, g : g + 1], zero, scheme, bits).reshape(rows)
-            codes[:, column] = code.reshape(rows)
-            error = (block[:, i] - q) / u[i, i]
-            block[:, i:] -= error[:, None] * u[i, i:][None, :]
-            errors[:, i] = error
-        w[:, end:] -= errors @ upper[start:end, end:]
+                    zeros[:, :, (start + i) // group] = z.reshape(batch, rows)
+            scale = scales[arange, :, g].reshape(batch * rows, 1)
+            zero = None if zeros is None else zeros[arange, :, g].reshape(batch * rows, 1)
+            x = block[:, :, i].reshape(batch * rows, 1, 1)
+            code = encode(x, scale, zero, scheme, bits)
+            q = decode(code, scale, zero, scheme, bits).reshape(batch, rows)
+            codes[:, :, start + i] = code.reshape(batch, rows)
+            error = (block[:, :, i] - q) / u[:, i, i][:, None]
+            block[:, :, i:] -= error[:, :, None] * u[:, i, i:][:, None, :]
+            errors[:, :, i] = error
+        w[:, :, end:] -= errors @ upper[:, start:end, end:]
 
-    return QuantizedTensor(
-        codes=pack_codes(codes, bits),
-        scales=scales.to(scale_dtype),
-        zeros=None if zeros is None else zeros.to(torch.uint8),
-        bits=bits,
-        group_size=group,
-        scheme=scheme,
-        shape=(rows, cols),
-        dtype=weight.dtype,
-    )
+    inverse = torch.argsort(order, dim=1)
+    codes = torch.gather(codes, 2, inverse[:, None, :].expand(batch, rows, cols))
+    return [
+        QuantizedTensor(
+            codes=pack_codes(codes[b], bits),
+            scales=scales[b].to(scale_dtype),
+            zeros=None if zeros is None else zeros[b].to(torch.uint8),
+            bits=bits,
+            group_size=group,
+            scheme=scheme,
+            shape=(rows, cols),
+            dtype=weights[b].dtype,
+        )
+        for b in range(batch)
+    ]
