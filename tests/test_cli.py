@@ -169,3 +169,28 @@ def test_calibrated_strategies_from_a_text_file(tmp_path: Path) -> None:
         assert result.exit_code == 0, result.output
         plan = json.loads((tmp_path / f"{strategy}.json").read_text())
         assert plan["method"]["calibration"]["tokens"] > 0 and "frequency" in plan["scores"]
+
+
+def test_quantize_with_gptq_from_the_command_line(tmp_path: Path) -> None:
+    from tests.conftest import SAMPLE_TEXT, add_tokenizer
+
+    source = tmp_path / "src"
+    tiny_model("deepseek_v3").save_pretrained(source)
+    add_tokenizer(source)
+    (tmp_path / "calib.txt").write_text(SAMPLE_TEXT * 4)
+    result = runner.invoke(
+        app,
+        ["quantize", str(source), "--out", str(tmp_path / "q"), "--avg-bits", "2.5", "--strategy", "router-maxvar",
+         "--quantizer", "gptq", "--calib", str(tmp_path / "calib.txt"), "--calib-tokens", "4096", "--seq-len", "64",
+         "--group-size", "32", "--dense-bits", "4", "--min-tokens", "8"],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    assert "tokens routed to each expert" in result.output
+    plan = moeq.read_plan(tmp_path / "q")
+    assert plan.method["quantizer"]["name"] == "gptq" and plan.method["strategy"] == "router-maxvar"
+    loaded = moeq.load(tmp_path / "q")
+    assert type(loaded.model.layers[0].mlp.down_proj).__name__ == "QuantizedLinear"  # the dense first layer
+    assert torch.isfinite(logits(loaded)).all()
+    line = _error(runner.invoke(app, ["quantize", str(source), "--out", str(tmp_path / "q2"), "--bits", "3", "--quantizer", "gptq"]))
+    assert "needs calibration text" in line

@@ -102,7 +102,9 @@ def quantize_command(
         torch.manual_seed(seed)
         started = time.perf_counter()
         if allocating:
-            plan = _allocate(model_path, strategy, avg_bits, max_gb, levels, reference, calib, scheme, group_size, seed)
+            others = QuantConfig(bits=FULL_PRECISION_BITS, scheme=scheme, group_size=group_size, attn_bits=attn_bits,
+                                 shared_bits=shared_bits, dense_bits=dense_bits, lm_head_bits=lm_head_bits)
+            plan = _allocate(model_path, strategy, avg_bits, max_gb, levels, reference, calib, scheme, group_size, seed, others)
         if quantizer == "gptq":
             report, plan = _quantize_calibrated(
                 model_path, out, plan, config, seed, calib, calib_tokens, seq_len, overwrite,
@@ -183,7 +185,7 @@ def _parse_levels(levels: str) -> tuple[int, ...]:
         raise ValueError(f"--levels takes comma-separated whole bit widths like 3,2,1, got {levels!r}") from None
 
 
-def _allocate(model_path, strategy, avg_bits, max_gb, levels, reference, calib, scheme, group_size, seed) -> BitPlan:
+def _allocate(model_path, strategy, avg_bits, max_gb, levels, reference, calib, scheme, group_size, seed, others) -> BitPlan:
     from .allocate import allocate
 
     if avg_bits is not None and max_gb is not None:
@@ -191,6 +193,7 @@ def _allocate(model_path, strategy, avg_bits, max_gb, levels, reference, calib, 
     return allocate(
         model_path, strategy, avg_bits=avg_bits, max_bytes=None if max_gb is None else int(max_gb * 1e9),
         levels=_parse_levels(levels), reference=reference, calibration=calib, scheme=scheme, group_size=group_size, seed=seed,
+        other_linears=others,
     )
 
 
@@ -316,6 +319,10 @@ def allocate_command(
     scheme: Annotated[str, typer.Option(help="Scheme for widths above 1 bit (1-bit experts use sign).")] = "asym",
     group_size: Annotated[int | None, typer.Option(help="Inputs per scale.")] = None,
     maxvar_variant: Annotated[str, typer.Option(help="paper | authors.")] = "paper",
+    attn_bits: Annotated[int | None, typer.Option(help="Also plan attention linears at this width.")] = None,
+    shared_bits: Annotated[int | None, typer.Option(help="Also plan shared experts at this width.")] = None,
+    dense_bits: Annotated[int | None, typer.Option(help="Also plan dense feed-forward linears at this width.")] = None,
+    lm_head_bits: Annotated[int | None, typer.Option(help="Also plan the output head at this width.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for --strategy random.")] = 0,
     heatmap: Annotated[Path | None, typer.Option(help="Also write a layer x expert PNG heatmap here.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
@@ -335,6 +342,8 @@ def allocate_command(
             reference=reference, calibration=calib, scheme=scheme, group_size=group_size,
             maxvar_variant=maxvar_variant, seed=seed, calib_tokens=calib_tokens, seq_len=seq_len,
             weighted_error=weighted_error,
+            other_linears=QuantConfig(bits=FULL_PRECISION_BITS, scheme=scheme, group_size=group_size, attn_bits=attn_bits,
+                                      shared_bits=shared_bits, dense_bits=dense_bits, lm_head_bits=lm_head_bits),
         )
         plan.method["seconds"] = round(time.perf_counter() - started, 3)
         plan.save(out)

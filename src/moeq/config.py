@@ -13,7 +13,7 @@ from .quant.rtn import resolve_group_size
 from .quant.schemes import Scheme
 from .quant.tensor import storage_nbytes
 
-__all__ = ["QuantConfig", "FULL_PRECISION_BITS", "uniform_plan", "plan_budget"]
+__all__ = ["QuantConfig", "FULL_PRECISION_BITS", "linear_specs", "uniform_plan", "plan_budget"]
 
 FULL_PRECISION_BITS = 16
 
@@ -74,12 +74,7 @@ def uniform_plan(model: nn.Module, config: QuantConfig) -> BitPlan:
             for _, inputs in layer.shapes.values():
                 resolve_group_size(inputs, spec.group_size)
             experts += [ExpertEntry(layer.index, e, p, spec) for e in range(layer.num_experts) for p in layer.projections]
-    linears = {}
-    role_bits = config.role_bits()
-    for name, role in adapter.linear_roles(model).items():
-        bits = role_bits.get(role)
-        if bits is not None and bits != FULL_PRECISION_BITS:
-            linears[name] = config.spec(bits)
+    linears = linear_specs(model, config)
     plan = BitPlan(
         model_type=model.config.model_type,
         layers=[layer.path for layer in layers],
@@ -90,6 +85,17 @@ def uniform_plan(model: nn.Module, config: QuantConfig) -> BitPlan:
     )
     plan.budget = plan_budget(model, plan)
     return plan
+
+
+def linear_specs(model: nn.Module, config: QuantConfig) -> dict[str, TensorSpec]:
+    """Specs for the linears outside the routed experts that ``config`` asks to quantize, by role."""
+    adapter, _ = moe_layers_or_error(model)
+    role_bits = config.role_bits()
+    return {
+        name: config.spec(role_bits[role])
+        for name, role in adapter.linear_roles(model).items()
+        if role_bits.get(role) not in (None, FULL_PRECISION_BITS)
+    }
 
 
 def plan_budget(model: nn.Module, plan: BitPlan) -> dict[str, float | int]:

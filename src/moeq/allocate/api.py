@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import plan_budget
+from ..config import QuantConfig, linear_specs, plan_budget
 from ..models import MoELayer, moe_layers_or_error
 from ..plan import BitPlan, ExpertEntry, PlanError, TensorSpec
 from .counts import CountError, level_counts, validate_levels
@@ -107,6 +107,7 @@ def allocate(
     weighted_error: bool = False,
     calib_tokens: int = 16384,
     seq_len: int = 256,
+    other_linears: QuantConfig | None = None,
 ) -> BitPlan:
     """Choose a width for every routed expert of every MoE layer and return the BitPlan.
 
@@ -127,6 +128,8 @@ def allocate(
         seed: for ``random``.
         pmq_alpha / pmq_beta: exponents of frequency and routing weight in ``pmq``.
         weighted_error: weight quantization errors by calibration input second moments.
+        other_linears: widths for attention / shared / dense / lm_head linears by role (its
+            ``attn_bits`` etc.); the routed experts are what this function allocates.
     """
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
@@ -146,6 +149,8 @@ def allocate(
 
     def spec(bits: int) -> TensorSpec:
         return _one_bit_aware_spec(bits, scheme, group_size)
+
+    linears = linear_specs(source.budget_model, other_linears) if other_linears is not None else {}
 
     stats = None
     if strategy in CALIBRATED_STRATEGIES or weighted_error:
@@ -213,7 +218,7 @@ def allocate(
             ExpertEntry(layer.index, e, p, spec(chosen[layer.index][e]))
             for layer in layers for e in range(layer.num_experts) for p in layer.projections
         ]
-        plan = BitPlan(source.budget_model.config.model_type, [layer.path for layer in layers], entries)
+        plan = BitPlan(source.budget_model.config.model_type, [layer.path for layer in layers], entries, linears)
         plan.budget = plan_budget(source.budget_model, plan)
         return plan
 
