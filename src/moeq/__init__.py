@@ -13,9 +13,10 @@ from . import models  # noqa: F401  (adapter registration)
 from .allocate import allocate
 from .api import plan_for, quantize
 from .config import QuantConfig
+from .eval import evaluate
 from .io import load, read_plan, save
 from .plan import BitPlan, PlanError
 
 __version__ = "0.1.0"
 
-__all__ = ["BitPlan", "PlanError", "QuantConfig", "allocate", "load", "plan_for", "quantize", "read_plan", "save"]
+__all__ = ["BitPlan", "PlanError", "QuantConfig", "allocate", "evaluate", "load", "plan_for", "quantize", "read_plan", "save"]

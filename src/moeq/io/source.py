@@ -15,7 +15,7 @@ from torch import nn
 from ..models import get_adapter, moe_layers_or_error
 from .checkpoint import CheckpointError
 
-__all__ = ["read_config", "load_source"]
+__all__ = ["read_config", "load_source", "load_any"]
 
 
 def read_config(path: str | Path) -> dict:
@@ -49,3 +49,13 @@ def load_source(path: str | Path) -> nn.Module:
         raise CheckpointError(f"could not read the weights of {path}: {first_line}") from None
     moe_layers_or_error(model)
     return model.eval()
+
+
+def load_any(path: str | Path) -> nn.Module:
+    """A model folder, quantized by moeq or not, loaded for inference (eval mode)."""
+    raw = read_config(path)
+    if (raw.get("quantization_config") or {}).get("quant_method") == "moeq":
+        from .checkpoint import load
+
+        return load(path)
+    return load_source(path)

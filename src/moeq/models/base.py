@@ -217,6 +217,9 @@ class FusedExpertsAdapter(MoEAdapter):
         for path, block in model.named_modules():
             experts = getattr(block, "experts", None)
             router = getattr(block, "gate", None)
+            if router is not None and isinstance(experts, QuantizedExperts):
+                layers.append(quantized_layer(len(layers), path, experts, router.weight))
+                continue
             if experts is None or router is None or not hasattr(experts, "gate_up_proj"):
                 continue
             hidden, intermediate = experts.down_proj.shape[1], experts.down_proj.shape[2]
@@ -263,6 +266,25 @@ class FusedExpertsAdapter(MoEAdapter):
             experts.gate_up_proj[e, :intermediate].copy_(layer.expert_weight(e, "gate_proj"))
             experts.gate_up_proj[e, intermediate:].copy_(layer.expert_weight(e, "up_proj"))
             experts.down_proj[e].copy_(layer.expert_weight(e, "down_proj"))
+
+
+def quantized_layer(index: int, path: str, experts: QuantizedExperts, router_weight: torch.Tensor, shared=()) -> MoELayer:
+    """The MoELayer view of an already quantized layer (expert weights come back dequantized)."""
+    first = experts.expert(0)
+    return MoELayer(
+        index=index,
+        path=path,
+        experts_path=f"{path}.experts",
+        num_experts=experts.num_experts,
+        projections=experts.projections,
+        router_weight=router_weight,
+        expert_weight=lambda e, p: experts.expert(e)[p].weight,
+        shapes={p: (first[p].out_features, first[p].in_features) for p in experts.projections},
+        dtype=first[experts.projections[0]].weight_dtype,
+        act_fn=experts.act_fn,
+        gated=experts.gated,
+        shared_paths=list(shared),
+    )
 
 
 def _fused_expert_weight(experts: nn.Module) -> Callable[[int, str], torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..modules.experts import QuantizedExperts
-from .base import LayerStack, MoEAdapter, MoELayer, TensorSource, register_adapter
+from .base import LayerStack, MoEAdapter, MoELayer, TensorSource, quantized_layer, register_adapter
 
 
 def dispatch_to_top_k(dispatch_mask: torch.Tensor, routing_weights: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,6 +53,9 @@ class SwitchAdapter(MoEAdapter):
             router = getattr(block, "router", None)
             experts = getattr(block, "experts", None)
             if router is None or experts is None or not hasattr(router, "classifier"):
+                continue
+            if isinstance(experts, QuantizedExperts):
+                layers.append(quantized_layer(len(layers), path, experts, router.classifier.weight))
                 continue
             layers.append(
                 MoELayer(

@@ -1,0 +1,1 @@
+"""The built-in default model: its corpus, tokenizer and training."""

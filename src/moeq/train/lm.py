@@ -1,0 +1,151 @@
+"""Training the built-in default model: a small Mixtral-architecture causal LM on the corpus.
+
+transformers' own ``MixtralForCausalLM`` (8 routed experts, top-2, load-balancing loss through
+``output_router_logits``), eager experts (fastest on CPU), AdamW with warm-up and cosine decay,
+trained for a wall-clock budget. Before the first step the router weights are saved
+(``initial_router.safetensors``), so the router-norm change Λ of the mixed-precision paper is
+available exactly, not through the final-norm proxy. The final model is saved in bfloat16 with
+its tokenizer and a ``train_log.json`` that records the command's settings, the seed, the steps,
+the tokens seen and the loss curve; the run is reproducible from it (up to the time budget, which
+fixes the step count: pass ``--steps`` to pin it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from ..io.atomic import atomic_directory
+from .corpus import DATA_DIR, digest, fetch_corpus
+from .tokenizer import train_tokenizer
+
+__all__ = ["TrainConfig", "default_model_config", "train", "INITIAL_ROUTER_FILE"]
+
+INITIAL_ROUTER_FILE = "initial_router.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    out: Path
+    cache: Path = Path("data/cache")
+    minutes: float = 60.0
+    steps: int | None = None  # overrides the time budget when given
+    seq_len: int = 256
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.1
+    seed: int = 0
+    vocab_size: int = 4096
+    hidden: int = 256
+    intermediate: int = 384
+    layers: int = 4
+    experts: int = 8
+    top_k: int = 2
+    aux_loss_coef: float = 0.02
+    eval_every: int = 100
+    eval_batches: int = 8
+    overwrite: bool = False
+    log: list = field(default_factory=list)
+
+
+def default_model_config(config: TrainConfig) -> transformers.MixtralConfig:
+    return transformers.MixtralConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden, intermediate_size=config.intermediate,
+        num_hidden_layers=config.layers, num_attention_heads=8, num_key_value_heads=4,
+        num_local_experts=config.experts, num_experts_per_tok=config.top_k, max_position_embeddings=4 * config.seq_len,
+        tie_word_embeddings=True, output_router_logits=True, router_aux_loss_coef=config.aux_loss_coef,
+        bos_token_id=0, eos_token_id=0, pad_token_id=None,
+    )
+
+
+def _windows(ids: torch.Tensor, seq_len: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, ids.numel() - seq_len - 1, (batch_size,), generator=generator)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+@torch.no_grad()
+def _evaluate(model, ids: torch.Tensor, seq_len: int, batches: int) -> float:
+    model.eval()
+    chunks = ids[: (ids.numel() // seq_len) * seq_len].view(-1, seq_len)[: batches * 8]
+    losses = [float(model(input_ids=c, labels=c).loss) for c in chunks.split(8)]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def prepare(config: TrainConfig) -> tuple[dict[str, str], object]:
+    """The corpus splits, the shipped slices in ``moeq/data``, and the tokenizer (saved in ``moeq/data``)."""
+    corpus = fetch_corpus(config.cache)
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    for split in ("validation", "calibration", "test"):
+        (DATA_DIR / f"{split}.txt").write_text(corpus[split])
+    tokenizer = train_tokenizer(corpus["train"], config.vocab_size, DATA_DIR / "tokenizer")
+    return corpus, tokenizer
+
+
+def train(config: TrainConfig) -> Path:
+    """Train the default model and write it to ``config.out``."""
+    torch.manual_seed(config.seed)
+    corpus, tokenizer = prepare(config)
+    encode = lambda text: torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)  # noqa: E731
+    train_ids, val_ids = encode(corpus["train"]), encode(corpus["validation"])
+    model = transformers.MixtralForCausalLM(default_model_config(config))
+    model.set_experts_implementation("eager")
+    initial_router = {
+        name: p.detach().clone().to(torch.bfloat16).contiguous()
+        for name, p in model.named_parameters() if name.endswith("mlp.gate.weight")
+    }
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=(0.9, 0.95),
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    model.train()
+    started = time.perf_counter()
+    total_steps = config.steps
+    step = 0
+    while True:
+        if total_steps is None and step == 5:  # fix the schedule's length from the measured speed
+            per_step = (time.perf_counter() - started) / 5
+            total_steps = max(10, int(config.minutes * 60 / per_step))
+        horizon = total_steps or 10**9
+        scale = min(1.0, (step + 1) / config.warmup) * 0.5 * (1 + math.cos(math.pi * min(step / horizon, 1.0)))
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * max(scale, 0.02)
+        batch = _windows(train_ids, config.seq_len, config.batch_size, generator)
+        output = model(input_ids=batch, labels=batch)
+        output.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if step % config.eval_every == 0 or step == total_steps:
+            entry = {"step": step, "train_loss": float(output.loss), "aux_loss": float(output.aux_loss or 0.0),
+                     "val_loss": _evaluate(model, val_ids, config.seq_len, config.eval_batches),
+                     "seconds": round(time.perf_counter() - started, 1)}
+            config.log.append(entry)
+            print(json.dumps(entry), flush=True)
+        if total_steps is not None and step >= total_steps:
+            break
+    model = model.to(torch.bfloat16).eval()
+    with atomic_directory(config.out, overwrite=config.overwrite) as work:
+        model.save_pretrained(work)
+        tokenizer.save_pretrained(work)
+        save_file(initial_router, work / INITIAL_ROUTER_FILE, metadata={"format": "pt"})
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items() if k != "log"}
+        (work / "train_log.json").write_text(json.dumps({
+            "settings": settings, "steps": step, "tokens_seen": step * config.batch_size * config.seq_len,
+            "train_tokens": int(train_ids.numel()), "corpus_digest": {k: digest(v) for k, v in corpus.items()},
+            "parameters": sum(p.numel() for p in model.parameters()), "log": config.log,
+            "seconds": round(time.perf_counter() - started, 1),
+        }, indent=1))
+    return config.out
