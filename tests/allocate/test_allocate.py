@@ -156,3 +156,16 @@ def test_bad_requests_are_named(mixtral_folder: Path, kwargs, error, message) ->
     strategy = kwargs.pop("strategy")
     with pytest.raises(error, match=message):
         allocate(mixtral_folder, strategy, **kwargs)
+
+
+def test_initial_routers_file_is_used_as_the_reference(mixtral_folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    initial = tiny_model("mixtral", seed=9)
+    routers = {f"model.layers.{i}.mlp.gate.weight": initial.model.layers[i].mlp.gate.weight.detach().clone() for i in (0, 1)}
+    save_file(routers, mixtral_folder / "initial_router.safetensors")
+    plan = allocate(mixtral_folder, "router", avg_bits=2.5)
+    explicit = allocate(mixtral_folder, "router", avg_bits=2.5, reference=initial)
+    assert "router_norm_change" in plan.scores and "initial_router.safetensors" in plan.method["router_signal"]
+    assert plan.scores["router_norm_change"] == explicit.scores["router_norm_change"]
+    assert any(abs(v) > 1e-4 for row in plan.scores["router_norm_change"] for v in row)

@@ -69,16 +69,31 @@ def _open(model_or_path: nn.Module | str | Path) -> _Source:
     return _Source(lazy.layers, lazy.skeleton, Path(model_or_path), None, lambda: lazy.reader.bytes_read, lazy)
 
 
-def _reference_routers(reference: nn.Module | str | Path, layers: list[MoELayer]) -> list[torch.Tensor]:
+INITIAL_ROUTER_FILE = "initial_router.safetensors"
+
+
+def _reference_routers(reference: nn.Module | str | Path, layers: list[MoELayer], adapter) -> list[torch.Tensor]:
+    """Router weights of the reference: a model, a checkpoint folder, or a safetensors file of routers."""
     if isinstance(reference, nn.Module):
         _, ref_layers = moe_layers_or_error(reference)
+        routers = [layer.router_weight for layer in ref_layers]
+    elif Path(reference).is_file():
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(reference))
+        routers = []
+        for layer in layers:
+            key = next((s.key for s in adapter.router_sources(layer) if s.key in tensors), None)
+            if key is None:
+                raise PlanError(f"{reference} holds no router for {layer.path}")
+            routers.append(tensors[key])
     else:
         from ..io.lazy import open_lazy
 
-        ref_layers = open_lazy(reference).layers
-    if len(ref_layers) != len(layers):
-        raise ValueError(f"the reference has {len(ref_layers)} MoE layers, the model {len(layers)}; it must be the same architecture")
-    return [layer.router_weight for layer in ref_layers]
+        routers = [layer.router_weight for layer in open_lazy(reference).layers]
+    if len(routers) != len(layers):
+        raise ValueError(f"the reference has {len(routers)} MoE layers, the model {len(layers)}; it must be the same architecture")
+    return routers
 
 
 def _one_bit_aware_spec(bits: int, scheme: str, group_size: int | None) -> TensorSpec:
@@ -161,7 +176,10 @@ def allocate(
 
     orders: list[list[int]] | None = None
     if strategy in ("router-maxvar", "router"):
-        initial = _reference_routers(reference, layers) if reference is not None else [None] * len(layers)
+        if reference is None and source.folder is not None and (source.folder / INITIAL_ROUTER_FILE).is_file():
+            reference = source.folder / INITIAL_ROUTER_FILE  # the checkpoint ships its initial routers
+        adapter = getattr(source.lazy, "adapter", None) or moe_layers_or_error(source.budget_model)[0]
+        initial = _reference_routers(reference, layers, adapter) if reference is not None else [None] * len(layers)
         change = [router_norm_change(layer.router_weight, ref).tolist() for layer, ref in zip(layers, initial)]
         signal = "router_norm_change" if reference is not None else "router_final_norm"
         scores[signal] = change

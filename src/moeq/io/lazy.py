@@ -41,7 +41,12 @@ class LazyCheckpoint:
                 raise CheckpointError(f"{index} is not a valid shard index ({err})") from None
             self._file_of = {key: self.folder / name for key, name in weight_map.items()}
         else:
-            for file in sorted(self.folder.glob("*.safetensors")):
+            # Only the model's weights: a folder may also hold other safetensors files (such as
+            # the initial routers a trained checkpoint ships for the router-norm change).
+            files = sorted(self.folder.glob("model*.safetensors")) or sorted(
+                f for f in self.folder.glob("*.safetensors") if f.name != "initial_router.safetensors"
+            )
+            for file in files:
                 with self._open(file) as handle:
                     for key in handle.keys():
                         self._file_of[key] = file
