@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/moeq demo --out runs/demo --overwrite
+	$(BIN)/moeq demo --out runs/main --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

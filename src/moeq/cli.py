@@ -240,27 +240,32 @@ def info_command(path: Annotated[Path, typer.Argument(metavar="DIR", help="A fol
 
 @app.command("demo")
 def demo_command(
-    out: Annotated[Path, typer.Option("--out", help="Folder for the source model and its quantized copies.")] = Path("runs/demo"),
+    out: Annotated[Path, typer.Option("--out", help="Report folder.")] = Path("runs/main"),
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+    eval_tokens: Annotated[int, typer.Option(help="Tokens of the test split to evaluate on.")] = 8192,
 ) -> None:
-    """Quantize a small Mixtral-architecture model (built from a config) at 4, 3 and 2 bits."""
+    """The main job: the default model quantized by every strategy at 3, 2.5 and 2 bits, measured."""
     from .demo import run_demo
 
     try:
-        rows = run_demo(out, overwrite=overwrite)
+        ensure_output_free(out, overwrite)
+        with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=err_console, transient=True) as bar:
+            task = bar.add_task("quantizing", total=20)
+            result = run_demo(out, overwrite=overwrite, eval_tokens=eval_tokens,
+                              progress=lambda name: bar.update(task, advance=1, description=name))
     except USER_ERRORS as err:
         _fail(err)
-    table = Table(title="demo: routed experts quantized (asym, per channel), everything else full precision", title_justify="left")
-    for column in ("expert bits", "expert bytes", "vs 16-bit", "file bytes", "vs bf16 source", "logits rel. error", "reload exact", "seconds"):
+    table = Table(title=f"{result.model}: full precision perplexity {result.full_precision_perplexity:.3f}", title_justify="left")
+    for column in ("strategy", "mean bits", "perplexity", "KL to fp", "routing agree", "model bytes", "s"):
         table.add_column(column, justify="right")
-    for row in rows:
-        table.add_row(
-            str(row.bits), f"{row.expert_bytes:,}", f"{row.expert_fp16_bytes / row.expert_bytes:.2f}x", f"{row.file_bytes:,}",
-            f"{row.source_file_bytes / row.file_bytes:.2f}x", f"{row.logits_rel_error:.4f}", "yes" if row.reload_exact else "NO",
-            f"{row.seconds:.2f}",
-        )
+    for row in result.rows:
+        table.add_row(row.strategy, f"{row.avg_bits:.3g}", f"{row.perplexity:.3f}", f"{row.kl:.4f}",
+                      f"{row.routing_agreement:.3f}", f"{row.model_bytes:,}", f"{row.seconds:.1f}")
     console.print(table)
-    console.print(f"folders under {out}; inspect one with: moeq info {out}/experts-{rows[-1].bits}bit")
+    if not result.trained:
+        console.print("[yellow]no trained default model: random weights, so only relative numbers mean anything[/]")
+    console.print(f"report: {out}/report.md")
 
 
 def render_plan(plan: BitPlan, max_experts: int = 64) -> None:

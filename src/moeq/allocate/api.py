@@ -136,7 +136,8 @@ def allocate(
         reference: the initial or pre-trained checkpoint (folder or model) for Λ; without it the
             final router norm stands in, and the plan records which was used.
         calibration: token ids ``[sequences, length]`` or a text file (tokenized with the
-            model's tokenizer) for the calibration-based strategies and ``weighted_error``.
+            model's tokenizer) for the calibration-based strategies and ``weighted_error``;
+            default: the project's corpus (calibration split) when the folder has a tokenizer.
         scheme / group_size: how the chosen widths will be quantized (1-bit experts use sign).
         zeta / maxvar_variant: the promotion threshold and MaxVar definition (``paper`` or
             ``authors``).
@@ -349,6 +350,12 @@ def _calibrate(source: _Source, model_or_path, calibration, calib_tokens: int, s
     from ..calibrate.routing import collect_routing, tokenize_calibration
     from ..calibrate.runner import collect_routing_streaming
 
+    if calibration is None and source.folder is not None and any(
+        (source.folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")
+    ):
+        from ..train.corpus import DATA_DIR
+
+        calibration = DATA_DIR / "calibration.txt"  # the project's default corpus
     if calibration is None:
         raise PlanError("this strategy needs calibration text: pass --calib FILE (or token ids to moeq.allocate)")
     if isinstance(calibration, torch.Tensor):
