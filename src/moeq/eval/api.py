@@ -98,16 +98,22 @@ def _routing_recorder(model: nn.Module):
 
 
 @torch.no_grad()
-def _run(model: nn.Module, chunks: list[tuple[torch.Tensor, int]]) -> tuple[list[torch.Tensor], float]:
+def _measure(model: nn.Module, chunks: list[tuple[torch.Tensor, int]]):
+    """Scored logits, each MoE layer's routing records, the expert statistics, and seconds."""
+    layers, records, statistics, handles = _routing_recorder(model)
     logits, started = [], time.perf_counter()
-    for window, first in chunks:
-        ids = window[None, :]
-        if model.config.is_encoder_decoder:
-            out = model(input_ids=ids, decoder_input_ids=ids).logits
-        else:
-            out = model(input_ids=ids).logits
-        logits.append(out[0, first - 1 : -1].float())
-    return logits, time.perf_counter() - started
+    try:
+        for window, first in chunks:
+            ids = window[None, :]
+            if model.config.is_encoder_decoder:
+                out = model(input_ids=ids, decoder_input_ids=ids).logits
+            else:
+                out = model(input_ids=ids).logits
+            logits.append(out[0, first - 1 : -1].float())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.cat(logits), layers, records, statistics, time.perf_counter() - started
 
 
 def evaluate(
@@ -125,13 +131,7 @@ def evaluate(
     stride = stride or seq_len
     chunks = windows(token_ids.reshape(-1), seq_len, stride)
     targets = torch.cat([window[first:] for window, first in chunks])
-    layers, records, statistics, handles = _routing_recorder(model)
-    try:
-        logits, seconds = _run(model, chunks)
-    finally:
-        for handle in handles:
-            handle.remove()
-    all_logits = torch.cat(logits)
+    all_logits, layers, records, statistics, seconds = _measure(model, chunks)
     nll = F.cross_entropy(all_logits, targets)
     tokens_forwarded = sum(window.numel() for window, _ in chunks)
     load = [[statistics.counts.get((layer.index, e), 0) for e in range(layer.num_experts)] for layer in layers]
@@ -143,13 +143,7 @@ def evaluate(
     )
     if reference is not None:
         reference = load_any(reference) if not isinstance(reference, nn.Module) else reference.eval()
-        ref_layers, ref_records, _, ref_handles = _routing_recorder(reference)
-        try:
-            ref_logits, _ = _run(reference, chunks)
-        finally:
-            for handle in ref_handles:
-                handle.remove()
-        ref_all = torch.cat(ref_logits)
+        ref_all, _, ref_records, _, _ = _measure(reference, chunks)
         ref_log_probs = F.log_softmax(ref_all, dim=-1)
         log_probs = F.log_softmax(all_logits, dim=-1)
         report.kl_to_reference = float((ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1).mean())
