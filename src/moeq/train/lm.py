@@ -26,7 +26,7 @@ from ..io.atomic import atomic_directory
 from .corpus import DATA_DIR, digest, fetch_corpus
 from .tokenizer import train_tokenizer
 
-__all__ = ["TrainConfig", "default_model_config", "train", "INITIAL_ROUTER_FILE"]
+__all__ = ["TrainConfig", "default_model_config", "fit", "train", "INITIAL_ROUTER_FILE"]
 
 INITIAL_ROUTER_FILE = "initial_router.safetensors"
 
@@ -90,20 +90,17 @@ def prepare(config: TrainConfig) -> tuple[dict[str, str], object]:
     return corpus, tokenizer
 
 
-def train(config: TrainConfig) -> Path:
-    """Train the default model and write it to ``config.out``."""
+def fit(model_config: transformers.MixtralConfig, train_ids: torch.Tensor, val_ids: torch.Tensor, config: TrainConfig):
+    """Train a fresh model on 1-D token ids; returns it, its initial routers and the step count."""
     torch.manual_seed(config.seed)
-    corpus, tokenizer = prepare(config)
-    encode = lambda text: torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)  # noqa: E731
-    train_ids, val_ids = encode(corpus["train"]), encode(corpus["validation"])
-    model = transformers.MixtralForCausalLM(default_model_config(config))
+    model = transformers.MixtralForCausalLM(model_config)
     model.set_experts_implementation("eager")
     initial_router = {
         name: p.detach().clone().to(torch.bfloat16).contiguous()
         for name, p in model.named_parameters() if name.endswith("mlp.gate.weight")
     }
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr, betas=(0.9, 0.95),
@@ -129,14 +126,24 @@ def train(config: TrainConfig) -> Path:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         if step % config.eval_every == 0 or step == total_steps:
-            entry = {"step": step, "train_loss": float(output.loss), "aux_loss": float(output.aux_loss or 0.0),
+            entry = {"step": step, "train_loss": float(output.loss.detach()), "aux_loss": float((output.aux_loss or torch.tensor(0.0)).detach()),
                      "val_loss": _evaluate(model, val_ids, config.seq_len, config.eval_batches),
                      "seconds": round(time.perf_counter() - started, 1)}
             config.log.append(entry)
             print(json.dumps(entry), flush=True)
         if total_steps is not None and step >= total_steps:
             break
-    model = model.to(torch.bfloat16).eval()
+    return model.eval(), initial_router, step
+
+
+def train(config: TrainConfig) -> Path:
+    """Prepare the corpus and tokenizer, train the default model and write it to ``config.out``."""
+    started = time.perf_counter()
+    corpus, tokenizer = prepare(config)
+    encode = lambda text: torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)  # noqa: E731
+    train_ids, val_ids = encode(corpus["train"]), encode(corpus["validation"])
+    model, initial_router, step = fit(default_model_config(config), train_ids, val_ids, config)
+    model = model.to(torch.bfloat16)
     with atomic_directory(config.out, overwrite=config.overwrite) as work:
         model.save_pretrained(work)
         tokenizer.save_pretrained(work)
