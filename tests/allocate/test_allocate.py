@@ -169,3 +169,15 @@ def test_initial_routers_file_is_used_as_the_reference(mixtral_folder: Path) -> 
     assert "router_norm_change" in plan.scores and "initial_router.safetensors" in plan.method["router_signal"]
     assert plan.scores["router_norm_change"] == explicit.scores["router_norm_change"]
     assert any(abs(v) > 1e-4 for row in plan.scores["router_norm_change"] for v in row)
+
+
+def test_calibrated_allocation_keeps_tied_weights_counted_once(tmp_path: Path) -> None:
+    from moeq.models.tiny import tiny_config
+    import transformers
+
+    config = tiny_config("mixtral")
+    config.tie_word_embeddings = True
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "tied")
+    data_free = allocate(tmp_path / "tied", "router", avg_bits=2.5)
+    calibrated = allocate(tmp_path / "tied", "frequency", avg_bits=2.5, calibration=tokens())
+    assert calibrated.budget["model_bytes"] == data_free.budget["model_bytes"]

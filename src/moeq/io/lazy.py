@@ -133,6 +133,13 @@ class LazyModel:
     def release(self, path: str) -> None:
         """Return the module at ``path`` to the meta device, freeing its memory."""
         self.skeleton.get_submodule(path).to_empty(device="meta")
+        self._retie()
+
+    def _retie(self) -> None:
+        # to_empty gives a module new parameter objects, which unties weights shared with other
+        # modules (an input embedding and a tied output head): tie them again.
+        if getattr(self.skeleton.config, "tie_word_embeddings", False) and hasattr(self.skeleton, "tie_weights"):
+            self.skeleton.tie_weights()
 
 
 def open_lazy(folder: str | Path) -> LazyModel:
