@@ -8,7 +8,6 @@ layer by layer from a checkpoint (:func:`moeq.calibrate.runner.collect_routing_s
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .pack import pack_codes
-from .rtn import _round_scales, _search_clip, resolve_group_size, split_groups
+from .rtn import _round_scales, _search_clip, resolve_group_size
 from .schemes import Scheme, check_scheme_bits, decode, encode, fit_scales
 from .tensor import QuantizedTensor
 
