@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .pack import pack_codes
-from .rtn import _round_scales, _search_clip, resolve_group_size
+from .rtn import round_scales, search_clip, resolve_group_size
 from .schemes import Scheme, check_scheme_bits, decode, encode, fit_scales
 from .tensor import QuantizedTensor
 
@@ -34,9 +34,9 @@ class HessianError(ValueError):
 
 def _fit(groups: torch.Tensor, scheme: Scheme, bits: int, clip_search: bool, scale_dtype: torch.dtype):
     """Scales (as stored, back in float32) and zero points for ``groups [rows, G, group]``."""
-    clip = _search_clip(groups, scheme, bits, scale_dtype) if clip_search else 1.0
+    clip = search_clip(groups, scheme, bits, scale_dtype) if clip_search else 1.0
     scales, zeros = fit_scales(groups, scheme, bits, clip)
-    return _round_scales(scales, scale_dtype).to(torch.float32), zeros
+    return round_scales(scales, scale_dtype).to(torch.float32), zeros
 
 
 def gptq_quantize(

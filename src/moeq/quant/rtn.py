@@ -15,7 +15,7 @@ from .pack import pack_codes
 from .schemes import Scheme, check_scheme_bits, decode, encode, fit_scales
 from .tensor import QuantizedTensor
 
-__all__ = ["quantize_rtn", "CLIP_RATIOS", "CLIP_NORM", "split_groups", "resolve_group_size"]
+__all__ = ["quantize_rtn", "CLIP_RATIOS", "CLIP_NORM", "split_groups", "resolve_group_size", "round_scales", "search_clip"]
 
 CLIP_RATIOS: tuple[float, ...] = tuple(
     [1.0] + torch.linspace(1.0, 1.1, 50).tolist() + torch.linspace(1.0, 0.9, 50).tolist()
@@ -41,17 +41,17 @@ def split_groups(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     return weight.detach().to(torch.float32).reshape(rows, cols // group_size, group_size)
 
 
-def _round_scales(scales: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+def round_scales(scales: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
     # Codes are chosen against the scale as stored, so encode and decode agree exactly.
     return scales.clamp(min=torch.finfo(scale_dtype).tiny).to(scale_dtype)
 
 
-def _search_clip(groups: torch.Tensor, scheme: Scheme, bits: int, scale_dtype: torch.dtype) -> torch.Tensor:
+def search_clip(groups: torch.Tensor, scheme: Scheme, bits: int, scale_dtype: torch.dtype) -> torch.Tensor:
     best_err = torch.full(groups.shape[:2], float("inf"))
     best_clip = torch.ones(groups.shape[:2])
     for ratio in CLIP_RATIOS:
         scales, zeros = fit_scales(groups, scheme, bits, ratio)
-        scales = _round_scales(scales, scale_dtype).to(torch.float32)
+        scales = round_scales(scales, scale_dtype).to(torch.float32)
         recon = decode(encode(groups, scales, zeros, scheme, bits), scales, zeros, scheme, bits)
         err = (recon - groups).abs().pow(CLIP_NORM).sum(dim=-1)
         better = err < best_err
@@ -87,9 +87,9 @@ def quantize_rtn(
         raise ValueError("the clipping search does not apply to 'sign' (its mean|w| scale is already optimal)")
     group = resolve_group_size(weight.shape[1], group_size)
     groups = split_groups(weight, group)
-    clip = _search_clip(groups, scheme, bits, scale_dtype) if clip_search else 1.0
+    clip = search_clip(groups, scheme, bits, scale_dtype) if clip_search else 1.0
     scales, zeros = fit_scales(groups, scheme, bits, clip)
-    scales = _round_scales(scales, scale_dtype)
+    scales = round_scales(scales, scale_dtype)
     codes = encode(groups, scales.to(torch.float32), zeros, scheme, bits)
     return QuantizedTensor(
         codes=pack_codes(codes, bits),
