@@ -17,12 +17,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .api import plan_for, quantize
+from .api import plan_for
 from .config import FULL_PRECISION_BITS, QuantConfig
 from .io.atomic import OutputExistsError, ensure_output_free
-from .io.checkpoint import CheckpointError, save
+from .io.checkpoint import CheckpointError
 from .io.inspect import CheckpointReport, inspect_checkpoint
-from .io.source import load_source
+from .io.lazy import open_lazy
+from .io.resumable import work_folder_of
+from .io.source import require_full_precision
 from .calibrate.runner import CalibrationConfig
 from .models import AdapterError
 from .plan import BitPlan, PlanError
@@ -47,16 +49,6 @@ def _fail(err: Exception) -> None:
     message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
-
-
-def _quantize_with_progress(model: torch.nn.Module, plan: BitPlan) -> None:
-    steps = len(plan.layers) + len(plan.linears)
-    with Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err_console, transient=True,
-    ) as bar:
-        task = bar.add_task("quantizing", total=steps)
-        quantize(model, plan, progress=lambda name: bar.update(task, advance=1, description=f"quantizing {name}"))
 
 
 @app.command("quantize")
@@ -87,13 +79,19 @@ def quantize_command(
     lm_head_bits: Annotated[int | None, typer.Option(help="Quantize the output head too.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for anything random (recorded in the plan).")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last finished block.")] = False,
 ) -> None:
-    """Quantize the routed experts of MODEL (and optionally other linears) and save to --out."""
+    """Quantize the routed experts of MODEL (and optionally other linears) and save to --out.
+
+    The model is read and written one block at a time (shards of the output appear as blocks
+    finish), so its size is not limited by memory; a killed run continues with --resume.
+    """
     try:
         allocating = avg_bits is not None or max_gb is not None
         if sum([bits is not None, plan_path is not None, allocating]) != 1:
             raise ValueError("give exactly one of --bits B, --plan PLAN.json, or --avg-bits / --max-gb with --strategy")
         ensure_output_free(out, overwrite)
+        require_full_precision(model_path)
         plan = BitPlan.load(plan_path) if plan_path else None
         config = None if plan or allocating else QuantConfig(
             bits=bits, scheme=scheme, group_size=group_size, clip_search=clip_search, attn_bits=attn_bits,
@@ -109,19 +107,22 @@ def quantize_command(
             report, plan = _quantize_calibrated(
                 model_path, out, plan, config, seed, calib, calib_tokens, seq_len, overwrite,
                 CalibrationConfig(quantizer="gptq", min_tokens=min_tokens, rare_fallback=rare_fallback, damp=damp, act_order=act_order),
+                resume,
             )
         elif quantizer != "rtn":
             raise ValueError(f"unknown quantizer {quantizer!r}; choose rtn or gptq")
         else:
             report = None
-            model = load_source(model_path)
             if plan is None:
-                plan = plan_for(model, config)
+                plan = plan_for(open_lazy(model_path).skeleton, config)
                 plan.method["seed"] = seed
-            _quantize_with_progress(model, plan)
-            save(model, out, source=model_path, overwrite=overwrite)
+            _quantize_streaming(model_path, plan, out, overwrite, resume)
     except USER_ERRORS as err:
         _fail(err)
+    except KeyboardInterrupt:
+        err_console.print(f"[yellow]interrupted[/]: finished blocks are kept in {work_folder_of(out)}; "
+                          "rerun the same command with --resume to continue")
+        raise typer.Exit(code=130) from None
     elapsed = time.perf_counter() - started
     if report is not None:
         render_calibration(report, min_tokens)
@@ -133,10 +134,29 @@ def quantize_command(
     )
 
 
-def _quantize_calibrated(model_path, out, plan, config, seed, calib, calib_tokens, seq_len, overwrite, calibration):
+def _block_progress(model_path: Path, what: str):
+    """A progress bar over the blocks of the model (and the final shard of the other tensors)."""
+    from .io.streaming import block_paths
+
+    bar = Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err_console, transient=True,
+    )
+    task = bar.add_task(what, total=len(block_paths(open_lazy(model_path))) + 1)
+    return bar, lambda name: bar.update(task, advance=1, description=f"{what} {name}")
+
+
+def _quantize_streaming(model_path: Path, plan: BitPlan, out: Path, overwrite: bool, resume: bool) -> None:
+    from .io.streaming import quantize_checkpoint
+
+    bar, advance = _block_progress(model_path, "quantizing")
+    with bar:
+        quantize_checkpoint(model_path, plan, out, overwrite=overwrite, resume=resume, progress=advance)
+
+
+def _quantize_calibrated(model_path, out, plan, config, seed, calib, calib_tokens, seq_len, overwrite, calibration, resume):
     from .calibrate.routing import tokenize_calibration
     from .calibrate.runner import quantize_calibrated
-    from .io.lazy import open_lazy
 
     if calib is None:
         raise ValueError("--quantizer gptq needs calibration text: pass --calib FILE")
@@ -144,17 +164,10 @@ def _quantize_calibrated(model_path, out, plan, config, seed, calib, calib_token
         plan = plan_for(open_lazy(model_path).skeleton, config)
         plan.method["seed"] = seed
     token_ids = tokenize_calibration(model_path, calib, calib_tokens, seq_len)
-    with Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err_console, transient=True,
-    ) as bar:
-        from transformers import AutoConfig
-
-        layers = AutoConfig.from_pretrained(model_path).num_hidden_layers
-        task = bar.add_task("calibrating", total=layers)
+    bar, advance = _block_progress(model_path, calibration.quantizer.upper())
+    with bar:
         report = quantize_calibrated(
-            model_path, plan, token_ids, out, calibration, overwrite=overwrite,
-            progress=lambda name: bar.update(task, advance=1, description=f"GPTQ {name}"),
+            model_path, plan, token_ids, out, calibration, overwrite=overwrite, progress=advance, resume=resume
         )
     return report, plan
 

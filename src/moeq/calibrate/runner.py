@@ -15,8 +15,10 @@ or the encoder and then the decoder of an encoder-decoder model):
    inputs through the *quantized* layer: its outputs are the next layer's inputs, as in GPTQ.
 4. Write the layer's tensors as one safetensors shard and send the layer back to the meta device.
 
-The other tensors (embeddings, final norm, head) are copied from the source. The output folder
-is assembled in a temporary sibling and renamed into place when complete.
+The other tensors (embeddings, final norm, head) are copied from the source (a planned head is
+rounded: GPTQ here covers the blocks). The output is assembled in a resumable work folder
+(:mod:`moeq.io.resumable`) and renamed into place when complete; a killed run resumes after its
+last finished block.
 
 Within a layer, all Hessians are collected in one pass with the original weights, then every
 weight is quantized (not GPTQ's "true-sequential" order inside a block): one forward per layer
@@ -29,23 +31,21 @@ for its Hessians only (the layer's output is unchanged), and GPTQ runs on those.
 
 from __future__ import annotations
 
-import json
-import shutil
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from ..io.atomic import atomic_directory
-from ..io.checkpoint import TOKENIZER_FILES
-from ..io.hf import MoeqConfig
 from ..io.lazy import LazyModel, open_lazy
-from ..modules.convert import validate_plan
-from ..modules.linear import QuantizedLinear
+from ..io.resumable import ResumableOutput, fingerprint_inputs
+from ..io.source import require_full_precision
+from ..io.streaming import REST_UNIT, block_paths, metadata_writer, rest_tensors
+from ..modules.convert import prepare_block, quantize_linear, validate_plan
 from ..plan import BitPlan, TensorSpec
 from ..quant.gptq import gptq_quantize, gptq_quantize_batch
 from ..quant.rtn import quantize_rtn
@@ -138,13 +138,15 @@ def _walk(
     batch_size: int,
     on_block: Callable[[str, nn.Module, list[tuple]], None],
     after_block: Callable[[str, nn.Module], None] | None = None,
+    restore: Callable[[str, nn.Module], bool] | None = None,
 ) -> None:
     """Feed the calibration tokens through every stack with one block materialized at a time.
 
     ``on_block(path, module, inputs)`` sees each block with its real weights before its outputs
     are computed (it may collect statistics and swap in quantized modules); the outputs of the
     block as it then stands are the next block's inputs; ``after_block(path, module)`` runs before
-    the block goes back to the meta device.
+    the block goes back to the meta device. A block for which ``restore(path, module)`` returns
+    True was finished by an earlier run and restored from its output: it only computes its outputs.
     """
     adapter = lazy.adapter
     contexts = None
@@ -154,9 +156,11 @@ def _walk(
             for number in range(len(lazy.skeleton.get_submodule(f"{stack.path}.{stack.blocks}"))):
                 path = f"{stack.path}.{stack.blocks}.{number}"
                 module = lazy.materialize(path)
-                on_block(path, module, inputs)
+                restored = restore is not None and restore(path, module)
+                if not restored:
+                    on_block(path, module, inputs)
                 inputs = [adapter.next_block_inputs(captured, _call(module, captured)) for captured in inputs]
-                if after_block:
+                if after_block and not restored:
                     after_block(path, module)
                 lazy.release(path)
             for path in stack.outputs:
@@ -203,8 +207,15 @@ def quantize_calibrated(
     config: CalibrationConfig = CalibrationConfig(),
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    resume: bool = False,
 ) -> CalibrationReport:
-    """Quantize the checkpoint at ``folder`` by ``plan`` with calibration, writing ``out``."""
+    """Quantize the checkpoint at ``folder`` by ``plan`` with calibration, writing ``out``.
+
+    Each finished block is written as one shard of a resumable work folder; with ``resume`` a
+    killed run continues from its last finished block (same model, plan, options and tokens).
+    The finished blocks are run again, quantized as written, to recompute the next block's inputs.
+    """
+    require_full_precision(folder)
     lazy = open_lazy(folder)
     adapter, _ = validate_plan(lazy.skeleton, plan)
     scale_dtype = getattr(torch, plan.scale_dtype)
@@ -212,38 +223,64 @@ def quantize_calibrated(
     report.tokens = [[0] * layer.num_experts for layer in lazy.layers]
     report.methods = [[""] * layer.num_experts for layer in lazy.layers]
     report.routing_weight_sums = [[0.0] * layer.num_experts for layer in lazy.layers]
-    folder = Path(folder)
+    fingerprint = fingerprint_inputs(folder, kind="calibrated", plan=plan.to_json(), config=asdict(config), tokens=token_ids)
+    output = ResumableOutput(out, fingerprint, overwrite=overwrite, resume=resume)
 
-    with atomic_directory(Path(out), overwrite=overwrite) as work:
-        weight_map: dict[str, str] = {}
+    def on_block(path: str, module: nn.Module, inputs: list[tuple]) -> None:
+        _quantize_layer(lazy, adapter, plan, path, module, _bind(lazy, path, module), inputs, config, scale_dtype, report)
 
-        def on_block(path: str, module: nn.Module, inputs: list[tuple]) -> None:
-            _quantize_layer(lazy, adapter, plan, path, module, _bind(lazy, path, module), inputs, config, scale_dtype, report)
+    def after_block(path: str, module: nn.Module) -> None:
+        indices = [layer.index for layer in lazy.layers if layer.path.startswith(path + ".")]
+        output.write(path, {f"{path}.{k}": v.detach() for k, v in module.state_dict().items()}, _report_rows(report, indices))
+        if progress:
+            progress(path)
 
-        def after_block(path: str, module: nn.Module) -> None:
-            shard = f"{path.replace('.', '-')}.safetensors"
-            tensors = {f"{path}.{k}": v.detach().contiguous() for k, v in module.state_dict().items()}
-            save_file(tensors, work / shard, metadata={"format": "pt"})
-            weight_map.update({key: shard for key in tensors})
-            if progress:
-                progress(path)
+    def restore(path: str, module: nn.Module) -> bool:
+        record = output.finished(path)
+        if record is None:
+            return False
+        prepare_block(module, path, adapter, _bind(lazy, path, module), plan)
+        shard = load_file(output.shard_path(path))
+        module.load_state_dict({key[len(path) + 1 :]: tensor for key, tensor in shard.items()}, strict=True)
+        _restore_report_rows(report, record["extra"])
+        if progress:
+            progress(path)
+        return True
 
-        _walk(lazy, token_ids, config.batch_size, on_block, after_block)
-        rest = _rest_tensors(lazy)
-        save_file(rest, work / "rest.safetensors", metadata={"format": "pt"})
-        weight_map.update({key: "rest.safetensors" for key in rest})
-        (work / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, indent=1)
-        )
-        _record(plan, report, config)
-        _write_config(lazy, plan, work)
-        for name in (*TOKENIZER_FILES, "generation_config.json"):
-            if (folder / name).is_file():
-                shutil.copy2(folder / name, work / name)
+    blocks = block_paths(lazy)
+    if all(output.finished(path) for path in blocks):  # only the rest was missing: no pass needed
+        for path in blocks:
+            _restore_report_rows(report, output.finished(path)["extra"])
+    else:
+        _walk(lazy, token_ids, config.batch_size, on_block, after_block, restore)
+    if not output.finished(REST_UNIT):
+        output.write(REST_UNIT, rest_tensors(lazy, plan))
+    _record(plan, report, config)
+    output.complete(metadata_writer(lazy, plan))
     if report.starved:
         names = ", ".join(f"layer {layer} expert {expert} ({tokens} tokens)" for layer, expert, tokens in report.starved)
         warnings.warn(f"experts below {config.min_tokens} calibration tokens used the '{config.rare_fallback}' fallback: {names}", stacklevel=2)
     return report
+
+
+def _report_rows(report: CalibrationReport, indices: list[int]) -> dict:
+    """The report entries of the MoE layers ``indices``, as stored with their block's shard."""
+    return {
+        "layers": {
+            str(i): {"tokens": report.tokens[i], "methods": report.methods[i], "routing_weight_sums": report.routing_weight_sums[i]}
+            for i in indices
+        },
+        "starved": [list(entry) for entry in report.starved if entry[0] in indices],
+    }
+
+
+def _restore_report_rows(report: CalibrationReport, rows: dict) -> None:
+    for index, row in rows["layers"].items():
+        report.tokens[int(index)] = row["tokens"]
+        report.methods[int(index)] = row["methods"]
+        report.routing_weight_sums[int(index)] = row["routing_weight_sums"]
+    report.starved += [tuple(entry) for entry in rows["starved"]]
+    report.starved.sort()
 
 
 def _run(module: nn.Module, inputs: list[tuple], hooks: list[tuple[nn.Module, object]]) -> None:
@@ -289,13 +326,10 @@ def _quantize_layer(lazy, adapter, plan, path, module, moe_layers, inputs, confi
     for name, spec in linears.items():
         relative = name[len(path) + 1 :]
         linear = module.get_submodule(relative)
-        replacement = QuantizedLinear(linear.in_features, linear.out_features, spec, scale_dtype,
-                                      bias=linear.bias is not None, dtype=linear.weight.dtype)
         method = "gptq" if config.quantizer == "gptq" else "rtn"
-        replacement.load_quantized(_quantize(linear.weight, spec, stats.hessians.get(name), method, config, scale_dtype, name))
-        if linear.bias is not None:
-            replacement.bias = nn.Parameter(linear.bias.detach().clone())
-        replacements[relative] = replacement
+        hessian = stats.hessians.get(name)
+        quantizer = partial(_quantize_as, hessian=hessian, method=method, config=config, name=name)
+        replacements[relative] = quantize_linear(linear, linear.weight, linear.bias, spec, scale_dtype, quantizer)
     for relative, replacement in replacements.items():
         _set(module, relative, replacement)
 
@@ -361,6 +395,11 @@ def _expert_method(config: CalibrationConfig, starved: bool) -> str:
     return "gptq-all-tokens" if config.rare_fallback == "all-tokens" else "rtn-clip"
 
 
+def _quantize_as(weight, spec, scale_dtype, *, hessian, method, config, name) -> QuantizedTensor:
+    """:func:`_quantize` in the ``(weight, spec, scale_dtype)`` form of a plain quantizer."""
+    return _quantize(weight, spec, hessian, method, config, scale_dtype, name)
+
+
 def _quantize(weight, spec: TensorSpec, hessian: HessianSum | None, method: str, config, scale_dtype, name: str) -> QuantizedTensor:
     if method in ("gptq", "gptq-all-tokens") and hessian is not None and hessian.rows > 0:
         return gptq_quantize(
@@ -376,22 +415,6 @@ def _set(module: nn.Module, relative: str, replacement: nn.Module) -> None:
     setattr(module.get_submodule(parent) if parent else module, child, replacement)
 
 
-def _rest_tensors(lazy: LazyModel) -> dict[str, torch.Tensor]:
-    """Every stored tensor outside the walked blocks (tied ones once), read from the source."""
-    out = {}
-    blocks = tuple(f"{stack.path}.{stack.blocks}." for stack in lazy.adapter.layer_stacks(lazy.skeleton))
-    seen = set()
-    for name, param in list(lazy.skeleton.named_parameters()) + list(lazy.skeleton.named_buffers()):
-        if name.startswith(blocks) or id(param) in seen:
-            continue
-        owner = lazy.skeleton.get_submodule(name.rpartition(".")[0]) if "." in name else lazy.skeleton
-        if name.rpartition(".")[2] in owner._non_persistent_buffers_set:
-            continue
-        seen.add(id(param))
-        out[name] = lazy.read_tensor(name).contiguous()
-    return out
-
-
 def _record(plan: BitPlan, report: CalibrationReport, config: CalibrationConfig) -> None:
     plan.method["quantizer"] = {
         "name": config.quantizer, "damp": config.damp, "act_order": config.act_order, "block_size": config.block_size,
@@ -400,12 +423,3 @@ def _record(plan: BitPlan, report: CalibrationReport, config: CalibrationConfig)
     }
     plan.scores["calibration_tokens"] = report.tokens
     plan.scores["routing_weight_sum"] = report.routing_weight_sums
-
-
-def _write_config(lazy: LazyModel, plan: BitPlan, work: Path) -> None:
-    import copy
-
-    config = copy.deepcopy(lazy.config)
-    config.architectures = [type(lazy.skeleton).__name__]
-    config.quantization_config = MoeqConfig(plan)
-    config.save_pretrained(work)

@@ -54,6 +54,7 @@ class MoeqHfQuantizer(HfQuantizer):
         from ..modules.convert import prepare_model
 
         prepare_model(model, self.quantization_config.bit_plan())
+        _untie_packed(model)
         return model
 
     def is_serializable(self) -> bool:
@@ -62,3 +63,17 @@ class MoeqHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _untie_packed(model) -> None:
+    """Drop tying entries for weights that are now packed (a quantized head tied to the embeddings).
+
+    The packed head keeps its own codes; the config still says the weights are tied, because for
+    some families (Switch, T5) that flag also changes the forward (a rescale before the head).
+    """
+    from ..modules.linear import QuantizedLinear
+
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    for target, source in list(tied.items()):
+        if any(isinstance(model.get_submodule(name.rpartition(".")[0]), QuantizedLinear) for name in (target, source)):
+            tied.pop(target)

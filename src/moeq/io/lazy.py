@@ -69,11 +69,13 @@ class LazyCheckpoint:
         """The tensor (or the indexed part of it) at ``source``."""
         file = self._file_of[source.key]
         try:
-            with self._open(file) as handle:
+            with safe_open(str(file), framework="pt") as handle:
                 piece = handle.get_slice(source.key)
                 tensor = piece[source.index] if source.index else piece[:]
         except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"could not read tensor {source.key} from {file} ({err})") from None
+            raise CheckpointError(
+                f"could not read tensor {source.key} from {file} ({err}); the file is missing, truncated or corrupt: restore it"
+            ) from None
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
 

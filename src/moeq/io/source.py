@@ -15,7 +15,7 @@ from torch import nn
 from ..models import get_adapter, moe_layers_or_error
 from .checkpoint import CheckpointError
 
-__all__ = ["read_config", "load_source", "load_any"]
+__all__ = ["load_any", "load_source", "read_config", "require_full_precision"]
 
 
 def read_config(path: str | Path) -> dict:
@@ -32,14 +32,20 @@ def read_config(path: str | Path) -> dict:
         raise CheckpointError(f"{config_path} is not valid JSON ({err})") from None
 
 
-def load_source(path: str | Path) -> nn.Module:
-    """Load a full-precision MoE checkpoint (in its stored dtype) for quantization, in eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
+def require_full_precision(path: str | Path) -> dict:
+    """The config of a supported, not yet quantized MoE checkpoint; errors name what is wrong."""
     raw = read_config(path)
     if (raw.get("quantization_config") or {}).get("quant_method"):
         raise CheckpointError(f"{path} is already quantized ({raw['quantization_config']['quant_method']}); start from the full-precision model")
     get_adapter(raw.get("model_type"))
+    return raw
+
+
+def load_source(path: str | Path) -> nn.Module:
+    """Load a full-precision MoE checkpoint (in its stored dtype) for quantization, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    require_full_precision(path)
     config = AutoConfig.from_pretrained(path)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     try:

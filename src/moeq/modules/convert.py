@@ -20,7 +20,7 @@ from ..quant.tensor import QuantizedTensor
 from .experts import QuantizedExperts
 from .linear import QuantizedLinear
 
-__all__ = ["validate_plan", "prepare_model", "quantize_model", "Quantizer"]
+__all__ = ["validate_plan", "prepare_model", "prepare_block", "quantize_model", "quantize_experts", "quantize_linear", "Quantizer"]
 
 Quantizer = Callable[[torch.Tensor, TensorSpec, torch.dtype], QuantizedTensor]
 
@@ -65,14 +65,53 @@ def _empty_linear(linear: nn.Linear, spec: TensorSpec, scale_dtype: torch.dtype)
 def prepare_model(model: nn.Module, plan: BitPlan) -> nn.Module:
     """Replace every planned module with an empty quantized one (for loading a saved model)."""
     adapter, layers = validate_plan(model, plan)
+    _prepare(model, adapter, layers, plan, plan.linears)
+    return model
+
+
+def prepare_block(block: nn.Module, path: str, adapter: MoEAdapter, layers: list[MoELayer], plan: BitPlan) -> nn.Module:
+    """:func:`prepare_model` for one block at module path ``path`` of the model.
+
+    ``layers`` are the block's MoE layers with paths relative to the block and their global index
+    (as ``adapter.moe_layers(block)`` gives them, re-indexed).
+    """
+    linears = {name[len(path) + 1 :]: spec for name, spec in plan.linears.items() if name.startswith(path + ".")}
+    _prepare(block, adapter, layers, plan, linears)
+    return block
+
+
+def _prepare(root: nn.Module, adapter: MoEAdapter, layers: list[MoELayer], plan: BitPlan, linears: dict[str, TensorSpec]) -> None:
     scale_dtype = getattr(torch, plan.scale_dtype)
     for layer in layers:
         specs = plan.expert_specs(layer.index)
         if specs:
-            _replace(model, layer.experts_path, adapter.quantized_experts(layer, specs, scale_dtype))
-    for name, spec in plan.linears.items():
-        _replace(model, name, _empty_linear(model.get_submodule(name), spec, scale_dtype))
-    return model
+            _replace(root, layer.experts_path, adapter.quantized_experts(layer, specs, scale_dtype))
+    for name, spec in linears.items():
+        _replace(root, name, _empty_linear(root.get_submodule(name), spec, scale_dtype))
+
+
+def quantize_experts(
+    adapter: MoEAdapter, layer: MoELayer, specs: dict[tuple[int, str], TensorSpec], scale_dtype: torch.dtype,
+    quantizer: Quantizer = rtn_quantizer,
+) -> QuantizedExperts:
+    """The packed experts of ``layer``, read one weight at a time through ``layer.expert_weight``."""
+    quantized: QuantizedExperts = adapter.quantized_experts(layer, specs, scale_dtype)
+    for (expert, projection), spec in specs.items():
+        weight = layer.expert_weight(expert, projection)
+        quantized.expert(expert)[projection].load_quantized(quantizer(weight, spec, scale_dtype))
+    return quantized
+
+
+def quantize_linear(
+    linear: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, spec: TensorSpec, scale_dtype: torch.dtype,
+    quantizer: Quantizer = rtn_quantizer,
+) -> QuantizedLinear:
+    """The packed replacement of ``linear`` (its shape and dtype; ``weight``/``bias`` its values)."""
+    replacement = _empty_linear(linear, spec, scale_dtype)
+    replacement.load_quantized(quantizer(weight, spec, scale_dtype))
+    if bias is not None:
+        replacement.bias = nn.Parameter(bias.detach().clone())
+    return replacement
 
 
 @torch.no_grad()
@@ -88,20 +127,12 @@ def quantize_model(
     for layer in layers:
         specs = plan.expert_specs(layer.index)
         if specs:
-            quantized: QuantizedExperts = adapter.quantized_experts(layer, specs, scale_dtype)
-            for (expert, projection), spec in specs.items():
-                weight = layer.expert_weight(expert, projection)
-                quantized.expert(expert)[projection].load_quantized(quantizer(weight, spec, scale_dtype))
-            _replace(model, layer.experts_path, quantized)
+            _replace(model, layer.experts_path, quantize_experts(adapter, layer, specs, scale_dtype, quantizer))
         if progress:
             progress(layer.path)
     for name, spec in plan.linears.items():
         linear = model.get_submodule(name)
-        replacement = _empty_linear(linear, spec, scale_dtype)
-        replacement.load_quantized(quantizer(linear.weight, spec, scale_dtype))
-        if linear.bias is not None:
-            replacement.bias = nn.Parameter(linear.bias.detach().clone())
-        _replace(model, name, replacement)
+        _replace(model, name, quantize_linear(linear, linear.weight, linear.bias, spec, scale_dtype, quantizer))
         if progress:
             progress(name)
     return model
