@@ -194,3 +194,25 @@ def test_quantize_with_gptq_from_the_command_line(tmp_path: Path) -> None:
     assert torch.isfinite(logits(loaded)).all()
     line = _error(runner.invoke(app, ["quantize", str(source), "--out", str(tmp_path / "q2"), "--bits", "3", "--quantizer", "gptq"]))
     assert "needs calibration text" in line
+
+
+def test_an_interrupted_quantize_resumes(tmp_path: Path) -> None:
+    from moeq.io.streaming import quantize_checkpoint
+
+    source = tmp_path / "source"
+    model = tiny_model("qwen2_moe")
+    model.save_pretrained(source)
+    plan = uniform_plan(model, QuantConfig(bits=2))
+    plan.save(tmp_path / "plan.json")
+
+    def interrupt(unit: str) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(source, plan, tmp_path / "q", progress=interrupt)
+    args = ["quantize", str(source), "--out", str(tmp_path / "q"), "--plan", str(tmp_path / "plan.json")]
+    assert "an interrupted run left" in _error(runner.invoke(app, args))
+    assert "add --resume to continue it" in _error(runner.invoke(app, args))
+    result = runner.invoke(app, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert torch.equal(logits(moeq.load(tmp_path / "q")), logits(moeq.quantize(model, plan)))

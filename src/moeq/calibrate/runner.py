@@ -214,7 +214,9 @@ def quantize_calibrated(
     Each finished block is written as one shard of a resumable work folder; with ``resume`` a
     killed run continues from its last finished block (same model, plan, options and tokens).
     The finished blocks are run again, quantized as written, to recompute the next block's inputs.
+    The saved plan records the calibration (tokens and method per expert); ``plan`` is not changed.
     """
+    plan = BitPlan.from_json(plan.to_json())
     require_full_precision(folder)
     lazy = open_lazy(folder)
     adapter, _ = validate_plan(lazy.skeleton, plan)
