@@ -12,6 +12,9 @@ Strategies (PAPERS.md §1 and the baselines it is compared with):
 ``uniform``         every expert at one width
 ``pmq``             MC-MoE's per-layer integer program over frequency^α · weight^β · error
 ``error-ilp``       one integer program over all experts: least total error within the budget
+``auto``            one integer program over all experts: least total predicted damage (routing-
+                    weighted change of each layer's output on calibration text, :mod:`.damage`),
+                    any set of widths (default 4,3,2,1), no count rule
 ==================  ===============================================================================
 
 The data-free strategies (``router-maxvar``, ``router``, ``variance``, ``random``, ``uniform``)
@@ -35,15 +38,18 @@ from ..config import QuantConfig, linear_specs, plan_budget
 from ..models import MoELayer, moe_layers_or_error
 from ..plan import BitPlan, ExpertEntry, PlanError, TensorSpec
 from .counts import CountError, level_counts, validate_levels
+from .damage import DamageTable, predicted_damage
 from .ilp import error_ilp, pmq_layer
 from .ranking import ZETA, ascending_order, descending_order, random_order, router_maxvar_order, widths_from_order
 from .scores import max_var, quantization_error, router_norm_change
 
-__all__ = ["STRATEGIES", "CALIBRATED_STRATEGIES", "allocate"]
+__all__ = ["AUTO_LEVELS", "CALIBRATED_STRATEGIES", "DEFAULT_LEVELS", "STRATEGIES", "allocate"]
 
 ORDER_STRATEGIES = ("router-maxvar", "router", "variance", "frequency", "routing-weight", "random")
-STRATEGIES = (*ORDER_STRATEGIES, "uniform", "pmq", "error-ilp")
-CALIBRATED_STRATEGIES = ("frequency", "routing-weight", "pmq")
+STRATEGIES = (*ORDER_STRATEGIES, "uniform", "pmq", "error-ilp", "auto")
+CALIBRATED_STRATEGIES = ("frequency", "routing-weight", "pmq", "auto")
+DEFAULT_LEVELS = (3, 2, 1)
+AUTO_LEVELS = (4, 3, 2, 1)
 
 
 @dataclass
@@ -70,6 +76,7 @@ def _open(model_or_path: nn.Module | str | Path) -> _Source:
 
 
 INITIAL_ROUTER_FILE = "initial_router.safetensors"
+PROXY_SIGNAL = "final-norm proxy: no reference checkpoint was given"
 
 
 def _reference_routers(reference: nn.Module | str | Path, layers: list[MoELayer], adapter) -> list[torch.Tensor]:
@@ -109,7 +116,7 @@ def allocate(
     *,
     avg_bits: float | None = None,
     max_bytes: int | None = None,
-    levels: Sequence[int] = (3, 2, 1),
+    levels: Sequence[int] | None = None,
     reference: nn.Module | str | Path | None = None,
     calibration: torch.Tensor | str | Path | None = None,
     scheme: str = "asym",
@@ -123,6 +130,8 @@ def allocate(
     calib_tokens: int = 16384,
     seq_len: int = 256,
     other_linears: QuantConfig | None = None,
+    damage_quantizer: str = "rtn",
+    damage: DamageTable | None = None,
 ) -> BitPlan:
     """Choose a width for every routed expert of every MoE layer and return the BitPlan.
 
@@ -132,7 +141,8 @@ def allocate(
         avg_bits / max_bytes: the budget, exactly one: mean expert bits, or the true bytes of
             the whole quantized model.
         levels: candidate widths (two, or three equally spaced, for the count rules; any set
-            for ``pmq`` and ``error-ilp``; ignored by ``uniform``).
+            for ``pmq``, ``error-ilp`` and ``auto``; ignored by ``uniform``). Default 3,2,1
+            (4,3,2,1 for ``auto``).
         reference: the initial or pre-trained checkpoint (folder or model) for Λ; without it the
             final router norm stands in, and the plan records which was used.
         calibration: token ids ``[sequences, length]`` or a text file (tokenized with the
@@ -146,17 +156,21 @@ def allocate(
         weighted_error: weight quantization errors by calibration input second moments.
         other_linears: widths for attention / shared / dense / lm_head linears by role (its
             ``attn_bits`` etc.); the routed experts are what this function allocates.
+        damage_quantizer: ``rtn`` or ``gptq``, the quantizer whose damage ``auto`` predicts (the
+            one that will run). ``damage``: a table already computed for these widths (reused).
     """
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
     if (avg_bits is None) == (max_bytes is None):
         raise PlanError("give exactly one budget: avg_bits (--avg-bits) or max_bytes (--max-bytes / --max-gb)")
+    if levels is None:
+        levels = AUTO_LEVELS if strategy == "auto" else DEFAULT_LEVELS
     source = _open(model_or_path)
     layers = source.layers
     num_experts = min(layer.num_experts for layer in layers)
     widths = tuple(sorted({int(b) for b in levels}, reverse=True))
     if strategy != "uniform":
-        validate_levels(tuple(levels), num_experts, avg_bits)
+        validate_levels(tuple(levels), num_experts, avg_bits, counted=strategy in (*ORDER_STRATEGIES, "pmq"))
     scores: dict[str, object] = {}
     method: dict[str, object] = {
         "strategy": strategy, "levels": list(widths), "scheme": scheme, "group_size": group_size,
@@ -169,25 +183,15 @@ def allocate(
     linears = linear_specs(source.budget_model, other_linears) if other_linears is not None else {}
 
     stats = None
-    if strategy in CALIBRATED_STRATEGIES or weighted_error:
+    if (strategy in CALIBRATED_STRATEGIES and strategy != "auto") or weighted_error:
         stats = _calibrate(source, model_or_path, calibration, calib_tokens, seq_len, weighted_error, method)
         layers = source.layers  # in memory now, if the checkpoint had to be loaded
         scores["frequency"] = stats.frequency.tolist()
         scores["mean_routing_weight"] = stats.mean_weight.tolist()
 
     orders: list[list[int]] | None = None
-    if strategy in ("router-maxvar", "router"):
-        if reference is None and source.folder is not None and (source.folder / INITIAL_ROUTER_FILE).is_file():
-            reference = source.folder / INITIAL_ROUTER_FILE  # the checkpoint ships its initial routers
-        adapter = getattr(source.lazy, "adapter", None) or moe_layers_or_error(source.budget_model)[0]
-        initial = _reference_routers(reference, layers, adapter) if reference is not None else [None] * len(layers)
-        change = [router_norm_change(layer.router_weight, ref).tolist() for layer, ref in zip(layers, initial)]
-        signal = "router_norm_change" if reference is not None else "router_final_norm"
-        scores[signal] = change
-        method["router_signal"] = (
-            f"norm change against the reference {reference if not isinstance(reference, nn.Module) else 'model'}"
-            if reference is not None else "final-norm proxy: no reference checkpoint was given"
-        )
+    if strategy in ("router-maxvar", "router", "auto"):
+        change = _router_signal(source, layers, reference, scores, method)
         if strategy == "router":
             orders = [ascending_order(c) for c in change]
         else:
@@ -211,6 +215,27 @@ def allocate(
         method["seed"] = seed
 
     errors = None
+    if strategy == "auto":
+        prior_orders, orders = orders, None  # the paper's order only ranks experts calibration never reaches
+        if damage is None:
+            token_ids = _calibration_ids(source, calibration, calib_tokens, seq_len, method)
+            positions = [[order.index(e) for e in range(len(order))] for order in prior_orders]
+            damage = predicted_damage(
+                source.model if source.model is not None else source.lazy, token_ids, widths, spec, positions, damage_quantizer
+            )
+        elif tuple(damage.widths) != widths:
+            raise PlanError(f"the damage table covers widths {list(damage.widths)}, the levels are {list(widths)}")
+        errors = damage.damage
+        scores["predicted_damage"] = damage.to_json()
+        scores["calibration_tokens"] = damage.tokens
+        method["damage"] = {
+            "quantizer": damage.quantizer,
+            "definition": "sum over routed calibration tokens of routing weight^2 * |expert output change|^2, "
+                          "relative to the layer's routed output energy",
+            "prior_experts": [[i, e] for i, row in enumerate(damage.prior) for e, flag in enumerate(row) if flag],
+            "prior": "median damage per unit weight error of the layer x own weight error x (E - position)/E "
+                     "in the router-norm-change/MaxVar order",
+        }
     if strategy in ("pmq", "error-ilp"):
         errors = _errors(layers, widths, spec, stats if weighted_error else None)
         scores["error"] = {str(b): [[float(e[j]) for e in layer_err] for layer_err in errors] for j, b in enumerate(widths)}
@@ -241,7 +266,7 @@ def allocate(
         plan.budget = plan_budget(source.budget_model, plan)
         return plan
 
-    if strategy == "error-ilp" and max_bytes is not None:
+    if strategy in ("error-ilp", "auto") and max_bytes is not None:
         plan = build(_error_ilp_widths(layers, widths, errors, max_bytes=max_bytes, spec=spec, build=build))
     elif max_bytes is not None:
         plan = _fit_bytes(build, widths_at, widths, max_bytes, integer=strategy == "uniform")
@@ -252,7 +277,26 @@ def allocate(
     plan.method = method
     plan.method["bytes_read"] = source.bytes_read()
     plan.scores = scores
+    if damage is not None:
+        chosen = [[plan.expert_specs(layer.index)[(e, layer.projections[0])].bits for e in range(layer.num_experts)] for layer in layers]
+        plan.budget["predicted_damage"] = damage.total(chosen)
     return plan
+
+
+def _router_signal(source: _Source, layers: list[MoELayer], reference, scores: dict, method: dict) -> list[list[float]]:
+    """Λ per layer and expert (or the final-norm proxy), recorded in ``scores`` and ``method``."""
+    if reference is None and source.folder is not None and (source.folder / INITIAL_ROUTER_FILE).is_file():
+        reference = source.folder / INITIAL_ROUTER_FILE  # the checkpoint ships its initial routers
+    adapter = getattr(source.lazy, "adapter", None) or moe_layers_or_error(source.budget_model)[0]
+    initial = _reference_routers(reference, layers, adapter) if reference is not None else [None] * len(layers)
+    change = [router_norm_change(layer.router_weight, ref).tolist() for layer, ref in zip(layers, initial)]
+    signal = "router_norm_change" if reference is not None else "router_final_norm"
+    scores[signal] = change
+    method["router_signal"] = (
+        f"norm change against the reference {reference if not isinstance(reference, nn.Module) else 'model'}"
+        if reference is not None else PROXY_SIGNAL
+    )
+    return change
 
 
 def _maxvars(layers: list[MoELayer], variant: str) -> list[list[float]]:
@@ -347,8 +391,23 @@ def _fit_bytes(build, widths_at, widths, max_bytes: int, integer: bool) -> BitPl
 def _calibrate(source: _Source, model_or_path, calibration, calib_tokens: int, seq_len: int, moments: bool, method: dict):
     """Routing statistics: block by block from a checkpoint folder (one block in memory), or one
     pass through a model already in memory."""
-    from ..calibrate.routing import collect_routing, tokenize_calibration
+    from ..calibrate.routing import collect_routing
     from ..calibrate.runner import collect_routing_streaming
+
+    token_ids = _calibration_ids(source, calibration, calib_tokens, seq_len, method)
+    if source.model is not None:
+        stats = collect_routing(source.model, token_ids, input_moments=moments)
+        method["calibration"]["pass"] = "whole model in memory"
+    else:
+        stats = collect_routing_streaming(source.lazy, token_ids, input_moments=moments)
+        method["calibration"]["pass"] = "layer by layer from the checkpoint"
+    method["calibration"]["tokens"] = stats.tokens
+    return stats
+
+
+def _calibration_ids(source: _Source, calibration, calib_tokens: int, seq_len: int, method: dict) -> torch.Tensor:
+    """Calibration token ids from ``calibration`` (ids, or a text file, or the default corpus)."""
+    from ..calibrate.routing import tokenize_calibration
 
     if calibration is None and source.folder is not None and any(
         (source.folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")
@@ -366,11 +425,5 @@ def _calibrate(source: _Source, model_or_path, calibration, calib_tokens: int, s
             raise PlanError("calibration text needs a tokenizer: pass the model folder, or token ids with an in-memory model")
         token_ids = tokenize_calibration(source.folder, calibration, calib_tokens, seq_len)
         method["calibration"] = {"source": str(calibration)}
-    if source.model is not None:
-        stats = collect_routing(source.model, token_ids, input_moments=moments)
-        method["calibration"]["pass"] = "whole model in memory"
-    else:
-        stats = collect_routing_streaming(source.lazy, token_ids, input_moments=moments)
-        method["calibration"]["pass"] = "layer by layer from the checkpoint"
-    method["calibration"].update(sequences=int(token_ids.shape[0]), sequence_length=int(token_ids.shape[1]), tokens=stats.tokens)
-    return stats
+    method["calibration"].update(sequences=int(token_ids.shape[0]), sequence_length=int(token_ids.shape[1]))
+    return token_ids

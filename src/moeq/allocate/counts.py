@@ -22,14 +22,17 @@ class CountError(ValueError):
     """Levels or a budget the count rules cannot satisfy."""
 
 
-def validate_levels(levels: tuple[int, ...] | list[int], num_experts: int, avg_bits: float | None = None) -> tuple[int, ...]:
-    """Levels sorted high to low, checked: distinct widths 1..8, E >= number of levels, budget in range."""
+def validate_levels(
+    levels: tuple[int, ...] | list[int], num_experts: int, avg_bits: float | None = None, counted: bool = True
+) -> tuple[int, ...]:
+    """Levels sorted high to low, checked: distinct widths 1..8, budget in range, and for the
+    count rules (``counted``) E >= number of levels."""
     ordered = tuple(sorted(set(levels), reverse=True))
     if len(ordered) != len(levels) or len(ordered) < 1:
         raise CountError(f"levels must be distinct bit widths, got {list(levels)}")
     if any(not isinstance(b, int) or not 1 <= b <= 8 for b in ordered):
         raise CountError(f"levels must be bit widths from 1 to 8, got {list(levels)}")
-    if num_experts < len(ordered):
+    if counted and num_experts < len(ordered):
         raise CountError(f"{len(ordered)} levels need at least {len(ordered)} experts per layer, this model has {num_experts}")
     if avg_bits is not None and not ordered[-1] <= avg_bits <= ordered[0]:
         raise CountError(

@@ -45,6 +45,7 @@ from ..io.lazy import LazyModel, open_lazy
 from ..io.resumable import ResumableOutput, fingerprint_inputs
 from ..io.source import require_full_precision
 from ..io.streaming import REST_UNIT, block_paths, metadata_writer, rest_tensors
+from ..models import MoELayer
 from ..modules.convert import prepare_block, quantize_linear, validate_plan
 from ..plan import BitPlan, TensorSpec
 from ..quant.gptq import gptq_quantize, gptq_quantize_batch
@@ -54,7 +55,7 @@ from .collector import ExpertStatistics
 from .hessian import HessianSum
 from .routing import RoutingStats
 
-__all__ = ["CalibrationConfig", "CalibrationReport", "collect_routing_streaming", "quantize_calibrated", "RARE_FALLBACKS"]
+__all__ = ["RARE_FALLBACKS", "CalibrationConfig", "CalibrationReport", "collect_routing_streaming", "quantize_calibrated", "visit_moe_layers"]
 
 RARE_FALLBACKS = ("rtn", "all-tokens")
 
@@ -177,6 +178,24 @@ def _bind(lazy: LazyModel, path: str, module: nn.Module) -> list:
         bound.index = next(layer.index for layer in lazy.layers if layer.path == f"{path}.{bound.path}")
         bound_layers.append(bound)
     return bound_layers
+
+
+def visit_moe_layers(
+    lazy: LazyModel, token_ids: torch.Tensor, visit: Callable[[MoELayer, Callable], None], batch_size: int = 8
+) -> None:
+    """Call ``visit(layer, run)`` for every MoE layer, one block in memory at a time, original weights.
+
+    ``layer`` is bound to the materialized weights (global index); ``run(hook)`` passes the
+    calibration inputs through the block once with ``hook`` as a forward pre-hook of the layer's
+    experts module (the ``(hidden, top_k_index, top_k_weights)`` call).
+    """
+
+    def on_block(path: str, module: nn.Module, inputs: list[tuple]) -> None:
+        for bound in _bind(lazy, path, module):
+            experts = module.get_submodule(bound.path + ".experts")
+            visit(bound, lambda hook, experts=experts: _run(module, inputs, [(experts, hook)]))
+
+    _walk(lazy, token_ids, batch_size, on_block)
 
 
 def collect_routing_streaming(

@@ -1,0 +1,242 @@
+"""Predicted damage: what quantizing one routed expert at one width does to its layer's output.
+
+For expert ``e`` of a MoE layer and a candidate width ``b``, with the calibration tokens ``t`` its
+router sends it, their routing weights ``g_t`` and inputs ``x_t``:
+
+    D(e, b) = Σ_t g_t² ‖f_e^b(x_t) − f_e(x_t)‖²
+
+where ``f_e`` is the expert (``down(act(gate x) · up x)``) and ``f_e^b`` the same expert with every
+projection quantized at ``b`` by the quantizer that will really run: rounding (the plan's scheme,
+1-bit experts as sign codes) or GPTQ (Hessians from the same routed inputs; the down projection
+fitted on the quantized gate/up outputs, as :mod:`moeq.calibrate.runner` does it). It is the
+expert's share of the change of the layer's output, exactly, on the calibration tokens; the sum
+over experts ignores the cross terms between two experts of the same token. Inputs come from the
+original model, layer by layer (one block in memory for a checkpoint folder): no forward pass of
+the whole model per candidate.
+
+Per expert at most ``max_rows`` routed rows are kept (the first ones, in calibration order); the
+damage is scaled by ``tokens / rows kept``. Layers are made comparable by dividing by the layer's
+routed output energy ``Σ_t Σ_e g_t,e² ‖f_e(x_t)‖²`` (a relative error): measured on the default
+model, this ranks plans by KL better than the absolute error (BENCHMARKS.md).
+
+Experts calibration never reaches get a data-free prior: the median damage per unit of weight
+error of the layer's reached experts, times the expert's own weight error ``‖W − Q_b(W)‖²``, times
+``(E − p) / E`` with ``p`` its position in the paper's router-norm-change/MaxVar order (first =
+would get the most bits). The table says which experts got the prior.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..calibrate.hessian import HessianSum
+from ..models import MoEAdapter, MoELayer
+from ..plan import TensorSpec
+from ..quant.gptq import gptq_quantize
+from ..quant.rtn import quantize_rtn
+
+__all__ = ["DAMAGE_QUANTIZERS", "DamageTable", "RoutedInputs", "layer_damage", "predicted_damage"]
+
+DAMAGE_QUANTIZERS = ("rtn", "gptq")
+
+
+@dataclass
+class DamageTable:
+    """Predicted damage ``[layer][expert][width index]`` and where each estimate came from."""
+
+    widths: tuple[int, ...]
+    damage: list[list[list[float]]] = field(default_factory=list)
+    tokens: list[list[int]] = field(default_factory=list)
+    prior: list[list[bool]] = field(default_factory=list)  # True: no calibration token, the prior stands in
+    quantizer: str = "rtn"
+
+    def layer_totals(self, chosen: list[list[int]]) -> list[float]:
+        """Predicted damage per layer of a plan given as a width per (layer, expert)."""
+        column = {b: j for j, b in enumerate(self.widths)}
+        missing = sorted({b for row in chosen for b in row} - set(column))
+        if missing:
+            raise ValueError(f"the plan uses widths {missing} that the damage table was not computed for {self.widths}")
+        return [sum(layer[e][column[b]] for e, b in enumerate(row)) for layer, row in zip(self.damage, chosen)]
+
+    def total(self, chosen: list[list[int]]) -> float:
+        return sum(self.layer_totals(chosen))
+
+    def to_json(self) -> dict:
+        return {"widths": list(self.widths), "quantizer": self.quantizer, "damage": self.damage,
+                "tokens": self.tokens, "prior": self.prior}
+
+
+class RoutedInputs:
+    """A forward pre-hook target: keeps, per expert, the first ``max_rows`` routed inputs and
+    their routing weights, counts every routed token, and sums the routing weights squared."""
+
+    def __init__(self, adapter: MoEAdapter, layer: MoELayer, max_rows: int) -> None:
+        self.adapter, self.layer, self.max_rows = adapter, layer, max_rows
+        self.inputs: list[list[torch.Tensor]] = [[] for _ in range(layer.num_experts)]
+        self.weights: list[list[torch.Tensor]] = [[] for _ in range(layer.num_experts)]
+        self.kept = [0] * layer.num_experts
+        self.counts = [0] * layer.num_experts
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        hidden, index, weights = self.adapter.routing_of_call(self.layer, args)
+        for expert in range(self.layer.num_experts):
+            hit = index == expert
+            rows = hit.any(dim=-1)
+            count = int(rows.sum())
+            if count == 0:
+                continue
+            self.counts[expert] += count
+            room = self.max_rows - self.kept[expert]
+            if room <= 0:
+                continue
+            take = rows.nonzero().squeeze(-1)[:room]
+            self.inputs[expert].append(hidden[take].detach().to(torch.float32))
+            self.weights[expert].append((weights * hit).sum(dim=-1)[take].detach().to(torch.float32))
+            self.kept[expert] += take.numel()
+
+    def rows(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept inputs ``[rows, hidden]`` and routing weights ``[rows]`` of ``expert``."""
+        if not self.inputs[expert]:
+            return torch.zeros(0, self.layer.shapes[self.layer.projections[0]][1]), torch.zeros(0)
+        return torch.cat(self.inputs[expert]), torch.cat(self.weights[expert])
+
+
+def _expert_output(layer: MoELayer, weights: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    if layer.gated:
+        gate, up, down = weights
+        return (layer.act_fn(x @ gate.T) * (x @ up.T)) @ down.T
+    up, down = weights
+    return layer.act_fn(x @ up.T) @ down.T
+
+
+def _quantized_weights(
+    layer: MoELayer, originals: list[torch.Tensor], spec: TensorSpec, quantizer: str, x: torch.Tensor, starved: bool
+) -> list[torch.Tensor]:
+    """Every projection of one expert quantized at ``spec``, dequantized in float32."""
+    if quantizer == "rtn" or starved:
+        clip = spec.clip_search or (quantizer == "gptq" and spec.scheme.value != "sign")  # the runner's rare fallback
+        return [quantize_rtn(w, spec.bits, spec.scheme, spec.group_size, clip).dequantize(torch.float32) for w in originals]
+    *first, down = originals
+    hessian = HessianSum(x.shape[1])
+    hessian.add(x)
+
+    def gptq(weight: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        q = gptq_quantize(weight, matrix, spec.bits, spec.scheme, spec.group_size, spec.clip_search)
+        return q.dequantize(torch.float32)
+
+    quantized = [gptq(w, hessian.matrix) for w in first]
+    h = layer.act_fn(x @ quantized[0].T)
+    if layer.gated:
+        h = h * (x @ quantized[1].T)
+    down_hessian = HessianSum(h.shape[1])
+    down_hessian.add(h)
+    return [*quantized, gptq(down, down_hessian.matrix)]
+
+
+@torch.no_grad()
+def layer_damage(
+    layer: MoELayer,
+    routed: RoutedInputs,
+    widths: tuple[int, ...],
+    spec: Callable[[int], TensorSpec],
+    prior_position: list[int],
+    quantizer: str = "rtn",
+    min_tokens: int = 16,
+    normalize: bool = True,
+) -> tuple[list[list[float]], list[bool]]:
+    """``[expert][width index]`` predicted damage of one layer, and which experts got the prior.
+
+    ``prior_position[e]``: expert e's position in the data-free order (0 = most bits).
+    ``min_tokens``: with GPTQ, experts routed fewer tokens are rounded (the runner's fallback).
+    """
+    if quantizer not in DAMAGE_QUANTIZERS:
+        raise ValueError(f"unknown quantizer {quantizer!r} for predicted damage; choose one of: {', '.join(DAMAGE_QUANTIZERS)}")
+    experts = layer.num_experts
+    damage = [[0.0] * len(widths) for _ in range(experts)]
+    weight_error = [[0.0] * len(widths) for _ in range(experts)]
+    prior = [routed.counts[e] == 0 for e in range(experts)]
+    energy = 0.0
+    for e in range(experts):
+        originals = [layer.expert_weight(e, p).detach().to(torch.float32) for p in layer.projections]
+        x, g = routed.rows(e)
+        scale = routed.counts[e] / max(routed.kept[e], 1)
+        reference = _expert_output(layer, originals, x) if x.shape[0] else None
+        if reference is not None:
+            energy += scale * float((reference.pow(2).sum(-1) * g.pow(2)).sum(dtype=torch.float64))
+        for j, bits in enumerate(widths):
+            starved = routed.counts[e] < max(min_tokens, 1)
+            quantized = _quantized_weights(layer, originals, spec(bits), quantizer, x, starved)
+            weight_error[e][j] = sum(float((w - q).pow(2).sum(dtype=torch.float64)) for w, q in zip(originals, quantized))
+            if reference is not None:
+                error = (_expert_output(layer, quantized, x) - reference).pow(2).sum(-1)
+                damage[e][j] = scale * float((error * g.pow(2)).sum(dtype=torch.float64))
+    if any(prior):
+        ratios = sorted(
+            damage[e][j] / weight_error[e][j]
+            for e in range(experts) if not prior[e] for j in range(len(widths)) if weight_error[e][j] > 0
+        )
+        per_unit = ratios[len(ratios) // 2] if ratios else 1.0
+        for e in range(experts):
+            if prior[e]:
+                damage[e] = [per_unit * err * (experts - prior_position[e]) / experts for err in weight_error[e]]
+    if normalize and energy > 0:
+        damage = [[d / energy for d in row] for row in damage]
+    return damage, prior
+
+
+@torch.no_grad()
+def predicted_damage(
+    source,
+    token_ids: torch.Tensor,
+    widths: tuple[int, ...],
+    spec: Callable[[int], TensorSpec],
+    prior_positions: list[list[int]],
+    quantizer: str = "rtn",
+    max_rows: int = 4096,
+    min_tokens: int = 16,
+    normalize: bool = True,
+    batch_size: int = 8,
+) -> DamageTable:
+    """The :class:`DamageTable` of every MoE layer of ``source`` (a loaded model, or a
+    :class:`~moeq.io.lazy.LazyModel` walked one block at a time) on ``token_ids``."""
+    from ..calibrate.runner import visit_moe_layers
+
+    table = DamageTable(widths=tuple(widths), quantizer=quantizer)
+    results: dict[int, tuple] = {}
+
+    def finish(layer: MoELayer, routed: RoutedInputs) -> None:
+        damage, prior = layer_damage(layer, routed, widths, spec, prior_positions[layer.index], quantizer, min_tokens, normalize)
+        results[layer.index] = (damage, list(routed.counts), prior)
+
+    if isinstance(source, nn.Module):
+        from ..models import moe_layers_or_error
+
+        adapter, layers = moe_layers_or_error(source)
+        routed = {layer.index: RoutedInputs(adapter, layer, max_rows) for layer in layers}
+        handles = [source.get_submodule(layer.experts_path).register_forward_pre_hook(routed[layer.index]) for layer in layers]
+        try:
+            for batch in token_ids.split(batch_size):
+                extra = {"decoder_input_ids": batch} if source.config.is_encoder_decoder else {}
+                source(input_ids=batch, **extra)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for layer in layers:
+            finish(layer, routed[layer.index])
+    else:
+        def visit(layer: MoELayer, run: Callable) -> None:
+            routed = RoutedInputs(source.adapter, layer, max_rows)
+            run(routed)
+            finish(layer, routed)
+
+        visit_moe_layers(source, token_ids, visit, batch_size)
+    for index in sorted(results):
+        damage, tokens, prior = results[index]
+        table.damage.append(damage)
+        table.tokens.append(tokens)
+        table.prior.append(prior)
+    return table
