@@ -6,7 +6,7 @@
 
 On the default model (src/moeq/data/default-mixtral, initial routers shipped, so Λ is exact):
 for each quantizer, the predicted-damage table is computed once from the calibration split
-(16,384 tokens) for widths 4,3,2,1; every strategy allocates at every budget (levels 3,2,1 for
+(16,384 tokens) for widths 4,3,2,1 and calibrated by the per-layer probes; every strategy allocates at every budget (levels 3,2,1 for
 the fixed rules, 4,3,2,1 for ``auto``; ``auto-321`` is ``auto`` restricted to 3,2,1), the plan's
 predicted damage is read from the table, the model is quantized (RTN in memory; GPTQ layer by
 layer from the checkpoint with the same calibration tokens) and measured on the test split: KL to
@@ -29,7 +29,7 @@ from _common import print_table, write_json
 from moeq import quantize
 from moeq.allocate import allocate
 from moeq.allocate.api import _one_bit_aware_spec
-from moeq.allocate.damage import predicted_damage
+from moeq.allocate.damage import damage_table
 from moeq.calibrate.runner import CalibrationConfig, quantize_calibrated
 from moeq.eval.api import evaluate
 from moeq.eval.data import evaluation_tokens
@@ -72,7 +72,7 @@ def main() -> None:
         started = time.perf_counter()
         lazy = open_lazy(args.model)
         prior = [list(range(layer.num_experts)) for layer in layers]  # every expert is reached on this model
-        table = predicted_damage(lazy, calibration, (4, 3, 2, 1), lambda b: _one_bit_aware_spec(b, "asym", None), prior, quantizer)
+        table = damage_table(lazy, calibration, (4, 3, 2, 1), lambda b: _one_bit_aware_spec(b, "asym", None), prior, quantizer)
         table_seconds = time.perf_counter() - started
         print(f"[{quantizer}] damage table in {table_seconds:.1f} s; experts on the prior: {sum(map(sum, table.prior))}", flush=True)
         for budget in budgets:

@@ -60,7 +60,7 @@ def quantize_command(
     avg_bits: Annotated[float | None, typer.Option(help="Allocate and quantize in one go: mean expert bits.")] = None,
     max_gb: Annotated[float | None, typer.Option(help="Allocate to a true model size in GB (1e9 bytes).")] = None,
     strategy: Annotated[str, typer.Option(help="Allocation strategy with --avg-bits/--max-gb.")] = "router-maxvar",
-    levels: Annotated[str, typer.Option(help="Candidate widths for allocation, high to low.")] = "3,2,1",
+    levels: Annotated[str | None, typer.Option(help="Candidate widths for allocation, high to low (default 3,2,1; 4,3,2,1 for auto).")] = None,
     reference: Annotated[Path | None, typer.Option(help="Initial or pre-trained checkpoint, for the router-norm change.")] = None,
     calib: Annotated[Path | None, typer.Option(help="Calibration text (GPTQ and the data-based strategies).")] = None,
     quantizer: Annotated[str, typer.Option(help="rtn (round to nearest) or gptq (needs --calib).")] = "rtn",
@@ -80,6 +80,7 @@ def quantize_command(
     seed: Annotated[int, typer.Option(help="Seed for anything random (recorded in the plan).")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last finished block.")] = False,
+    guard: Annotated[bool, typer.Option(help="When allocating with calibration text, show predicted damage beside the alternatives.")] = True,
 ) -> None:
     """Quantize the routed experts of MODEL (and optionally other linears) and save to --out.
 
@@ -102,7 +103,9 @@ def quantize_command(
         if allocating:
             others = QuantConfig(bits=FULL_PRECISION_BITS, scheme=scheme, group_size=group_size, attn_bits=attn_bits,
                                  shared_bits=shared_bits, dense_bits=dense_bits, lm_head_bits=lm_head_bits)
-            plan = _allocate(model_path, strategy, avg_bits, max_gb, levels, reference, calib, scheme, group_size, seed, others)
+            plan = _allocate(model_path, strategy, avg_bits, max_gb, levels, reference, calib, scheme, group_size, seed, others, quantizer)
+            render_plan(plan)
+            _guard(model_path, plan, calib, quantizer, calib_tokens, 256, guard)
         if quantizer == "gptq":
             report, plan = _quantize_calibrated(
                 model_path, out, plan, config, seed, calib, calib_tokens, seq_len, overwrite,
@@ -191,14 +194,16 @@ def render_calibration(report, min_tokens: int) -> None:
         console.print("every expert reached the minimum token count and was quantized with GPTQ")
 
 
-def _parse_levels(levels: str) -> tuple[int, ...]:
+def _parse_levels(levels: str | None) -> tuple[int, ...] | None:
+    if levels is None:
+        return None
     try:
         return tuple(int(b) for b in levels.split(","))
     except ValueError:
         raise ValueError(f"--levels takes comma-separated whole bit widths like 3,2,1, got {levels!r}") from None
 
 
-def _allocate(model_path, strategy, avg_bits, max_gb, levels, reference, calib, scheme, group_size, seed, others) -> BitPlan:
+def _allocate(model_path, strategy, avg_bits, max_gb, levels, reference, calib, scheme, group_size, seed, others, quantizer) -> BitPlan:
     from .allocate import allocate
 
     if avg_bits is not None and max_gb is not None:
@@ -206,7 +211,7 @@ def _allocate(model_path, strategy, avg_bits, max_gb, levels, reference, calib, 
     return allocate(
         model_path, strategy, avg_bits=avg_bits, max_bytes=None if max_gb is None else int(max_gb * 1e9),
         levels=_parse_levels(levels), reference=reference, calibration=calib, scheme=scheme, group_size=group_size, seed=seed,
-        other_linears=others,
+        other_linears=others, damage_quantizer=quantizer,
     )
 
 
@@ -327,8 +332,8 @@ def allocate_command(
     avg_bits: Annotated[float | None, typer.Option(help="Budget: mean bits over routed experts.")] = None,
     max_bytes: Annotated[int | None, typer.Option(help="Budget: true bytes of the quantized model.")] = None,
     max_gb: Annotated[float | None, typer.Option(help="Budget: true size in GB (1e9 bytes).")] = None,
-    strategy: Annotated[str, typer.Option(help="router-maxvar | router | variance | frequency | routing-weight | random | uniform | pmq | error-ilp")] = "router-maxvar",
-    levels: Annotated[str, typer.Option(help="Candidate widths, e.g. 3,2,1.")] = "3,2,1",
+    strategy: Annotated[str, typer.Option(help="router-maxvar | router | variance | frequency | routing-weight | random | uniform | pmq | error-ilp | auto")] = "router-maxvar",
+    levels: Annotated[str | None, typer.Option(help="Candidate widths, e.g. 3,2,1 (the default; 4,3,2,1 for auto).")] = None,
     reference: Annotated[Path | None, typer.Option(help="Initial or pre-trained checkpoint, for the router-norm change.")] = None,
     calib: Annotated[Path | None, typer.Option(help="Calibration text (frequency, routing-weight, pmq).")] = None,
     calib_tokens: Annotated[int, typer.Option(help="Calibration tokens to use at most.")] = 16384,
@@ -343,6 +348,8 @@ def allocate_command(
     lm_head_bits: Annotated[int | None, typer.Option(help="Also plan the output head at this width.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for --strategy random.")] = 0,
     heatmap: Annotated[Path | None, typer.Option(help="Also write a layer x expert PNG heatmap here.")] = None,
+    quantizer: Annotated[str, typer.Option(help="rtn or gptq: the quantizer that will run (auto and the guard price its damage).")] = "rtn",
+    guard: Annotated[bool, typer.Option(help="With calibration text, show the plan's predicted damage beside auto, uniform, router-maxvar, frequency.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
 ) -> None:
     """Choose a bit width per routed expert and write the plan (no weights are changed)."""
@@ -359,7 +366,7 @@ def allocate_command(
             model_path, strategy, avg_bits=avg_bits, max_bytes=bytes_budget, levels=_parse_levels(levels),
             reference=reference, calibration=calib, scheme=scheme, group_size=group_size,
             maxvar_variant=maxvar_variant, seed=seed, calib_tokens=calib_tokens, seq_len=seq_len,
-            weighted_error=weighted_error,
+            weighted_error=weighted_error, damage_quantizer=quantizer,
             other_linears=QuantConfig(bits=FULL_PRECISION_BITS, scheme=scheme, group_size=group_size, attn_bits=attn_bits,
                                       shared_bits=shared_bits, dense_bits=dense_bits, lm_head_bits=lm_head_bits),
         )
@@ -372,7 +379,41 @@ def allocate_command(
     except USER_ERRORS as err:
         _fail(err)
     render_plan(plan)
+    _guard(model_path, plan, calib, quantizer, calib_tokens, seq_len, guard)
     console.print(f"[green]wrote[/] {out}" + (f" and {heatmap}" if heatmap else "") + f" in {plan.method['seconds']:.2f} s")
+
+
+def _guard(model_path: Path, plan: BitPlan, calib: Path | None, quantizer: str, calib_tokens: int, seq_len: int, enabled: bool) -> None:
+    """Inform, never block: the proxy warning, and predicted damage beside the alternatives."""
+    from .allocate.guard import compare_plan, uses_proxy
+
+    if uses_proxy(plan):
+        console.print("[yellow]note:[/] experts were ranked by the final router norm (no initial routers were found), the "
+                      "paper's proxy for the router-norm change; pass --reference INITIAL_CHECKPOINT, or run `moeq train-router` first")
+    has_text = calib is not None or (model_path / "tokenizer.json").is_file()
+    if not enabled or not has_text or not plan.experts:
+        return
+    try:
+        report = compare_plan(model_path, plan, calib, quantizer, calib_tokens, seq_len)
+    except USER_ERRORS as err:
+        console.print(f"[yellow]guard skipped:[/] {str(err).splitlines()[0]}")
+        return
+    render_guard(report)
+
+
+def render_guard(report) -> None:
+    """Predicted damage per layer and in total, the chosen plan first, then the verdict."""
+    layers = max(len(row.layers) for row in report.rows)
+    table = Table(title=f"predicted damage ({report.quantizer}; relative change of each layer's output on calibration text)",
+                  title_justify="left")
+    for column in ("plan", "bits", "MiB", *(f"L{i}" for i in range(min(layers, 16))), "total", "note"):
+        table.add_column(column, justify="left" if column in ("plan", "note") else "right")
+    for row in report.rows:
+        cells = [f"{d:.3g}" for d in row.layers[:16]] + [""] * (min(layers, 16) - len(row.layers[:16]))
+        table.add_row(row.strategy, f"{row.avg_bits:.3g}", f"{row.model_bytes / 2**20:.2f}" if row.model_bytes else "-",
+                      *cells, f"{row.damage:.4g}", row.note)
+    console.print(table)
+    console.print(f"[bold]verdict:[/] {report.verdict}")
 
 
 @app.command("train")

@@ -38,7 +38,7 @@ from ..config import QuantConfig, linear_specs, plan_budget
 from ..models import MoELayer, moe_layers_or_error
 from ..plan import BitPlan, ExpertEntry, PlanError, TensorSpec
 from .counts import CountError, level_counts, validate_levels
-from .damage import DamageTable, predicted_damage
+from .damage import DamageTable, damage_table
 from .ilp import error_ilp, pmq_layer
 from .ranking import ZETA, ascending_order, descending_order, random_order, router_maxvar_order, widths_from_order
 from .scores import max_var, quantization_error, router_norm_change
@@ -220,7 +220,7 @@ def allocate(
         if damage is None:
             token_ids = _calibration_ids(source, calibration, calib_tokens, seq_len, method)
             positions = [[order.index(e) for e in range(len(order))] for order in prior_orders]
-            damage = predicted_damage(
+            damage = damage_table(
                 source.model if source.model is not None else source.lazy, token_ids, widths, spec, positions, damage_quantizer
             )
         elif tuple(damage.widths) != widths:
@@ -231,7 +231,9 @@ def allocate(
         method["damage"] = {
             "quantizer": damage.quantizer,
             "definition": "sum over routed calibration tokens of routing weight^2 * |expert output change|^2, "
-                          "relative to the layer's routed output energy",
+                          "relative to the layer's routed output energy"
+                          + (", times the layer's probed KL per unit damage at that width" if damage.sensitivity else
+                             "; not calibrated by probes (the model is too large to hold in memory)"),
             "prior_experts": [[i, e] for i, row in enumerate(damage.prior) for e, flag in enumerate(row) if flag],
             "prior": "median damage per unit weight error of the layer x own weight error x (E - position)/E "
                      "in the router-norm-change/MaxVar order",

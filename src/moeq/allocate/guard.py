@@ -1,0 +1,122 @@
+"""The guard: a plan's predicted damage beside ``auto``, uniform, router-maxvar and frequency.
+
+It informs and never blocks. One damage table (:mod:`.damage`) prices every plan, so the
+comparison costs one calibration pass plus one routing pass for ``frequency``; the rows are
+per layer and in total, with a one-line verdict.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..plan import BitPlan
+from .api import AUTO_LEVELS, PROXY_SIGNAL, _calibration_ids, _maxvars, _one_bit_aware_spec, _open, _router_signal, allocate
+from .counts import CountError
+from .damage import DamageTable, damage_table
+from .ranking import router_maxvar_order
+
+__all__ = ["GuardRow", "GuardReport", "compare_plan", "uses_proxy"]
+
+COMPARED = ("auto", "uniform", "router-maxvar", "frequency")
+
+
+@dataclass
+class GuardRow:
+    strategy: str
+    avg_bits: float
+    model_bytes: int
+    damage: float
+    layers: list[float]
+    note: str = ""
+
+
+@dataclass
+class GuardReport:
+    rows: list[GuardRow]  # the chosen plan first
+    quantizer: str
+    verdict: str
+
+
+def uses_proxy(plan: BitPlan) -> bool:
+    """Whether the plan ranked experts by the final router norm instead of the router-norm change."""
+    return plan.method.get("router_signal") == PROXY_SIGNAL
+
+
+def _widths(plan: BitPlan) -> list[list[int]]:
+    out = []
+    for index in range(len(plan.layers)):
+        specs = plan.expert_specs(index)
+        experts = sorted({e for e, _ in specs})
+        out.append([max(spec.bits for (e, _), spec in specs.items() if e == expert) for expert in experts])
+    return out
+
+
+def compare_plan(
+    model_path: str | Path,
+    plan: BitPlan,
+    calibration: torch.Tensor | str | Path | None = None,
+    quantizer: str = "rtn",
+    calib_tokens: int = 16384,
+    seq_len: int = 256,
+) -> GuardReport:
+    """Predicted damage of ``plan`` and of the compared strategies at the same budget.
+
+    The budget is the plan's mean expert bits; ``uniform`` is at the largest whole width that
+    fits it (marked when that is below the budget). Experts with projections at different widths
+    are priced at their widest projection.
+    """
+    source = _open(model_path)
+    levels = tuple(sorted(set(AUTO_LEVELS) | {b for row in _widths(plan) for b in row}, reverse=True))
+    token_ids = _calibration_ids(source, calibration, calib_tokens, seq_len, {})
+    scheme = plan.experts[0].spec.scheme.value if plan.experts else "asym"
+    scheme = "asym" if scheme == "sign" else scheme
+    group_size = plan.experts[0].spec.group_size if plan.experts else None
+
+    def spec(bits: int):
+        return _one_bit_aware_spec(bits, scheme, group_size)
+
+    change = _router_signal(source, source.layers, None, {}, {})
+    orders = [router_maxvar_order(c, v)[0] for c, v in zip(change, _maxvars(source.layers, "paper"))]
+    positions = [[order.index(e) for e in range(len(order))] for order in orders]
+    table = damage_table(source.lazy, token_ids, levels, spec, positions, quantizer)
+    budget = plan.budget["avg_expert_bits"]
+    rows = [_row("chosen: " + plan.method.get("strategy", "plan"), plan, table)]
+    common = {"calibration": token_ids, "scheme": scheme, "group_size": group_size}
+    for strategy in COMPARED:
+        try:
+            if strategy == "uniform":
+                whole = math.floor(budget + 1e-9)
+                other = allocate(model_path, "uniform", avg_bits=whole, **common)
+                note = "" if whole == budget else f"{whole} bits (below budget)"
+            elif strategy == "auto":
+                other = allocate(model_path, "auto", avg_bits=budget, levels=levels, damage=table, **common)
+                note = f"widths {','.join(map(str, levels))}"
+            else:
+                other = allocate(model_path, strategy, avg_bits=budget, **common)
+                note = "final-norm proxy" if uses_proxy(other) else ""
+        except CountError as err:
+            rows.append(GuardRow(strategy, budget, 0, math.nan, [], f"not possible: {err}"))
+            continue
+        rows.append(_row(strategy, other, table, note))
+    return GuardReport(rows, quantizer, _verdict(rows))
+
+
+def _row(name: str, plan: BitPlan, table: DamageTable, note: str = "") -> GuardRow:
+    layers = table.layer_totals(_widths(plan))
+    return GuardRow(name, plan.budget["avg_expert_bits"], plan.budget["model_bytes"], sum(layers), layers, note)
+
+
+def _verdict(rows: list[GuardRow]) -> str:
+    chosen = rows[0]
+    others = [r for r in rows[1:] if not math.isnan(r.damage) and r.avg_bits <= chosen.avg_bits + 1e-9]
+    if not others:
+        return "no other plan fits this budget to compare with"
+    best = min(others, key=lambda r: r.damage)
+    if chosen.damage <= best.damage * 1.0001:
+        return f"the chosen plan has the least predicted damage of the plans compared ({chosen.damage:.4g})"
+    return (f"{best.strategy} is predicted to do {chosen.damage / best.damage:.1f}x less damage than the chosen plan "
+            f"at the same budget ({best.damage:.4g} vs {chosen.damage:.4g})")
