@@ -216,3 +216,30 @@ def test_an_interrupted_quantize_resumes(tmp_path: Path) -> None:
     result = runner.invoke(app, [*args, "--resume"])
     assert result.exit_code == 0, result.output
     assert torch.equal(logits(moeq.load(tmp_path / "q")), logits(moeq.quantize(model, plan)))
+
+
+def test_the_guard_prices_a_data_free_plan_beside_auto(tmp_path: Path) -> None:
+    from tests.conftest import SAMPLE_TEXT, add_tokenizer
+
+    source = tmp_path / "src"
+    tiny_model("mixtral").save_pretrained(source)
+    add_tokenizer(source)
+    (tmp_path / "calib.txt").write_text(SAMPLE_TEXT * 4)
+    args = ["allocate", str(source), "--avg-bits", "2.5", "--calib", str(tmp_path / "calib.txt"), "--calib-tokens", "2048",
+            "--seq-len", "64"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "rm.json")], env={"COLUMNS": "220"})
+    assert result.exit_code == 0, result.output
+    assert "final router norm" in result.output and "moeq train-router" in result.output  # the proxy is named
+    assert "predicted damage" in result.output and "verdict:" in result.output
+    for name in ("chosen: router-maxvar", "auto", "uniform", "frequency"):
+        assert name in result.output
+    assert "2 bits (below budget)" in result.output
+    quiet = runner.invoke(app, [*args, "--out", str(tmp_path / "q.json"), "--no-guard"], env={"COLUMNS": "220"})
+    assert quiet.exit_code == 0 and "verdict:" not in quiet.output
+
+    auto = runner.invoke(app, [*args, "--strategy", "auto", "--out", str(tmp_path / "auto.json")], env={"COLUMNS": "220"})
+    assert auto.exit_code == 0, auto.output
+    plan = json.loads((tmp_path / "auto.json").read_text())
+    assert plan["method"]["levels"] == [4, 3, 2, 1] and plan["budget"]["avg_expert_bits"] <= 2.5 + 1e-9
+    assert plan["budget"]["predicted_damage"] > 0 and plan["scores"]["predicted_damage"]["sensitivity"]
+    assert "the chosen plan has the least predicted damage" in auto.output
