@@ -33,7 +33,7 @@ from .train.corpus import DATA_DIR, read_split
 __all__ = ["DemoRow", "DemoResult", "DEFAULT_MODEL", "demo_config", "run_demo", "STRATEGIES", "BUDGETS", "UNIFORM_WIDTHS"]
 
 DEFAULT_MODEL = DATA_DIR / "default-mixtral"
-STRATEGIES = ("router-maxvar", "router", "variance", "frequency", "routing-weight", "random")
+STRATEGIES = ("router-maxvar", "router", "variance", "frequency", "routing-weight", "random", "auto")
 BUDGETS = (2.5, 2.25, 2.0)
 UNIFORM_WIDTHS = (3, 2)  # the uniform baselines bracketing the mixed budgets
 
