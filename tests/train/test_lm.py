@@ -20,3 +20,18 @@ def test_a_few_steps_lower_the_loss(tmp_path: Path) -> None:
     assert sorted(initial_router) == ["model.layers.0.mlp.gate.weight", "model.layers.1.mlp.gate.weight"]
     trained = model.model.layers[0].mlp.gate.weight.detach().to(torch.bfloat16)
     assert not torch.equal(initial_router["model.layers.0.mlp.gate.weight"], trained)
+
+
+def test_fine_tuning_a_given_model_keeps_its_routers_from_before(tmp_path: Path) -> None:
+    config = TrainConfig(out=tmp_path / "m", steps=4, seq_len=32, batch_size=4, warmup=2, eval_every=4, eval_batches=1,
+                         vocab_size=64, hidden=32, intermediate=48, layers=2, experts=4)
+    import transformers
+
+    torch.manual_seed(1)
+    start = transformers.MixtralForCausalLM(default_model_config(config))
+    before = start.model.layers[1].mlp.gate.weight.detach().to(torch.bfloat16).clone()
+    ids = torch.randint(0, 64, (2000,), generator=torch.Generator().manual_seed(0))
+    model, initial_router, _ = fit(start, ids, ids[:500], config)
+    assert model is start  # fine-tuned in place, not re-initialised
+    assert torch.equal(initial_router["model.layers.1.mlp.gate.weight"], before)
+    assert not torch.equal(model.model.layers[1].mlp.gate.weight.detach().to(torch.bfloat16), before)

@@ -90,10 +90,14 @@ def prepare(config: TrainConfig) -> tuple[dict[str, str], object]:
     return corpus, tokenizer
 
 
-def fit(model_config: transformers.MixtralConfig, train_ids: torch.Tensor, val_ids: torch.Tensor, config: TrainConfig):
-    """Train a fresh model on 1-D token ids; returns it, its initial routers and the step count."""
+def fit(model: transformers.MixtralConfig | transformers.PreTrainedModel, train_ids: torch.Tensor, val_ids: torch.Tensor,
+        config: TrainConfig):
+    """Train on 1-D token ids a fresh model (from a config) or a given one (a fine-tune); returns
+    the model, its routers before training and the step count."""
     torch.manual_seed(config.seed)
-    model = transformers.MixtralForCausalLM(model_config)
+    if isinstance(model, transformers.PretrainedConfig):
+        model = transformers.MixtralForCausalLM(model)
+    model = model.float()
     model.set_experts_implementation("eager")
     initial_router = {
         name: p.detach().clone().to(torch.bfloat16).contiguous()
