@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..kernels import experts_forward_reference
+from ..kernels import moe_experts_forward
 from ..plan import PlanError, TensorSpec
 from .linear import QuantizedLinear
 
@@ -34,6 +34,7 @@ class QuantizedExperts(nn.Module):
     """
 
     child_name = "{}"  # how expert i's submodule is named; a family may keep its own convention
+    backend = "auto"  # see moeq.kernels.moe_experts_forward; "reference" runs the torch ground truth
 
     def __init__(
         self,
@@ -76,6 +77,4 @@ class QuantizedExperts(nn.Module):
         return [linears[p].weight_for(dtype) for p in self.projections]
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        return experts_forward_reference(
-            hidden_states, top_k_index, top_k_weights, self.num_experts, self.dequantized_weights, self.act_fn, self.gated
-        )
+        return moe_experts_forward(hidden_states, top_k_index, top_k_weights, self, self.backend)

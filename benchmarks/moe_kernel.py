@@ -1,0 +1,244 @@
+"""Quantized MoE experts against bf16 experts at Mixtral-8x7B layer shapes, and generation on the default model.
+
+    python benchmarks/moe_kernel.py [--device cuda|cpu] [--scale 1] [--tokens 1,8,64,512,4096]
+        [--repeats 20] [--bandwidth-gbs N] [--threads N] [--part layer|generate|both]
+
+Layer part: one MoE layer (hidden 4096, intermediate 14336, 8 experts, top-2; every dimension
+divided by ``--scale``) with random packed codes (asym, group 128) at uniform 4 bits, uniform 2
+bits and mixed 3/2/1 bits at 2.5 average (expert widths 3,3,3,3,3,2,2,1; 1 bit is ``sign``),
+routed the same way for the quantized layer (``moe_experts_forward``, backend ``auto``: Triton on
+CUDA, the CPU path on CPU; and backend ``reference``) and for bf16 experts (the torch reference
+loop on dense weights).
+Fastest wall time of ``--repeats`` calls after warm-up (the machine may be shared); bytes/s counts the packed bytes (codes,
+scales, zero points) of the experts the routing actually reads, against ``--bandwidth-gbs``
+(default: 3350 for an H100 SXM, 4800 for an H200, a measured large-copy bandwidth on CPU).
+On CUDA the share of time in the two ``_moe_gemm`` launches comes from torch.profiler.
+Writes benchmarks/results/moe_kernel_<device>.json.
+
+``--part generate``: on src/moeq/data/default-mixtral, in a fresh process each, greedy generation of
+64 tokens (batch 1, 32-token prompt; fastest of three) by the full-precision model and by moeq-quantized copies
+(uniform 4 bits; ``router-maxvar`` 2.5 bits over levels 3,2,1) with the reference and CPU
+backends: tokens/s, resident memory after loading above the post-import baseline, the peak
+during the timed generation above the resident memory when it started (VmHWM, reset through
+/proc/self/clear_refs), and the packed experts' bytes. Writes benchmarks/results/moe_generate.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from _common import print_table, write_json
+
+from moeq.kernels import moe_experts_forward
+from moeq.kernels.reference import experts_forward_reference
+from moeq.modules.experts import QuantizedExperts
+from moeq.plan import TensorSpec
+
+EXPERTS, TOP_K, GROUP = 8, 2, 128
+CONFIGS = {"uniform4": [4] * 8, "uniform2": [2] * 8, "mixed2.5": [3, 3, 3, 3, 3, 2, 2, 1]}
+PEAK_GBS = {"H100": 3350.0, "H200": 4800.0}
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def spec_for(bits: int) -> TensorSpec:
+    return TensorSpec(bits, "sign" if bits == 1 else "asym", GROUP)
+
+
+def random_layer(widths: list[int], hidden: int, inter: int, device: str) -> QuantizedExperts:
+    """A gated layer of random packed codes, scales about what real weights get, zero points mid-range."""
+    shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    specs = {(e, p): spec_for(widths[e]) for e in range(EXPERTS) for p in PROJECTIONS}
+    layer = QuantizedExperts(EXPERTS, shapes, specs, F.silu, gated=True, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    for e in range(EXPERTS):
+        for p in PROJECTIONS:
+            linear = layer.expert(e)[p]
+            linear.codes = torch.randint(0, 256, linear.codes.shape, dtype=torch.uint8, generator=g)
+            linear.scales = (torch.rand(linear.scales.shape, generator=g) * 0.01 + 0.001).to(linear.scales.dtype)
+            if linear.zeros is not None:
+                linear.zeros = torch.full(linear.zeros.shape, (1 << widths[e]) // 2, dtype=torch.uint8)
+    return layer.to(device)
+
+
+def dense_weights(hidden: int, inter: int, device: str) -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    shapes = [(inter, hidden), (inter, hidden), (hidden, inter)]
+    return [[(torch.randn(s, generator=g) * 0.02).to(torch.bfloat16).to(device) for s in shapes] for _ in range(EXPERTS)]
+
+
+def pick(dense: list[list[torch.Tensor]], expert: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    return dense[expert]
+
+
+def timed(fn, repeats: int, device: str) -> float:
+    """Fastest of ``repeats`` calls after two warm-up calls (the least disturbed by other load)."""
+    times = []
+    for i in range(repeats + 2):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def kernel_share(fn, total_s: float) -> float:
+    """Fraction of one call's wall time spent inside the ``_moe_gemm`` CUDA kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernel_us = sum(e.device_time_total for e in prof.key_averages() if "_moe_gemm" in e.key)
+    return kernel_us * 1e-6 / total_s
+
+
+def copy_bandwidth_gbs(device: str) -> float:
+    """Achieved bandwidth of a 256 MiB copy (read + write), the CPU's practical limit."""
+    src = torch.empty(64 << 20, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    seconds = timed(lambda: dst.copy_(src), 5, device)
+    return 2 * src.numel() * 4 / seconds / 1e9
+
+
+def read_bytes(layer: QuantizedExperts, used: set[int]) -> int:
+    return sum(layer.expert(e)[p].quantized.nbytes for e in used for p in PROJECTIONS)
+
+
+def layer_rows(args, peak_gbs: float) -> list[dict]:
+    hidden, inter = 4096 // args.scale, 14336 // args.scale
+    dense = dense_weights(hidden, inter, args.device)
+    rows = []
+    for name, widths in CONFIGS.items():
+        layer = random_layer(widths, hidden, inter, args.device)
+        for tokens in args.tokens:
+            g = torch.Generator().manual_seed(tokens)
+            x = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16).to(args.device)
+            index = torch.stack([torch.randperm(EXPERTS, generator=g)[:TOP_K] for _ in range(tokens)]).to(args.device)
+            weights = torch.rand(tokens, TOP_K, generator=g).to(torch.bfloat16).to(args.device)
+
+            quant = partial(moe_experts_forward, x, index, weights, layer)
+            reference = partial(moe_experts_forward, x, index, weights, layer, backend="reference")
+            bf16 = partial(experts_forward_reference, x, index, weights, EXPERTS, partial(pick, dense), F.silu, True)
+            t_q, t_bf16 = timed(quant, args.repeats, args.device), timed(bf16, args.repeats, args.device)
+            t_ref = timed(reference, args.repeats, args.device)
+            moved = read_bytes(layer, set(index.unique().tolist()))
+            gbs = moved / t_q / 1e9
+            rows.append({
+                "config": name, "avg_bits": sum(widths) / len(widths), "tokens": tokens,
+                "quant_ms": round(t_q * 1e3, 3), "bf16_ms": round(t_bf16 * 1e3, 3),
+                "reference_ms": round(t_ref * 1e3, 3),
+                "speedup": round(t_bf16 / t_q, 2), "packed_GB/s": round(gbs, 3),
+                "of_peak": round(gbs / peak_gbs, 3),
+                "kernel_share": round(kernel_share(quant, t_q), 3) if args.device == "cuda" else None,
+            })
+            print(rows[-1], flush=True)
+    return rows
+
+
+CHILD = r"""
+import json, sys, time, torch
+import moeq
+from moeq.io.source import load_source
+from moeq.modules.experts import QuantizedExperts
+
+def rss_kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+
+path, backend = sys.argv[1], sys.argv[2]
+torch.set_num_threads(int(sys.argv[3]))
+base = rss_kb("VmRSS")
+model = load_source(path) if backend == "full" else moeq.load(path)
+experts = [m for m in model.modules() if isinstance(m, QuantizedExperts)]
+for m in experts:
+    m.backend = backend
+packed = sum(l.quantized.nbytes for m in experts for l in m.modules() if hasattr(l, "quantized"))
+loaded = rss_kb("VmRSS")
+prompt = torch.randint(1, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    model.generate(prompt, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+    before = rss_kb("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")  # restart the high-water mark: peak of this generation only
+    seconds = []
+    for _ in range(3):  # the fastest of three, the least disturbed by other load
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=64, do_sample=False, min_new_tokens=64)
+        seconds.append(time.perf_counter() - start)
+print(json.dumps({"tokens_per_s": round(64 / min(seconds), 1), "loaded_MB": round((loaded - base) / 1024, 1),
+                  "generate_peak_above_start_MB": round((rss_kb("VmHWM") - before) / 1024, 2), "packed_experts_MB": round(packed / 2**20, 2)}))
+"""
+
+
+def generation_rows(threads: int) -> list[dict]:
+    import moeq
+    from moeq.io.source import load_source
+
+    source = Path(__file__).resolve().parents[1] / "src/moeq/data/default-mixtral"
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        folders = {"full precision": (source, ["full"])}
+        for name, config in {"uniform 4": moeq.QuantConfig(bits=4), "mixed 2.5": None}.items():
+            if config is None:
+                config = moeq.allocate(source, "router-maxvar", avg_bits=2.5, levels=(3, 2, 1))
+            folder = Path(work) / name.replace(" ", "")
+            moeq.save(moeq.quantize(load_source(source), config), folder)
+            folders[name] = (folder, ["reference", "cpu"])
+        for name, (folder, backends) in folders.items():
+            for backend in backends:
+                result = subprocess.run([sys.executable, "-c", CHILD, str(folder), backend, str(threads)], capture_output=True, text=True, check=True)
+                rows.append({"model": name, "backend": backend, **json.loads(result.stdout.strip().splitlines()[-1])})
+                print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    parser.add_argument("--scale", type=int, default=1, help="divide hidden and intermediate sizes by this")
+    parser.add_argument("--tokens", default="1,8,64,512,4096", type=lambda s: [int(t) for t in s.split(",")])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--bandwidth-gbs", type=float, default=None)
+    parser.add_argument("--part", default="layer", choices=["layer", "generate", "both"], help="generate: the default model (CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 steadies timings on a shared machine)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        name = torch.cuda.get_device_name()
+        device_name = name
+        peak = args.bandwidth_gbs or next((v for k, v in PEAK_GBS.items() if k in name), None)
+        if peak is None:
+            parser.error(f"no known memory bandwidth for {name}; pass --bandwidth-gbs")
+    else:
+        device_name = "cpu"
+        peak = args.bandwidth_gbs or copy_bandwidth_gbs("cpu")
+    if args.part in ("layer", "both"):
+        rows = layer_rows(args, peak)
+        headers = list(rows[0])
+        print(f"\n{device_name}, peak {peak:.0f} GB/s, hidden {4096 // args.scale}, intermediate {14336 // args.scale}")
+        print_table(headers, [[r[h] for h in headers] for r in rows])
+        path = write_json(f"moe_kernel_{args.device}", rows, device=device_name, peak_gbs=peak, scale=args.scale)
+        print(f"wrote {path}")
+    if args.part in ("generate", "both"):
+        gen = generation_rows(torch.get_num_threads())
+        headers = list(gen[0])
+        print_table(headers, [[r[h] for h in headers] for r in gen])
+        print(f"wrote {write_json('moe_generate', gen)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""One entry point for a quantized MoE layer's routed experts, whatever backend runs them.
+
+Backends: ``reference`` (the torch ground truth), ``cpu`` (just-in-time unpacking, one expert at
+a time) and ``triton`` (fused mixed-width kernels). ``auto`` takes Triton for CUDA tensors when
+Triton is importable and the layer is one it fuses (SiLU/ReLU activation), else the CPU path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from .cpu import experts_forward_cpu
+from .layout import KernelLayout, build_layout
+from .reference import experts_forward_reference
+
+__all__ = ["BACKENDS", "moe_experts_forward", "triton_available", "triton_supports"]
+
+BACKENDS = ("auto", "reference", "cpu", "triton")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_supports(experts) -> bool:
+    """Whether the Triton kernels can run this layer (they fuse SiLU and ReLU only)."""
+    if not triton_available():
+        return False
+    from .triton_moe import activation_code
+
+    return activation_code(experts.act_fn) is not None
+
+
+def _layouts(experts, device: torch.device) -> tuple[KernelLayout, KernelLayout]:
+    """The layer's kernel layouts on ``device``, built on first use and kept on the module."""
+    key = (device, tuple(experts.expert(e)[p].codes.data_ptr() for e in range(experts.num_experts) for p in experts.projections))
+    cached = getattr(experts, "_kernel_layouts", None)
+    if cached is None or cached[0] != key:
+        *first, down = experts.projections
+        layouts = (
+            build_layout([experts.expert(e)[p] for p in first for e in range(experts.num_experts)], device),
+            build_layout([experts.expert(e)[down] for e in range(experts.num_experts)], device),
+        )
+        experts._kernel_layouts = cached = (key, layouts)
+    return cached[1]
+
+
+def moe_experts_forward(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    experts,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Weighted sum over each token's selected experts of a ``QuantizedExperts`` layer.
+
+    Args:
+        hidden_states: ``[tokens, hidden]``.
+        top_k_index: ``[tokens, k]`` expert ids; an id ``>= num_experts`` is a sentinel and skipped.
+        top_k_weights: ``[tokens, k]`` routing weights.
+        experts: the layer's ``QuantizedExperts``.
+        backend: one of :data:`BACKENDS`.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown experts backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = "triton" if hidden_states.is_cuda and triton_supports(experts) else "cpu"
+    if backend == "reference":
+        return experts_forward_reference(
+            hidden_states, top_k_index, top_k_weights, experts.num_experts, experts.dequantized_weights, experts.act_fn, experts.gated
+        )
+    if backend == "cpu":
+        return experts_forward_cpu(hidden_states, top_k_index, top_k_weights, experts)
+    if not triton_supports(experts):
+        raise ValueError(
+            "the triton backend needs the triton package and a SiLU or ReLU expert activation; "
+            "install moeq[triton] or use backend='cpu'"
+        )
+    from .triton_moe import activation_code, experts_forward_triton
+
+    first, down = _layouts(experts, hidden_states.device)
+    return experts_forward_triton(
+        hidden_states, top_k_index, top_k_weights, first, down, experts.num_experts, experts.gated, activation_code(experts.act_fn)
+    )
