@@ -8,9 +8,10 @@
   calibration text (default: the project's corpus when the folder has a tokenizer). Spearman's ρ
   per layer.
 
-Writes ``report.md``, ``analysis.json`` and PNG plots (box plots of per-tensor kurtosis and
-outlier share by role, weight histograms by role, Λ against frequency per layer) into a folder
-that appears complete or not at all.
+Writes ``report.md``, ``analysis.json`` and PNG plots (box plots of per-tensor kurtosis, outlier
+share and range in σ by role, weight histograms by role, Λ against frequency per layer) into a
+folder that appears complete or not at all. A layer whose Λ or frequency is constant has no rank
+correlation: its ρ is recorded as null.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import torch
 from scipy.stats import spearmanr
 
 from ..io.atomic import atomic_directory
-from .weights import RoleSummary, TensorStats, weight_statistics
+from .weights import HISTOGRAM_EDGES, RoleSummary, TensorStats, weight_statistics
 
-__all__ = ["AnalysisReport", "analyze"]
+__all__ = ["AnalysisReport", "analyze", "format_rho"]
 
 
 @dataclass
@@ -37,7 +38,7 @@ class AnalysisReport:
     router_signal: str  # "router_norm_change" or "router_final_norm" (the proxy)
     router_change: list[list[float]]
     frequency: list[list[float]] | None
-    spearman: list[float] | None  # per layer, Λ against frequency
+    spearman: list[float | None] | None  # per layer, Λ against frequency (None: a constant side)
     calibration_tokens: int
 
     def to_json(self) -> dict:
@@ -63,6 +64,8 @@ def analyze(
     from ..plan import PlanError
 
     ensure_output_free(Path(out), overwrite)
+    if calib_tokens < seq_len:
+        raise ValueError(f"--calib-tokens {calib_tokens} is less than one sequence of {seq_len} tokens; pass at least {seq_len}")
     source = _open(model_path)
     tensors, roles = weight_statistics(source.lazy)
     scores: dict = {}
@@ -73,16 +76,24 @@ def analyze(
         method: dict = {}
         stats = _calibrate(source, model_path, calibration, calib_tokens, seq_len, False, method)
         frequency = stats.frequency.tolist()
-        tokens = int(method["calibration"]["sequences"] * method["calibration"]["sequence_length"])
-        rho = [float(spearmanr(c, f[: len(c)]).statistic) for c, f in zip(change, frequency)]
+        tokens = stats.tokens
+        rho = [_spearman(c, f[: len(c)]) for c, f in zip(change, frequency)]
     except PlanError:
-        pass  # no calibration text and no tokenizer: the weight statistics stand alone
+        if calibration is not None:
+            raise
+        # No calibration text and no tokenizer for the default corpus: the weight statistics stand alone.
     report = AnalysisReport(str(model_path), tensors, roles, signal, change, frequency, rho, tokens)
     with atomic_directory(Path(out), overwrite=overwrite) as work:
-        (work / "analysis.json").write_text(json.dumps(report.to_json(), indent=1) + "\n")
+        (work / "analysis.json").write_text(json.dumps(report.to_json(), indent=1, allow_nan=False) + "\n")
         _plots(report, work)
         (work / "report.md").write_text(_markdown(report))
     return report
+
+
+def _spearman(change: list[float], frequency: list[float]) -> float | None:
+    if len(set(change)) < 2 or len(set(frequency)) < 2:
+        return None  # ranks of a constant are undefined
+    return float(spearmanr(change, frequency).statistic)
 
 
 def _plots(report: AnalysisReport, folder: Path) -> None:
@@ -93,23 +104,30 @@ def _plots(report: AnalysisReport, folder: Path) -> None:
     import numpy as np
 
     roles = [r.role for r in report.roles]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, field, label in ((axes[0], "kurtosis", "excess kurtosis per tensor"), (axes[1], "outlier_share", "share of |w-μ| > 6σ per tensor")):
-        ax.boxplot([[getattr(t, field) for t in report.tensors if t.role == role] for role in roles], tick_labels=roles)
-        ax.set_yscale("symlog", linthresh=1e-4 if field == "outlier_share" else 1.0)
+    panels = (
+        ("excess kurtosis per tensor", lambda t: t.kurtosis, 1.0),
+        ("share of |w-μ| > 6σ per tensor", lambda t: t.outlier_share, 1e-4),
+        ("range per tensor: max |w| / σ", lambda t: max(-t.minimum, t.maximum) / t.std if t.std else 0.0, 1.0),
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4))
+    for ax, (label, value, linthresh) in zip(axes, panels):
+        ax.boxplot([[value(t) for t in report.tensors if t.role == role] for role in roles], tick_labels=roles)
+        ax.set_yscale("symlog", linthresh=linthresh)
         ax.set_title(label)
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(folder / "weights_boxplots.png", dpi=120)
     plt.close(fig)
 
+    edges = HISTOGRAM_EDGES.numpy()
     fig, ax = plt.subplots(figsize=(7, 4))
     for summary in report.roles:
-        values = np.asarray(summary.sample)
-        std = values.std() or 1.0
-        ax.hist(values / std, bins=120, range=(-10, 10), density=True, histtype="step", label=summary.role)
+        counts = np.asarray(summary.histogram, dtype=np.float64)
+        density = counts / (summary.numel * np.diff(edges))
+        ax.stairs(np.where(density > 0, density, np.nan), edges, label=summary.role)
     ax.set_yscale("log")
-    ax.set_xlabel("weight / σ of its role (sampled)")
+    ax.set_xlabel("(w − μ) / σ of its tensor")
+    ax.set_ylabel("density (all weights of the role)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(folder / "weights_histograms.png", dpi=120)
@@ -123,7 +141,7 @@ def _plots(report: AnalysisReport, folder: Path) -> None:
         for i, (change, freq) in enumerate(zip(report.router_change, report.frequency)):
             ax = axes[i // cols][i % cols]
             ax.scatter(freq[: len(change)], change, s=14)
-            ax.set_title(f"layer {i}: ρ = {report.spearman[i]:.2f}", fontsize=9)
+            ax.set_title(f"layer {i}: ρ = {format_rho(report.spearman[i])}", fontsize=9)
             ax.set_xlabel("activation frequency", fontsize=8)
             ax.set_ylabel("Λ" if report.router_signal == "router_norm_change" else "final router norm (proxy)", fontsize=8)
         for j in range(layers, rows * cols):
@@ -133,6 +151,29 @@ def _plots(report: AnalysisReport, folder: Path) -> None:
         plt.close(fig)
 
 
+def format_rho(rho: float | None) -> str:
+    """ρ to two decimals, or ``n/a`` where it is undefined."""
+    return "n/a" if rho is None else f"{rho:.2f}"
+
+
+def _outlier_comparison(roles: list[RoleSummary]) -> list[str]:
+    # MoQE compares experts with the dense weights around them; say what this model shows.
+    by_role = {r.role: r for r in roles}
+    experts = by_role.get("routed experts")
+    lines = []
+    for other in ("dense", "attention", "shared experts"):
+        if experts is None or other not in by_role:
+            continue
+        o = by_role[other]
+        fewer = experts.outlier_share < o.outlier_share
+        lines.append(
+            f"- routed experts against {other}: share > 6σ {experts.outlier_share:.2e} vs {o.outlier_share:.2e}, "
+            f"median excess kurtosis {experts.median_kurtosis:.3g} vs {o.median_kurtosis:.3g}: experts have "
+            f"{'fewer' if fewer else 'no fewer'} entries beyond 6σ."
+        )
+    return lines
+
+
 def _markdown(report: AnalysisReport) -> str:
     lines = [f"# moeq analyze: {report.model}", "", "## Weights by layer type", "",
              "| role | tensors | weights | min | max | mean σ | median excess kurtosis | max | share > 6σ |",
@@ -140,17 +181,27 @@ def _markdown(report: AnalysisReport) -> str:
     for r in report.roles:
         lines.append(f"| {r.role} | {r.tensors} | {r.numel:,} | {r.minimum:.4g} | {r.maximum:.4g} | {r.mean_std:.4g} | "
                      f"{r.median_kurtosis:.3g} | {r.max_kurtosis:.3g} | {r.outlier_share:.2e} |")
-    lines += ["", "Excess kurtosis is 0 for a Gaussian; the last column counts entries more than 6 standard deviations "
-              "from their tensor's mean. Plots: `weights_boxplots.png`, `weights_histograms.png`.", "",
-              "## Router-norm change against activation frequency", ""]
+    lines += ["", ("Excess kurtosis is E[(w−μ)⁴]/σ⁴ − 3, 0 for a Gaussian (population moments per tensor); the last "
+                   "column is the share of entries more than 6σ from their tensor's mean, over all entries of the role. "
+                   "An output head tied to the embeddings is counted once, as embeddings. "
+                   "Plots: `weights_boxplots.png`, `weights_histograms.png`."), ""]
+    comparison = _outlier_comparison(report.roles)
+    if comparison:
+        lines += ["MoQE's claim (expert weights have fewer outliers than dense ones):", "", *comparison, ""]
+    lines += ["## Router-norm change against activation frequency", ""]
     what = ("Λ = ‖final router row‖ − ‖initial router row‖" if report.router_signal == "router_norm_change"
-            else "the final router norm (proxy: no initial routers were found; pass --reference)")
+            else "the final router norm ‖w(T)‖, a proxy: Λ is unavailable because no initial routers were found "
+                 "(ship initial_router.safetensors beside the checkpoint or pass --reference)")
     lines.append(f"Signal: {what}.")
     if report.spearman is None:
         lines.append("No calibration text (and no tokenizer for the default corpus): frequency not measured.")
     else:
-        lines += [f"Frequency from {report.calibration_tokens:,} calibration tokens. Spearman's ρ per layer: "
-                  + ", ".join(f"{r:.2f}" for r in report.spearman) + ".", "",
-                  "The paper's premise is a positive ρ (rarely used experts grow their routers least). "
-                  "Plot: `router_change_vs_frequency.png`."]
+        lines += [f"Frequency: share of tokens routed to each expert (a layer's shares sum to its top-k) over {report.calibration_tokens:,} calibration tokens.", "",
+                  "| MoE layer | Spearman ρ | frequency min | frequency max | signal min | signal max |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        for i, (rho, change, freq) in enumerate(zip(report.spearman, report.router_change, report.frequency)):
+            freq = freq[: len(change)]
+            lines.append(f"| {i} | {format_rho(rho)} | {min(freq):.4g} | {max(freq):.4g} | {min(change):.4g} | {max(change):.4g} |")
+        lines += ["", ("The paper's premise is a positive ρ (rarely used experts grow their routers least); n/a marks a "
+                       "layer where one side is constant. Plot: `router_change_vs_frequency.png`.")]
     return "\n".join(lines) + "\n"
