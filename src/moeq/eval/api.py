@@ -13,6 +13,13 @@ scored once. On those tokens:
 - per MoE layer, the load histogram: tokens routed to each expert (the shared collector);
 - bytes in memory (the state dict, tied tensors once) and on disk (safetensors files, if a folder);
 - tokens per second of the forward pass over the evaluation windows.
+
+An encoder-decoder (Switch) is scored on denoising instead: windows are disjoint (``stride ==
+seq_len``), each is span-corrupted as in training (:func:`moeq.train.denoise.corrupt`, 15 % of
+the tokens in spans of mean length 3, sentinels the last ids of the vocabulary, a fixed seed, so
+every model sees the same corruption), the encoder reads the corrupted window and the decoder is
+teacher-forced on the target (sentinels, dropped spans, end of sequence); every target token is
+scored, so "perplexity" is ``exp`` of the denoising loss, and KL and routing cover the same tokens.
 """
 
 from __future__ import annotations
@@ -97,19 +104,26 @@ def _routing_recorder(model: nn.Module):
     return layers, records, statistics, handles
 
 
+def _examples(model: nn.Module, chunks: list[tuple[torch.Tensor, int]]) -> tuple[list[tuple[dict, slice]], torch.Tensor]:
+    """Each window's model inputs and scored logit positions, and all scored target ids (the protocol above)."""
+    if not model.config.is_encoder_decoder:
+        examples = [({"input_ids": window[None]}, slice(first - 1, -1)) for window, first in chunks]
+        return examples, torch.cat([window[first:] for window, first in chunks])
+    from ..train.denoise import corrupt, sentinel_ids
+
+    generator = torch.Generator().manual_seed(0)
+    pairs = [corrupt(window, sentinel_ids(model.config.vocab_size), model.config.eos_token_id, generator) for window, _ in chunks]
+    return [({"input_ids": i[None], "labels": t[None]}, slice(None)) for i, t in pairs], torch.cat([t for _, t in pairs])
+
+
 @torch.no_grad()
-def _measure(model: nn.Module, chunks: list[tuple[torch.Tensor, int]]):
+def _measure(model: nn.Module, examples: list[tuple[dict, slice]]):
     """Scored logits, each MoE layer's routing records, the expert statistics, and seconds."""
     layers, records, statistics, handles = _routing_recorder(model)
     logits, started = [], time.perf_counter()
     try:
-        for window, first in chunks:
-            ids = window[None, :]
-            if model.config.is_encoder_decoder:
-                out = model(input_ids=ids, decoder_input_ids=ids).logits
-            else:
-                out = model(input_ids=ids).logits
-            logits.append(out[0, first - 1 : -1].float())
+        for inputs, scored in examples:
+            logits.append(model(**inputs).logits[0, scored].float())
     finally:
         for handle in handles:
             handle.remove()
@@ -129,9 +143,11 @@ def evaluate(
     folder = Path(model) if not isinstance(model, nn.Module) else None
     model = load_any(model) if folder else model.eval()
     stride = stride or seq_len
+    if model.config.is_encoder_decoder and stride != seq_len:
+        raise ValueError(f"an encoder-decoder is evaluated on disjoint windows: drop --stride or set it to --seq-len ({seq_len})")
     chunks = windows(token_ids.reshape(-1), seq_len, stride)
-    targets = torch.cat([window[first:] for window, first in chunks])
-    all_logits, layers, records, statistics, seconds = _measure(model, chunks)
+    examples, targets = _examples(model, chunks)
+    all_logits, layers, records, statistics, seconds = _measure(model, examples)
     nll = F.cross_entropy(all_logits, targets)
     tokens_forwarded = sum(window.numel() for window, _ in chunks)
     load = [[statistics.counts.get((layer.index, e), 0) for e in range(layer.num_experts)] for layer in layers]
@@ -141,9 +157,11 @@ def evaluate(
         bytes_on_disk=sum(f.stat().st_size for f in folder.glob("*.safetensors")) if folder else None,
         tokens_per_second=tokens_forwarded / seconds,
     )
+    if model.config.is_encoder_decoder:
+        report.notes.append("encoder-decoder: scored on span-corruption denoising; perplexity is exp(denoising loss)")
     if reference is not None:
         reference = load_any(reference) if not isinstance(reference, nn.Module) else reference.eval()
-        ref_all, _, ref_records, _, _ = _measure(reference, chunks)
+        ref_all, _, ref_records, _, _ = _measure(reference, examples)
         ref_log_probs = F.log_softmax(ref_all, dim=-1)
         log_probs = F.log_softmax(all_logits, dim=-1)
         report.kl_to_reference = float((ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1).mean())

@@ -8,15 +8,20 @@ available exactly, not through the final-norm proxy. The final model is saved in
 its tokenizer and a ``train_log.json`` that records the command's settings, the seed, the steps,
 the tokens seen and the loss curve; the run is reproducible from it (up to the time budget, which
 fixes the step count: pass ``--steps`` to pin it).
+
+The loop is shared: ``fit`` and ``train`` take an objective (:class:`CausalLM` here, the
+Switch denoising objective in :mod:`moeq.train.denoise`) that builds the model and its batches.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import transformers
@@ -26,7 +31,7 @@ from ..io.atomic import atomic_directory
 from .corpus import DATA_DIR, digest, fetch_corpus
 from .tokenizer import train_tokenizer
 
-__all__ = ["TrainConfig", "default_model_config", "fit", "train", "INITIAL_ROUTER_FILE"]
+__all__ = ["TrainConfig", "Objective", "CausalLM", "default_model_config", "fit", "train", "INITIAL_ROUTER_FILE"]
 
 INITIAL_ROUTER_FILE = "initial_router.safetensors"
 
@@ -71,11 +76,58 @@ def _windows(ids: torch.Tensor, seq_len: int, batch_size: int, generator: torch.
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
+class Objective(Protocol):
+    """What :func:`fit` and :func:`train` train: an objective names the router weights, builds and
+    readies the model, prepares the corpus and tokenizer, draws training batches, lists fixed
+    validation batches and computes ``(loss to minimise, its auxiliary part)``."""
+
+    router_suffix: str
+
+    def model_config(self, config: TrainConfig) -> transformers.PretrainedConfig: ...
+    def build(self, model_config: transformers.PretrainedConfig) -> transformers.PreTrainedModel: ...
+    def ready(self, model: transformers.PreTrainedModel) -> None: ...
+    def prepare(self, config: TrainConfig) -> tuple[dict[str, str], object]: ...
+    def batch(self, ids: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> dict[str, torch.Tensor]: ...
+    def eval_batches(self, ids: torch.Tensor, config: TrainConfig) -> list[dict[str, torch.Tensor]]: ...
+    def loss(self, model: transformers.PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class CausalLM:
+    """The Mixtral default's objective: next-token prediction with Mixtral's own loss (load
+    balancing included)."""
+
+    router_suffix = "mlp.gate.weight"
+
+    def model_config(self, config: TrainConfig) -> transformers.PretrainedConfig:
+        return default_model_config(config)
+
+    def build(self, model_config: transformers.PretrainedConfig) -> transformers.PreTrainedModel:
+        return transformers.MixtralForCausalLM(model_config)
+
+    def ready(self, model: transformers.PreTrainedModel) -> None:
+        model.set_experts_implementation("eager")
+
+    def prepare(self, config: TrainConfig) -> tuple[dict[str, str], object]:
+        return prepare(config)
+
+    def batch(self, ids: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        window = _windows(ids, config.seq_len, config.batch_size, generator)
+        return {"input_ids": window, "labels": window}
+
+    def eval_batches(self, ids: torch.Tensor, config: TrainConfig) -> list[dict[str, torch.Tensor]]:
+        chunks = ids[: (ids.numel() // config.seq_len) * config.seq_len].view(-1, config.seq_len)[: config.eval_batches * 8]
+        return [{"input_ids": c, "labels": c} for c in chunks.split(8)]
+
+    def loss(self, model: transformers.PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to minimise, its auxiliary part)."""
+        output = model(**batch)
+        return output.loss, (output.aux_loss if output.aux_loss is not None else torch.tensor(0.0))
+
+
 @torch.no_grad()
-def _evaluate(model, ids: torch.Tensor, seq_len: int, batches: int) -> float:
+def _evaluate(model, objective: Objective, ids: torch.Tensor, config: TrainConfig) -> float:
     model.eval()
-    chunks = ids[: (ids.numel() // seq_len) * seq_len].view(-1, seq_len)[: batches * 8]
-    losses = [float(model(input_ids=c, labels=c).loss) for c in chunks.split(8)]
+    losses = [float(objective.loss(model, batch)[0]) for batch in objective.eval_batches(ids, config)]
     model.train()
     return sum(losses) / len(losses)
 
@@ -90,18 +142,20 @@ def prepare(config: TrainConfig) -> tuple[dict[str, str], object]:
     return corpus, tokenizer
 
 
-def fit(model: transformers.MixtralConfig | transformers.PreTrainedModel, train_ids: torch.Tensor, val_ids: torch.Tensor,
-        config: TrainConfig):
+def fit(model: transformers.PretrainedConfig | transformers.PreTrainedModel, train_ids: torch.Tensor, val_ids: torch.Tensor,
+        config: TrainConfig, objective: Objective | None = None, checkpoint=None):
     """Train on 1-D token ids a fresh model (from a config) or a given one (a fine-tune); returns
-    the model, its routers before training and the step count."""
+    the model, its routers before training and the step count. ``checkpoint(model, initial_router,
+    step)``, when given, is called after every evaluation, so a long run leaves a result behind."""
+    objective = objective or CausalLM()
     torch.manual_seed(config.seed)
     if isinstance(model, transformers.PretrainedConfig):
-        model = transformers.MixtralForCausalLM(model)
+        model = objective.build(model)
     model = model.float()
-    model.set_experts_implementation("eager")
+    objective.ready(model)
     initial_router = {
         name: p.detach().clone().to(torch.bfloat16).contiguous()
-        for name, p in model.named_parameters() if name.endswith("mlp.gate.weight")
+        for name, p in model.named_parameters() if name.endswith(objective.router_suffix)
     }
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -122,41 +176,53 @@ def fit(model: transformers.MixtralConfig | transformers.PreTrainedModel, train_
         scale = min(1.0, (step + 1) / config.warmup) * 0.5 * (1 + math.cos(math.pi * min(step / horizon, 1.0)))
         for group in optimizer.param_groups:
             group["lr"] = config.lr * max(scale, 0.02)
-        batch = _windows(train_ids, config.seq_len, config.batch_size, generator)
-        output = model(input_ids=batch, labels=batch)
-        output.loss.backward()
+        loss, aux_loss = objective.loss(model, objective.batch(train_ids, config, generator))
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         if step % config.eval_every == 0 or step == total_steps:
-            entry = {"step": step, "train_loss": float(output.loss.detach()), "aux_loss": float((output.aux_loss or torch.tensor(0.0)).detach()),
-                     "val_loss": _evaluate(model, val_ids, config.seq_len, config.eval_batches),
+            entry = {"step": step, "train_loss": float(loss.detach()), "aux_loss": float(aux_loss.detach()),
+                     "val_loss": _evaluate(model, objective, val_ids, config),
                      "seconds": round(time.perf_counter() - started, 1)}
             config.log.append(entry)
             print(json.dumps(entry), flush=True)
+            if checkpoint is not None:
+                checkpoint(model, initial_router, step)
         if total_steps is not None and step >= total_steps:
             break
     return model.eval(), initial_router, step
 
 
-def train(config: TrainConfig) -> Path:
-    """Prepare the corpus and tokenizer, train the default model and write it to ``config.out``."""
+def train(config: TrainConfig, objective: Objective | None = None) -> Path:
+    """Prepare the corpus and tokenizer, train the default model and write it to ``config.out``.
+
+    The folder is rewritten at every evaluation (the last one is at the final step), so an
+    interrupted run leaves its latest evaluated model behind.
+    """
+    objective = objective or CausalLM()
     started = time.perf_counter()
-    corpus, tokenizer = prepare(config)
+    corpus, tokenizer = objective.prepare(config)
     encode = lambda text: torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)  # noqa: E731
     train_ids, val_ids = encode(corpus["train"]), encode(corpus["validation"])
-    model, initial_router, step = fit(default_model_config(config), train_ids, val_ids, config)
-    model = model.to(torch.bfloat16)
-    with atomic_directory(config.out, overwrite=config.overwrite) as work:
-        model.save_pretrained(work)
-        tokenizer.save_pretrained(work)
-        save_file(initial_router, work / INITIAL_ROUTER_FILE, metadata={"format": "pt"})
-        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items() if k != "log"}
-        (work / "train_log.json").write_text(json.dumps({
-            "settings": settings, "steps": step, "tokens_seen": step * config.batch_size * config.seq_len,
-            "train_tokens": int(train_ids.numel()), "corpus_digest": {k: digest(v) for k, v in corpus.items()},
-            "parameters": sum(p.numel() for p in model.parameters()), "log": config.log,
-            "seconds": round(time.perf_counter() - started, 1),
-        }, indent=1))
+    replace = config.overwrite
+
+    def save(model: transformers.PreTrainedModel, initial_router: dict, step: int) -> None:
+        nonlocal replace
+        snapshot = copy.deepcopy(model).to(torch.bfloat16)
+        with atomic_directory(config.out, overwrite=replace) as work:
+            snapshot.save_pretrained(work)
+            tokenizer.save_pretrained(work)
+            save_file(initial_router, work / INITIAL_ROUTER_FILE, metadata={"format": "pt"})
+            settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items() if k != "log"}
+            (work / "train_log.json").write_text(json.dumps({
+                "settings": settings, "steps": step, "tokens_seen": step * config.batch_size * config.seq_len,
+                "train_tokens": int(train_ids.numel()), "corpus_digest": {k: digest(v) for k, v in corpus.items()},
+                "parameters": sum(p.numel() for p in snapshot.parameters()), "log": config.log,
+                "seconds": round(time.perf_counter() - started, 1),
+            }, indent=1))
+        replace = True  # later checkpoints replace this run's own earlier one
+
+    fit(objective.model_config(config), train_ids, val_ids, config, objective, checkpoint=save)
     return config.out
