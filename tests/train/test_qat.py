@@ -1,0 +1,70 @@
+"""QAT: the loss falls under fake quant, gradients pass straight through, export equals the fake quant."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from moeq import QuantConfig
+from moeq.api import plan_for, quantize
+from moeq.plan import PlanError
+from moeq.train.lm import TrainConfig, default_model_config
+from moeq.train.qat import QATConfig, attach_fake_quant, detach_fake_quant, qat_fit, training_text
+
+
+def _tiny(seed: int = 0) -> transformers.MixtralForCausalLM:
+    config = TrainConfig(out=Path("unused"), seq_len=32, vocab_size=64, hidden=32, intermediate=48, layers=2, experts=4)
+    torch.manual_seed(seed)
+    model = transformers.MixtralForCausalLM(default_model_config(config))
+    model.set_experts_implementation("eager")
+    return model
+
+
+def _stream() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    pattern = torch.arange(16).repeat(300)
+    return torch.where(torch.rand(pattern.shape, generator=gen) < 0.1, torch.randint(0, 64, pattern.shape, generator=gen), pattern)
+
+
+def test_loss_falls_and_export_equals_the_fake_quant_forward() -> None:
+    model = _tiny()
+    plan = plan_for(model, QuantConfig(bits=2, scheme="asym", attn_bits=4))
+    config = QATConfig(steps=25, lr=3e-3, seq_len=32, batch_size=8)
+    qat_fit(model, plan, _stream(), config)
+    first, last = config.log[0]["loss"], sum(e["loss"] for e in config.log[-5:]) / 5
+    assert last < first - 0.5
+    ids = _stream()[:64].view(2, 32)
+    with torch.no_grad():
+        fake = model(input_ids=ids).logits
+        quantize(detach_fake_quant(model), plan)
+        packed = model(input_ids=ids).logits
+    # Same codes and scales; only the order of float32 operations in the packed matmul differs.
+    torch.testing.assert_close(packed, fake, rtol=0, atol=1e-4)
+
+
+def test_gradient_passes_straight_through() -> None:
+    model = _tiny()
+    plan = plan_for(model, QuantConfig(bits=2))
+    attach_fake_quant(model, plan, torch.float32)
+    experts = model.model.layers[0].mlp.experts
+    quantized = experts.gate_up_proj  # the parametrized (fake-quantized) view
+    assert len(torch.unique(quantized[0, 0])) <= 4  # 2 bits: at most four levels per channel
+    weights = torch.randn_like(quantized)
+    (quantized * weights).sum().backward()
+    latent = experts.parametrizations.gate_up_proj.original
+    torch.testing.assert_close(latent.grad, weights, rtol=0, atol=0)
+
+
+def test_a_plan_for_another_model_is_refused() -> None:
+    plan = plan_for(_tiny(), QuantConfig(bits=2))
+    plan.model_type = "qwen2_moe"
+    with pytest.raises(PlanError, match="the plan is for a qwen2_moe model"):
+        attach_fake_quant(_tiny(), plan, torch.float32)
+
+
+def test_missing_training_text_is_a_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="--data"):
+        training_text(tmp_path / "nope.txt", tmp_path)
+    text, origin = training_text(None, tmp_path)  # no corpus package cached: the calibration slice
+    assert origin == "shipped calibration slice" and text

@@ -1,0 +1,55 @@
+"""The router-only fine-tune moves only the routers and writes the routers from before it."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from moeq.train.lm import INITIAL_ROUTER_FILE, TrainConfig, default_model_config
+from moeq.train.router import RouterTuneConfig, train_router, tune_routers
+
+
+def _tiny() -> transformers.MixtralForCausalLM:
+    config = TrainConfig(out=Path("unused"), seq_len=32, vocab_size=64, hidden=32, intermediate=48, layers=2, experts=4)
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(default_model_config(config))
+    model.set_experts_implementation("eager")
+    return model
+
+
+def test_only_the_routers_change() -> None:
+    model = _tiny()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    ids = torch.randint(0, 64, (1000,), generator=torch.Generator().manual_seed(0))
+    initial = tune_routers(model, ids, RouterTuneConfig(steps=3, seq_len=32, batch_size=4, lr=1e-2))
+    assert sorted(initial) == ["model.layers.0.mlp.gate.weight", "model.layers.1.mlp.gate.weight"]
+    for name, p in model.named_parameters():
+        changed = not torch.equal(p.detach(), before[name])
+        assert changed == name.endswith("mlp.gate.weight"), name
+        if name in initial:  # the saved "before" is the untouched weight, rounded to bfloat16
+            assert torch.equal(initial[name], before[name].to(torch.bfloat16))
+
+
+def test_too_little_text_is_a_one_line_error() -> None:
+    with pytest.raises(ValueError, match="calibration text has 10 tokens"):
+        tune_routers(_tiny(), torch.zeros(10, dtype=torch.long), RouterTuneConfig(steps=1, seq_len=32))
+
+
+def test_the_default_model_round_trips_its_initial_routers(tmp_path: Path) -> None:
+    import moeq
+
+    source = Path(moeq.__file__).parent / "data" / "default-mixtral"
+    text = (Path(moeq.__file__).parent / "data" / "calibration.txt").read_text()[:20000]
+    out = train_router(source, tmp_path / "tuned", text, RouterTuneConfig(steps=2, seq_len=64, batch_size=2, lr=1e-2))
+    initial = load_file(str(out / INITIAL_ROUTER_FILE))
+    original = dict(transformers.AutoModelForCausalLM.from_pretrained(source).named_parameters())
+    tuned = dict(transformers.AutoModelForCausalLM.from_pretrained(out).named_parameters())
+    assert len(initial) == 4
+    for name, value in original.items():
+        if name in initial:  # the routers before the fine-tune, and they moved
+            assert torch.equal(initial[name], value.detach().to(torch.bfloat16))
+            assert not torch.equal(tuned[name], value)
+        else:
+            assert torch.equal(tuned[name], value), name
