@@ -33,7 +33,7 @@ def test_only_the_routers_change() -> None:
 
 
 def test_too_little_text_is_a_one_line_error() -> None:
-    with pytest.raises(ValueError, match="calibration text has 10 tokens"):
+    with pytest.raises(ValueError, match="text has 10 tokens"):
         tune_routers(_tiny(), torch.zeros(10, dtype=torch.long), RouterTuneConfig(steps=1, seq_len=32))
 
 

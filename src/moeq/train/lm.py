@@ -31,7 +31,7 @@ from ..io.atomic import atomic_directory
 from .corpus import DATA_DIR, digest, fetch_corpus
 from .tokenizer import train_tokenizer
 
-__all__ = ["TrainConfig", "Objective", "CausalLM", "default_model_config", "fit", "train", "INITIAL_ROUTER_FILE"]
+__all__ = ["TrainConfig", "Objective", "CausalLM", "random_windows", "short_finetune", "default_model_config", "fit", "train", "INITIAL_ROUTER_FILE"]
 
 INITIAL_ROUTER_FILE = "initial_router.safetensors"
 
@@ -71,9 +71,34 @@ def default_model_config(config: TrainConfig) -> transformers.MixtralConfig:
     )
 
 
-def _windows(ids: torch.Tensor, seq_len: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+def random_windows(ids: torch.Tensor, seq_len: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """``batch_size`` windows of ``seq_len`` tokens from 1-D ``ids`` at random starts, stacked."""
     starts = torch.randint(0, ids.numel() - seq_len - 1, (batch_size,), generator=generator)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def short_finetune(model: transformers.PreTrainedModel, ids: torch.Tensor, parameters: list[torch.nn.Parameter], *,
+                   steps: int, lr: float, seq_len: int, batch_size: int, seed: int, log: list | None = None) -> None:
+    """Fine-tune ``parameters`` of a causal MoE LM in place on random windows of 1-D token ids
+    (next-token loss with load balancing, AdamW without decay, gradient norm clipped at 1).
+    ``log``, when given, gets the loss of every step. Used by QAT and the router-only fine-tune."""
+    if ids.numel() <= seq_len + 1:
+        raise ValueError(f"the text has {ids.numel()} tokens; fine-tuning on windows of {seq_len} needs more than {seq_len + 1}: pass a longer text")
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    objective = CausalLM()
+    model.train()
+    for step in range(steps):
+        window = random_windows(ids, seq_len, batch_size, generator)
+        loss, _ = objective.loss(model, {"input_ids": window, "labels": window})
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if log is not None:
+            log.append({"step": step + 1, "loss": float(loss.detach())})
+    model.eval()
 
 
 class Objective(Protocol):
@@ -111,7 +136,7 @@ class CausalLM:
         return prepare(config)
 
     def batch(self, ids: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        window = _windows(ids, config.seq_len, config.batch_size, generator)
+        window = random_windows(ids, config.seq_len, config.batch_size, generator)
         return {"input_ids": window, "labels": window}
 
     def eval_batches(self, ids: torch.Tensor, config: TrainConfig) -> list[dict[str, torch.Tensor]]:

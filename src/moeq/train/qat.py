@@ -32,7 +32,7 @@ from ..modules.convert import validate_plan
 from ..plan import BitPlan, TensorSpec
 from ..quant.rtn import quantize_rtn
 from .corpus import fetch_corpus, read_split
-from .lm import CausalLM, _windows
+from .lm import CausalLM, short_finetune
 
 __all__ = ["QATConfig", "fake_quantize", "attach_fake_quant", "detach_fake_quant", "qat_fit", "training_text", "run_qat"]
 
@@ -113,23 +113,10 @@ def qat_fit(model: transformers.PreTrainedModel, plan: BitPlan, ids: torch.Tenso
             weight_dtype: torch.dtype | None = None) -> transformers.PreTrainedModel:
     """Fine-tune ``model`` (float32, in place) on 1-D token ids with the plan's weights fake-quantized;
     returns it with the fake quant still attached. ``config.log`` gets the loss per step."""
-    if ids.numel() <= config.seq_len + 1:
-        raise ValueError(f"the training text has {ids.numel()} tokens; QAT needs more than {config.seq_len + 1}")
-    torch.manual_seed(config.seed)
     attach_fake_quant(model, plan, weight_dtype or torch.float32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(config.seed)
-    objective = CausalLM()
-    model.train()
-    for step in range(config.steps):
-        window = _windows(ids, config.seq_len, config.batch_size, generator)
-        loss, _ = objective.loss(model, {"input_ids": window, "labels": window})
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        config.log.append({"step": step + 1, "loss": float(loss.detach())})
-    return model.eval()
+    short_finetune(model, ids, list(model.parameters()), steps=config.steps, lr=config.lr, seq_len=config.seq_len,
+                   batch_size=config.batch_size, seed=config.seed, log=config.log)
+    return model
 
 
 def training_text(data: Path | None, cache: Path) -> tuple[str, str]:

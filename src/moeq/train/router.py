@@ -19,7 +19,7 @@ import transformers
 from safetensors.torch import save_file
 
 from ..io.atomic import atomic_directory
-from .lm import INITIAL_ROUTER_FILE, CausalLM, _windows
+from .lm import INITIAL_ROUTER_FILE, CausalLM, short_finetune
 
 __all__ = ["RouterTuneConfig", "router_parameters", "tune_routers", "train_router"]
 
@@ -44,25 +44,14 @@ def router_parameters(model: torch.nn.Module, suffix: str = CausalLM.router_suff
 def tune_routers(model: transformers.PreTrainedModel, ids: torch.Tensor, config: RouterTuneConfig) -> dict[str, torch.Tensor]:
     """Fine-tune only the routers of ``model`` in place on 1-D token ids; returns the routers before
     the fine-tune (bfloat16, keyed by parameter name)."""
-    if ids.numel() <= config.seq_len + 1:
-        raise ValueError(f"the calibration text has {ids.numel()} tokens; the router fine-tune needs more than {config.seq_len + 1}")
-    torch.manual_seed(config.seed)
     routers = router_parameters(model)
     initial = {name: p.detach().clone().to(torch.bfloat16).contiguous() for name, p in routers.items()}
     for p in model.parameters():
         p.requires_grad_(False)
     for p in routers.values():
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(list(routers.values()), lr=config.lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(config.seed)
-    objective = CausalLM()
-    model.train()
-    for _ in range(config.steps):
-        window = _windows(ids, config.seq_len, config.batch_size, generator)
-        loss, _ = objective.loss(model, {"input_ids": window, "labels": window})
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    short_finetune(model, ids, list(routers.values()), steps=config.steps, lr=config.lr, seq_len=config.seq_len,
+                   batch_size=config.batch_size, seed=config.seed)
     for p in model.parameters():
         p.requires_grad_(True)
     return initial
