@@ -14,6 +14,7 @@ from typing import Annotated
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -47,7 +48,7 @@ USER_ERRORS = (AdapterError, CheckpointError, OutputExistsError, PlanError, Valu
 
 def _fail(err: Exception) -> None:
     message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -497,21 +498,44 @@ def eval_command(
     stride: Annotated[int | None, typer.Option(help="Window step (default: --seq-len, disjoint windows).")] = None,
     max_tokens: Annotated[int, typer.Option(help="Evaluate at most this many tokens.")] = 16384,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON.")] = None,
+    tasks: Annotated[str | None, typer.Option(help="Run these lm-eval tasks instead (comma-separated; needs the harness extra).")] = None,
+    limit: Annotated[int | None, typer.Option(help="With --tasks: score at most this many documents per task.")] = None,
+    include_path: Annotated[Path | None, typer.Option(help="With --tasks: a folder of custom task YAML files.")] = None,
 ) -> None:
-    """Perplexity, KL to a reference, routing agreement, expert load, bytes and speed."""
+    """Perplexity, KL to a reference, routing agreement, expert load, bytes and speed; or lm-eval tasks with --tasks."""
     from .eval import evaluate
     from .eval.data import evaluation_tokens
+    from .eval.harness import HarnessNotInstalled, run_harness
 
     try:
-        ids = evaluation_tokens(model_path, data, max_tokens)
-        report = evaluate(model_path, ids, reference=reference, seq_len=seq_len, stride=stride)
+        if tasks is None and (limit is not None or include_path is not None):
+            raise ValueError("--limit and --include-path go with --tasks")
+        if tasks is not None and (reference is not None or data is not None):
+            raise ValueError("--tasks runs lm-eval only; --reference and --data belong to the perplexity report")
+        if tasks is not None:
+            names = [name.strip() for name in tasks.split(",") if name.strip()]
+            harness = run_harness(model_path, names, limit=limit, include_path=include_path)
+        else:
+            ids = evaluation_tokens(model_path, data, max_tokens)
+            report = evaluate(model_path, ids, reference=reference, seq_len=seq_len, stride=stride)
         if json_out:
             from .io.atomic import atomic_write_text
             import json
 
-            atomic_write_text(json_out, json.dumps(report.to_json(), indent=1) + "\n")
-    except USER_ERRORS as err:
+            atomic_write_text(json_out, json.dumps(harness if tasks is not None else report.to_json(), indent=1) + "\n")
+    except (*USER_ERRORS, HarnessNotInstalled) as err:
         _fail(err)
+    if tasks is not None:
+        console.print(f"lm-eval {harness['lm_eval_version']} on {model_path}"
+                      + (f", at most {limit} documents per task (not comparable with published scores)" if limit else ""))
+        table = Table()
+        for column in ("task", "metric", "value"):
+            table.add_column(column, justify="right" if column == "value" else "left")
+        for task, metrics in harness["results"].items():
+            for metric, value in metrics.items():
+                table.add_row(task, metric, f"{value:.4f}")
+        console.print(table)
+        return
     summary = Table(title=f"evaluation of {model_path}", title_justify="left", show_header=False)
     summary.add_row("tokens scored", f"{report.tokens_scored:,} (windows of {report.seq_len}, stride {report.stride})")
     summary.add_row("perplexity", f"{report.perplexity:.3f}" + (f" (reference {report.reference_perplexity:.3f})" if report.reference_perplexity else ""))
