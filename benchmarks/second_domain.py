@@ -1,7 +1,7 @@
 """The paper's setting, honestly: a fine-tune with a true router-norm change, and who ranks experts best.
 
     python benchmarks/second_domain.py [--steps 400] [--budgets 2.25,2.5] [--random-seeds 3]
-        [--eval-tokens 8192] [--workdir /tmp/moeq-second-domain] [--train-router DIR]
+        [--eval-tokens 0] [--workdir runs/second-domain] [--train-router DIR]
 
 1. Fine-tunes the default model (Shakespeare) on a second domain, the Jargon File (public domain,
    Debian's ``jargon-text``; ``moeq.train.jargon``), every weight trainable, with the
@@ -75,9 +75,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--budgets", default="2.25,2.5")
     parser.add_argument("--random-seeds", type=int, default=3)
-    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--eval-tokens", type=int, default=0, help="test tokens to score (0: the whole test split)")
     parser.add_argument("--calib-tokens", type=int, default=8192)
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/moeq-second-domain"))
+    parser.add_argument("--workdir", type=Path, default=Path("runs/second-domain"))
     parser.add_argument("--train-router", type=Path, default=None)
     args = parser.parse_args()
 
@@ -86,7 +86,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    test_ids = torch.tensor(tokenizer(texts["test"], add_special_tokens=False)["input_ids"][: args.eval_tokens])
+    test_ids = torch.tensor(tokenizer(texts["test"], add_special_tokens=False)["input_ids"][: args.eval_tokens or None])
     calibration = torch.tensor(tokenizer(texts["calibration"], add_special_tokens=False)["input_ids"][: args.calib_tokens])
     calibration = calibration[: calibration.numel() // 256 * 256].view(-1, 256)
     reference = load_source(model_dir)

@@ -31,6 +31,7 @@ from _common import RESULTS, machine, print_table
 import moeq
 from moeq.allocate import allocate
 from moeq.allocate.counts import CountError
+from moeq.allocate.ilp import AllocationInfeasible
 from moeq.calibrate.routing import tokenize_calibration
 from moeq.calibrate.runner import CalibrationConfig, quantize_calibrated
 from moeq.demo import DEFAULT_MODEL
@@ -74,7 +75,7 @@ def measure(strategy, seed, bits, levels, quantizer, calibration, ids, reference
     started = time.perf_counter()
     try:
         plan = allocate(DEFAULT_MODEL, strategy, avg_bits=bits, levels=levels, calibration=calibration, seed=seed)
-    except (PlanError, CountError) as err:
+    except (PlanError, CountError, AllocationInfeasible) as err:
         return {**row, "impossible": str(err)}
     report = evaluate(_quantized(plan, quantizer, calibration, work), ids, reference=reference)
     widths = {(e.layer, e.expert): e.spec.bits for e in plan.experts}

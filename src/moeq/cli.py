@@ -62,7 +62,7 @@ def quantize_command(
     max_gb: Annotated[float | None, typer.Option(help="Allocate to a true model size in GB (1e9 bytes).")] = None,
     strategy: Annotated[str, typer.Option(help="Allocation strategy with --avg-bits/--max-gb.")] = "router-maxvar",
     levels: Annotated[str | None, typer.Option(help="Candidate widths for allocation, high to low (default 3,2,1; 4,3,2,1 for auto).")] = None,
-    reference: Annotated[Path | None, typer.Option(help="Initial or pre-trained checkpoint, for the router-norm change.")] = None,
+    reference: Annotated[Path | None, typer.Option(help="Initial or pre-trained checkpoint (or a `moeq train-router` output), for the router-norm change.")] = None,
     calib: Annotated[Path | None, typer.Option(help="Calibration text (GPTQ and the data-based strategies).")] = None,
     quantizer: Annotated[str, typer.Option(help="rtn (round to nearest) or gptq (needs --calib).")] = "rtn",
     calib_tokens: Annotated[int, typer.Option(help="Calibration tokens to use at most.")] = 131072,
@@ -335,7 +335,7 @@ def allocate_command(
     max_gb: Annotated[float | None, typer.Option(help="Budget: true size in GB (1e9 bytes).")] = None,
     strategy: Annotated[str, typer.Option(help="router-maxvar | router | variance | frequency | routing-weight | random | uniform | pmq | error-ilp | auto")] = "router-maxvar",
     levels: Annotated[str | None, typer.Option(help="Candidate widths, e.g. 3,2,1 (the default; 4,3,2,1 for auto).")] = None,
-    reference: Annotated[Path | None, typer.Option(help="Initial or pre-trained checkpoint, for the router-norm change.")] = None,
+    reference: Annotated[Path | None, typer.Option(help="Initial or pre-trained checkpoint (or a `moeq train-router` output), for the router-norm change.")] = None,
     calib: Annotated[Path | None, typer.Option(help="Calibration text (frequency, routing-weight, pmq).")] = None,
     calib_tokens: Annotated[int, typer.Option(help="Calibration tokens to use at most.")] = 16384,
     seq_len: Annotated[int, typer.Option(help="Calibration sequence length.")] = 256,
@@ -389,8 +389,11 @@ def _guard(model_path: Path, plan: BitPlan, calib: Path | None, quantizer: str, 
     from .allocate.guard import compare_plan, uses_proxy
 
     if uses_proxy(plan):
+        # The advice follows benchmarks/second_domain.py (BENCHMARKS.md): a train-router Λ did 4-5x better than the
+        # proxy there, and auto better than every fixed rule.
         console.print("[yellow]note:[/] experts were ranked by the final router norm (no initial routers were found), the "
-                      "paper's proxy for the router-norm change; pass --reference INITIAL_CHECKPOINT, or run `moeq train-router` first")
+                      "paper's proxy for the router-norm change, which did worst in moeq's measurements; run `moeq train-router` "
+                      "and pass its folder as --reference, or, with calibration text, prefer --strategy auto")
     has_text = calib is not None or (model_path / "tokenizer.json").is_file()
     if not enabled or not has_text or not plan.experts:
         return
@@ -469,12 +472,13 @@ def qat_command(
 @app.command("train-router")
 def train_router_command(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A full-precision model folder.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for the router-tuned model and its initial_router.safetensors.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the router-tuned model; pass it to allocate/quantize MODEL as --reference.")],
     calib: Annotated[Path | None, typer.Option(help="Calibration text (default: the shipped calibration slice).")] = None,
     steps: Annotated[int, typer.Option(help="Fine-tuning steps.")] = 200,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
 ) -> None:
-    """Fine-tune only the routers on calibration text, so allocation measures a real router-norm change."""
+    """Fine-tune only the routers on calibration text, so allocation measures a real router-norm change
+    (then: moeq allocate MODEL --reference OUT ...)."""
     from .train.corpus import read_split
     from .train.router import RouterTuneConfig, train_router
 
@@ -561,7 +565,7 @@ def analyze_command(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Hugging Face model folder (read one tensor at a time).")],
     out: Annotated[Path, typer.Option("--out", help="Report folder (report.md, analysis.json, PNG plots).")],
     calib: Annotated[Path | None, typer.Option(help="Calibration text for activation frequency (default: the project corpus).")] = None,
-    reference: Annotated[Path | None, typer.Option(help="Initial or pre-trained checkpoint, for the router-norm change.")] = None,
+    reference: Annotated[Path | None, typer.Option(help="Initial or pre-trained checkpoint (or a `moeq train-router` output), for the router-norm change.")] = None,
     calib_tokens: Annotated[int, typer.Option(help="Calibration tokens to use at most.")] = 16384,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
 ) -> None:

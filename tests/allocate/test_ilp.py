@@ -56,3 +56,10 @@ def test_pmq_matches_brute_force_with_its_constraints(seed: int) -> None:
 def test_infeasible_budget_is_named() -> None:
     with pytest.raises(AllocationInfeasible, match="no solution within the budget"):
         choose_widths(np.ones((3, 2)), [2, 1], np.array([[2.0, 1.0]] * 3), budget=2.0)
+
+
+def test_pmq_names_the_least_budget_its_rule_allows() -> None:
+    # {3,2}: one 3-bit expert of 8 is required, so the least mean is (3 + 7 * 2) / 8 = 2.125 bits.
+    with pytest.raises(AllocationInfeasible, match="at least one 3-bit expert per layer .* at least 2.125 mean bits"):
+        pmq_layer(np.ones(8), np.ones(8), np.ones((8, 2)), [3, 2], avg_bits=2.0)
+    assert sorted(pmq_layer(np.ones(8), np.ones(8), np.ones((8, 2)), [3, 2], avg_bits=2.125)) == [2] * 7 + [3]

@@ -2,12 +2,15 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
 
-from moeq.train.lm import INITIAL_ROUTER_FILE, TrainConfig, default_model_config
+from moeq.allocate.scores import INITIAL_ROUTER_FILE, router_norms
+from moeq.models import moe_layers_or_error
+from moeq.train.lm import TrainConfig, default_model_config
 from moeq.train.router import RouterTuneConfig, train_router, tune_routers
 
 
@@ -53,3 +56,24 @@ def test_the_default_model_round_trips_its_initial_routers(tmp_path: Path) -> No
             assert not torch.equal(tuned[name], value)
         else:
             assert torch.equal(tuned[name], value), name
+
+
+def test_a_router_tune_as_reference_gives_the_same_change_as_the_tuned_folder(tmp_path: Path) -> None:
+    from moeq.allocate import allocate
+
+    source = tmp_path / "src"
+    model = transformers.MixtralForCausalLM(default_model_config(TrainConfig(out=tmp_path, layers=2, hidden=64, intermediate=96)))
+    model.save_pretrained(source)
+    import moeq
+
+    transformers.AutoTokenizer.from_pretrained(Path(moeq.__file__).parent / "data" / "tokenizer").save_pretrained(source)
+    text = (Path(moeq.__file__).parent / "data" / "calibration.txt").read_text()[:20000]
+    tuned = train_router(source, tmp_path / "tuned", text, RouterTuneConfig(steps=3, seq_len=64, batch_size=2, lr=1e-2))
+    from_folder = allocate(tuned, "router", avg_bits=2.5, levels=(3, 2))
+    as_reference = allocate(source, "router", avg_bits=2.5, levels=(3, 2), reference=tuned)
+    change = np.array(as_reference.scores["router_norm_change"])
+    # The folder's "before" is stored in bfloat16 (8 significant bits): its norms are off by up to ~2^-8 relative.
+    norms = np.array([[float(v) for v in router_norms(layer.router_weight)] for layer in moe_layers_or_error(model)[1]])
+    np.testing.assert_allclose(change, from_folder.scores["router_norm_change"], rtol=0, atol=float(norms.max()) * 2**-8)
+    assert np.abs(change).max() > 10 * float(norms.max()) * 2**-8  # the fine-tune moved them well beyond that rounding
+    assert "router-only fine-tune" in as_reference.method["router_signal"]

@@ -41,7 +41,7 @@ from .counts import CountError, level_counts, validate_levels
 from .damage import DamageTable, damage_table
 from .ilp import error_ilp, pmq_layer
 from .ranking import ZETA, ascending_order, descending_order, random_order, router_maxvar_order, widths_from_order
-from .scores import max_var, quantization_error, router_norm_change
+from .scores import INITIAL_ROUTER_FILE, ROUTER_TUNE_FILE, max_var, quantization_error, router_norm_change
 
 __all__ = ["AUTO_LEVELS", "CALIBRATED_STRATEGIES", "DEFAULT_LEVELS", "STRATEGIES", "allocate"]
 
@@ -75,7 +75,6 @@ def _open(model_or_path: nn.Module | str | Path) -> _Source:
     return _Source(lazy.layers, lazy.skeleton, Path(model_or_path), None, lambda: lazy.reader.bytes_read, lazy)
 
 
-INITIAL_ROUTER_FILE = "initial_router.safetensors"
 PROXY_SIGNAL = "final-norm proxy: no reference checkpoint was given"
 
 
@@ -290,14 +289,19 @@ def _router_signal(source: _Source, layers: list[MoELayer], reference, scores: d
     if reference is None and source.folder is not None and (source.folder / INITIAL_ROUTER_FILE).is_file():
         reference = source.folder / INITIAL_ROUTER_FILE  # the checkpoint ships its initial routers
     adapter = getattr(source.lazy, "adapter", None) or moe_layers_or_error(source.budget_model)[0]
-    initial = _reference_routers(reference, layers, adapter) if reference is not None else [None] * len(layers)
-    change = [router_norm_change(layer.router_weight, ref).tolist() for layer, ref in zip(layers, initial)]
-    signal = "router_norm_change" if reference is not None else "router_final_norm"
-    scores[signal] = change
-    method["router_signal"] = (
-        f"norm change against the reference {reference if not isinstance(reference, nn.Module) else 'model'}"
-        if reference is not None else PROXY_SIGNAL
-    )
+    if reference is not None and not isinstance(reference, nn.Module) and (Path(reference) / ROUTER_TUNE_FILE).is_file():
+        # A `moeq train-router` output of this model: its routers are the "after" of a measured fine-tune.
+        tuned = _reference_routers(reference, layers, adapter)
+        change = [router_norm_change(after, layer.router_weight).tolist() for layer, after in zip(layers, tuned)]
+        method["router_signal"] = f"norm change of the router-only fine-tune {reference}"
+    else:
+        initial = _reference_routers(reference, layers, adapter) if reference is not None else [None] * len(layers)
+        change = [router_norm_change(layer.router_weight, ref).tolist() for layer, ref in zip(layers, initial)]
+        method["router_signal"] = (
+            f"norm change against the reference {reference if not isinstance(reference, nn.Module) else 'model'}"
+            if reference is not None else PROXY_SIGNAL
+        )
+    scores["router_norm_change" if reference is not None else "router_final_norm"] = change
     return change
 
 

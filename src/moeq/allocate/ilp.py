@@ -89,6 +89,11 @@ def pmq_layer(
     experts = len(frequency)
     bits = np.tile(np.asarray(widths, dtype=np.float64), (experts, 1))
     required = [0, 1] if len(widths) >= 3 else [0]
+    least = (sum(widths[j] for j in required) + (experts - len(required)) * min(widths)) / experts
+    if avg_bits < least - 1e-9:
+        kept = " and ".join(f"{widths[j]}-bit" for j in required)
+        raise AllocationInfeasible(f"pmq keeps at least one {kept} expert per layer (MC-MoE's rule), which needs at least "
+                                   f"{least:.4g} mean bits with {experts} experts; raise --avg-bits or choose another strategy")
     return choose_widths(cost, widths, bits, avg_bits * experts + 1e-9, required)
 
 

@@ -27,13 +27,13 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
+from ..allocate.scores import INITIAL_ROUTER_FILE
 from ..io.atomic import atomic_directory
 from .corpus import DATA_DIR, digest, fetch_corpus
 from .tokenizer import train_tokenizer
 
 __all__ = ["TrainConfig", "Objective", "CausalLM", "random_windows", "short_finetune", "default_model_config", "fit", "train", "INITIAL_ROUTER_FILE"]
 
-INITIAL_ROUTER_FILE = "initial_router.safetensors"
 
 
 @dataclass

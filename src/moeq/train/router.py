@@ -7,19 +7,25 @@ calibration text in which every parameter is frozen except the router weights, s
 as they were before it (``initial_router.safetensors``, the same keys and format ``moeq train``
 writes and :mod:`moeq.allocate.api` reads) and saves the tuned model next to it, so Λ becomes a
 measured change: routers of rarely useful experts move least under the same data.
+
+The output also holds ``router_tune.json`` (source and settings). Two equivalent ways to use it:
+``moeq allocate OUT`` (Λ = tuned − before, read from the folder), or ``moeq allocate MODEL
+--reference OUT`` (the marker tells allocation that OUT's routers are the "after" of MODEL's).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import transformers
 from safetensors.torch import save_file
 
+from ..allocate.scores import INITIAL_ROUTER_FILE, ROUTER_TUNE_FILE
 from ..io.atomic import atomic_directory
-from .lm import INITIAL_ROUTER_FILE, CausalLM, short_finetune
+from .lm import CausalLM, short_finetune
 
 __all__ = ["RouterTuneConfig", "router_parameters", "tune_routers", "train_router"]
 
@@ -59,7 +65,7 @@ def tune_routers(model: transformers.PreTrainedModel, ids: torch.Tensor, config:
 
 def train_router(model_path: Path, out: Path, calib_text: str, config: RouterTuneConfig, overwrite: bool = False) -> Path:
     """Load a model folder, tune its routers on ``calib_text`` and write the tuned model, its
-    tokenizer and ``initial_router.safetensors`` (the routers before) to ``out``."""
+    tokenizer, ``initial_router.safetensors`` (the routers before) and ``router_tune.json`` to ``out``."""
     if not calib_text.strip():
         raise ValueError("the calibration text is empty; pass a text file with --calib")
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
@@ -73,4 +79,5 @@ def train_router(model_path: Path, out: Path, calib_text: str, config: RouterTun
         model.eval().to(dtype).save_pretrained(work)
         tokenizer.save_pretrained(work)
         save_file(initial, work / INITIAL_ROUTER_FILE, metadata={"format": "pt"})
+        (work / ROUTER_TUNE_FILE).write_text(json.dumps({"source": str(model_path), "settings": asdict(config)}, indent=1) + "\n")
     return out
