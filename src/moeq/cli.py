@@ -455,6 +455,7 @@ def qat_command(
     out: Annotated[Path, typer.Option("--out", help="Folder for the packed model.")],
     steps: Annotated[int, typer.Option(help="Fine-tuning steps.")] = 200,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
+    objective: Annotated[str, typer.Option(help="lm (MoQE: next-token loss) or distill (KL to the full-precision model; more memory).")] = "lm",
     data: Annotated[Path | None, typer.Option(help="Training text (default: the corpus train split if cached, else the calibration slice).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
 ) -> None:
@@ -463,7 +464,7 @@ def qat_command(
 
     try:
         ensure_output_free(out, overwrite)
-        folder = run_qat(model_path, BitPlan.load(plan_path), out, QATConfig(steps=steps, lr=lr), data, overwrite=overwrite)
+        folder = run_qat(model_path, BitPlan.load(plan_path), out, QATConfig(steps=steps, lr=lr, objective=objective), data, overwrite=overwrite)
     except USER_ERRORS as err:
         _fail(err)
     console.print(f"[green]saved[/] {folder}")

@@ -19,6 +19,7 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -78,10 +79,12 @@ def random_windows(ids: torch.Tensor, seq_len: int, batch_size: int, generator: 
 
 
 def short_finetune(model: transformers.PreTrainedModel, ids: torch.Tensor, parameters: list[torch.nn.Parameter], *,
-                   steps: int, lr: float, seq_len: int, batch_size: int, seed: int, log: list | None = None) -> None:
+                   steps: int, lr: float, seq_len: int, batch_size: int, seed: int, log: list | None = None,
+                   loss_fn: Callable[[transformers.PreTrainedModel, torch.Tensor], torch.Tensor] | None = None) -> None:
     """Fine-tune ``parameters`` of a causal MoE LM in place on random windows of 1-D token ids
-    (next-token loss with load balancing, AdamW without decay, gradient norm clipped at 1).
-    ``log``, when given, gets the loss of every step. Used by QAT and the router-only fine-tune."""
+    (AdamW without decay, gradient norm clipped at 1). The loss is ``loss_fn(model, windows)``,
+    by default the next-token loss with load balancing. ``log``, when given, gets the loss of
+    every step. Used by QAT and the router-only fine-tune."""
     if ids.numel() <= seq_len + 1:
         raise ValueError(f"the text has {ids.numel()} tokens; fine-tuning on windows of {seq_len} needs more than {seq_len + 1}: pass a longer text")
     torch.manual_seed(seed)
@@ -91,7 +94,7 @@ def short_finetune(model: transformers.PreTrainedModel, ids: torch.Tensor, param
     model.train()
     for step in range(steps):
         window = random_windows(ids, seq_len, batch_size, generator)
-        loss, _ = objective.loss(model, {"input_ids": window, "labels": window})
+        loss = loss_fn(model, window) if loss_fn else objective.loss(model, {"input_ids": window, "labels": window})[0]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()

@@ -14,10 +14,17 @@ the packed modules do not store.
 
 The latent weights are quantized in the model's saved dtype (e.g. bfloat16), the dtype export
 casts them to, so the codes chosen during training are the codes exported.
+
+Two objectives: ``lm`` (MoQE's: the next-token loss on the training text, load balancing
+included) and ``distill`` (the KL divergence of the full-precision model's next-token
+distribution to the fake-quantized one's, per token: the quantity ``moeq eval`` reports as KL;
+it keeps a frozen full-precision copy of the model in memory).
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +41,10 @@ from ..quant.rtn import quantize_rtn
 from .corpus import fetch_corpus, read_split
 from .lm import CausalLM, short_finetune
 
-__all__ = ["QATConfig", "fake_quantize", "attach_fake_quant", "detach_fake_quant", "qat_fit", "training_text", "run_qat"]
+__all__ = ["QATConfig", "QAT_OBJECTIVES", "distillation_loss", "fake_quantize", "attach_fake_quant", "detach_fake_quant", "qat_fit", "training_text", "run_qat"]
+
+
+QAT_OBJECTIVES = ("lm", "distill")
 
 
 @dataclass
@@ -44,7 +54,25 @@ class QATConfig:
     seq_len: int = 128
     batch_size: int = 8
     seed: int = 0
+    objective: str = "lm"  # one of QAT_OBJECTIVES
     log: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.objective not in QAT_OBJECTIVES:
+            raise ValueError(f"unknown QAT objective {self.objective!r}; choose one of {', '.join(QAT_OBJECTIVES)}")
+
+
+def distillation_loss(teacher: nn.Module) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """``loss(student, windows)``: mean over tokens of KL(teacher's next-token distribution ‖ student's)."""
+    teacher.eval()
+
+    def loss(student: nn.Module, windows: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = teacher(input_ids=windows).logits.float().log_softmax(-1)
+        predicted = student(input_ids=windows).logits.float().log_softmax(-1)
+        return torch.nn.functional.kl_div(predicted, target, log_target=True, reduction="none").sum(-1).mean()
+
+    return loss
 
 
 def fake_quantize(weight: torch.Tensor, spec: TensorSpec, scale_dtype: torch.dtype, weight_dtype: torch.dtype) -> torch.Tensor:
@@ -113,9 +141,10 @@ def qat_fit(model: transformers.PreTrainedModel, plan: BitPlan, ids: torch.Tenso
             weight_dtype: torch.dtype | None = None) -> transformers.PreTrainedModel:
     """Fine-tune ``model`` (float32, in place) on 1-D token ids with the plan's weights fake-quantized;
     returns it with the fake quant still attached. ``config.log`` gets the loss per step."""
+    loss_fn = distillation_loss(copy.deepcopy(model)) if config.objective == "distill" else None
     attach_fake_quant(model, plan, weight_dtype or torch.float32)
     short_finetune(model, ids, list(model.parameters()), steps=config.steps, lr=config.lr, seq_len=config.seq_len,
-                   batch_size=config.batch_size, seed=config.seed, log=config.log)
+                   batch_size=config.batch_size, seed=config.seed, log=config.log, loss_fn=loss_fn)
     return model
 
 
@@ -143,7 +172,7 @@ def run_qat(model_path: Path, plan: BitPlan, out: Path, config: QATConfig, data:
     ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     qat_fit(model, plan, ids, config, dtype)
     detach_fake_quant(model).to(dtype)
-    plan.method["qat"] = {"steps": config.steps, "lr": config.lr, "seq_len": config.seq_len, "batch_size": config.batch_size,
+    plan.method["qat"] = {"objective": config.objective, "steps": config.steps, "lr": config.lr, "seq_len": config.seq_len, "batch_size": config.batch_size,
                           "seed": config.seed, "data": origin, "scales": "recomputed per step (min-max/absmax)",
                           "first_loss": config.log[0]["loss"], "last_loss": config.log[-1]["loss"]}
     quantize(model, plan)
