@@ -2,9 +2,11 @@
 
     python benchmarks/strategies.py [--strategies ...] [--budgets ...] [--levels 3,2,1 3,2]
                                     [--quantizers rtn gptq] [--random-seeds 3] [--eval-tokens 4096]
+                                    [--model DIR --seq-len 128]
 
-The shipped default Mixtral (``moeq/data/default-mixtral``) carries its initial routers, so the
-router-norm change Λ is exact. Every strategy allocates mean expert widths of 2.0, 2.25, 2.5 and
+The shipped default Mixtral (``moeq/data/default-mixtral``; ``--model`` takes another, e.g. the
+Switch default with ``--seq-len 128``) carries its initial routers, so the router-norm change Λ is
+exact. Every strategy allocates mean expert widths of 2.0, 2.25, 2.5 and
 2.75 bits over the levels {3,2,1} and {3,2}; the experts are then quantized by round-to-nearest
 (``moeq.quantize``, asym per output channel, 1-bit experts sign) or by GPTQ (``quantize_calibrated``);
 everything else stays full precision. The calibration-based strategies (frequency, routing-weight,
@@ -48,12 +50,12 @@ LEVEL_SETS = ("3,2,1", "3,2")
 QUANTIZERS = ("rtn", "gptq")
 
 
-def _quantized(plan, quantizer: str, calibration, work: Path):
+def _quantized(model: Path, plan, quantizer: str, calibration, work: Path):
     """The model quantized by ``plan``: in memory for RTN, a folder written by GPTQ."""
     if quantizer == "rtn":
-        return moeq.quantize(load_source(DEFAULT_MODEL), plan)
+        return moeq.quantize(load_source(model), plan)
     out = work / "gptq"
-    quantize_calibrated(DEFAULT_MODEL, plan, calibration, out, CalibrationConfig(quantizer="gptq"), overwrite=True)
+    quantize_calibrated(model, plan, calibration, out, CalibrationConfig(quantizer="gptq"), overwrite=True)
     return out
 
 
@@ -69,15 +71,15 @@ def _runs(strategies, budgets, levels: tuple[int, ...], seeds: int):
                 yield strategy, seed, bits
 
 
-def measure(strategy, seed, bits, levels, quantizer, calibration, ids, reference, work: Path) -> dict:
+def measure(model: Path, strategy, seed, bits, levels, quantizer, calibration, ids, reference, seq_len: int, work: Path) -> dict:
     """One row: allocate, quantize, evaluate; an allocation the allocator rejects is recorded as such."""
     row = {"strategy": strategy, "seed": seed, "levels": list(levels), "quantizer": quantizer, "avg_bits_requested": bits}
     started = time.perf_counter()
     try:
-        plan = allocate(DEFAULT_MODEL, strategy, avg_bits=bits, levels=levels, calibration=calibration, seed=seed)
+        plan = allocate(model, strategy, avg_bits=bits, levels=levels, calibration=calibration, seed=seed)
     except (PlanError, CountError, AllocationInfeasible) as err:
         return {**row, "impossible": str(err)}
-    report = evaluate(_quantized(plan, quantizer, calibration, work), ids, reference=reference)
+    report = evaluate(_quantized(model, plan, quantizer, calibration, work), ids, reference=reference, seq_len=seq_len)
     widths = {(e.layer, e.expert): e.spec.bits for e in plan.experts}
     counts = {str(b): list(widths.values()).count(b) for b in levels}
     return {
@@ -131,15 +133,18 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--name", default="strategies", help="results file name (without .json)")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="a trained model folder (default: the Mixtral default)")
+    parser.add_argument("--seq-len", type=int, default=256, help="window of evaluation and calibration (128 for the Switch default)")
     args = parser.parse_args()
-    if not (DEFAULT_MODEL / "config.json").is_file():
-        raise SystemExit(f"the trained default model is missing at {DEFAULT_MODEL}; train it with `moeq train` first")
+    model = args.model
+    if not (model / "config.json").is_file():
+        raise SystemExit(f"the trained model is missing at {model}; train it with `moeq train` first")
     level_sets = [tuple(sorted((int(b) for b in s.split(",")), reverse=True)) for s in args.levels]
-    calibration = tokenize_calibration(DEFAULT_MODEL, DATA_DIR / "calibration.txt", args.calib_tokens, 256)
-    ids = evaluation_tokens(DEFAULT_MODEL, None, args.eval_tokens)
-    reference = load_source(DEFAULT_MODEL)
-    fp = evaluate(reference, ids)
-    setup = {"model": str(DEFAULT_MODEL), "eval_tokens": fp.tokens_scored, "seq_len": 256,
+    calibration = tokenize_calibration(model, DATA_DIR / "calibration.txt", args.calib_tokens, args.seq_len)
+    ids = evaluation_tokens(model, None, args.eval_tokens)
+    reference = load_source(model)
+    fp = evaluate(reference, ids, seq_len=args.seq_len)
+    setup = {"model": str(model), "eval_tokens": fp.tokens_scored, "seq_len": args.seq_len,
              "calibration_tokens": int(calibration.numel()), "full_precision_perplexity": fp.perplexity,
              "full_precision_bytes": fp.bytes_in_memory}
     print(f"full precision: perplexity {fp.perplexity:.3f} on {fp.tokens_scored} test tokens; calibration {calibration.numel()} tokens")
@@ -149,7 +154,7 @@ def main() -> None:
         for quantizer in args.quantizers:
             for levels in level_sets:
                 for strategy, seed, bits in _runs(args.strategies, args.budgets, levels, args.random_seeds):
-                    row = measure(strategy, seed, bits, levels, quantizer, calibration, ids, reference, Path(tmp))
+                    row = measure(model, strategy, seed, bits, levels, quantizer, calibration, ids, reference, args.seq_len, Path(tmp))
                     rows.append(row)
                     print(f"[{quantizer} {levels} {strategy} s{seed} {bits:g}] "
                           + (f"impossible: {row['impossible']}" if "impossible" in row else
@@ -166,7 +171,7 @@ def _save(path: Path, setup: dict, args, rows: list[dict]) -> None:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(), **setup,
-               "options": vars(args), "rows": rows}
+               "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": rows}
     atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
 
 

@@ -10,7 +10,7 @@ import torch
 
 from moeq.allocate import allocate
 from moeq.allocate.api import _one_bit_aware_spec
-from moeq.allocate.damage import DamageTable, RoutedInputs, layer_damage, predicted_damage
+from moeq.allocate.damage import PROBE_SEQUENCES, DamageTable, RoutedInputs, damage_table, layer_damage, layer_sensitivity, predicted_damage
 from moeq.models import moe_layers_or_error
 from moeq.models.tiny import tiny_model
 from moeq.quant.rtn import quantize_rtn
@@ -122,3 +122,17 @@ def test_auto_with_a_byte_budget(tmp_path: Path) -> None:
     plan = allocate(model, "auto", max_bytes=two.budget["model_bytes"], calibration=tokens())
     assert plan.budget["model_bytes"] <= two.budget["model_bytes"]
     assert plan.budget["predicted_damage"] <= allocate(model, "auto", avg_bits=2, levels=(2,), calibration=tokens()).budget["predicted_damage"]
+
+
+def test_gptq_table_is_calibrated_by_rounding_probes_over_rounding_damage() -> None:
+    # The probes round; KL per unit of damage must be measured against rounding's own damage.
+    model = tiny_model("mixtral")
+    ids, widths = tokens(), (3, 2, 1)
+    positions = [list(range(layer.num_experts)) for layer in moe_layers_or_error(model)[1]]
+    table = damage_table(model, ids, widths, spec, positions, "gptq")
+    rounding = predicted_damage(model, ids, widths, spec, positions, "rtn")
+    assert table.sensitivity == layer_sensitivity(model, ids[:PROBE_SEQUENCES], rounding, spec)
+    uncalibrated = predicted_damage(model, ids, widths, spec, positions, "gptq")
+    for i, layer in enumerate(uncalibrated.damage):
+        for e, row in enumerate(layer):
+            assert table.damage[i][e] == pytest.approx([d * table.sensitivity[i][j] for j, d in enumerate(row)], rel=1e-12)

@@ -325,5 +325,8 @@ def damage_table(
 
         model = load_source(source.folder)
     if model is not None:
-        table.calibrate(layer_sensitivity(model, token_ids[:PROBE_SEQUENCES], table, spec))
+        # The probes round, so their KL is divided by rounding's own predicted damage: KL per unit of
+        # output change is a property of the layer and width, which the GPTQ table then inherits.
+        rounding = table if quantizer == "rtn" else predicted_damage(source, token_ids, widths, spec, prior_positions, "rtn")
+        table.calibrate(layer_sensitivity(model, token_ids[:PROBE_SEQUENCES], rounding, spec))
     return table

@@ -176,7 +176,7 @@ def _outlier_comparison(roles: list[RoleSummary]) -> list[str]:
 
 def _markdown(report: AnalysisReport) -> str:
     lines = [f"# moeq analyze: {report.model}", "", "## Weights by layer type", "",
-             "| role | tensors | weights | min | max | mean σ | median excess kurtosis | max | share > 6σ |",
+             "| role | tensors | weights | min | max | mean σ | median excess kurtosis | max excess kurtosis | share > 6σ |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report.roles:
         lines.append(f"| {r.role} | {r.tensors} | {r.numel:,} | {r.minimum:.4g} | {r.maximum:.4g} | {r.mean_std:.4g} | "
