@@ -40,6 +40,8 @@ def _quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+
+
 console = Console()
 err_console = Console(stderr=True)
 

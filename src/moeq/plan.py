@@ -198,7 +198,6 @@ class BitPlan:
         return cls.from_json(data)
 
 
-
 def _expand_row(row: dict[str, Any], where: str) -> list[ExpertEntry]:
     """ExpertEntry objects of one (layer, projection) row of the JSON form."""
     try:

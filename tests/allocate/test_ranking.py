@@ -81,6 +81,7 @@ def test_router_norm_change_is_a_difference_of_norms() -> None:
 def test_maxvar_against_a_direct_computation() -> None:
     rng = random.Random(0)
     rows = [[rng.gauss(0, 1 + r) for _ in range(16)] for r in range(5)]
+
     def variance(xs, ddof):
         mean = sum(xs) / len(xs)
         return sum((x - mean) ** 2 for x in xs) / (len(xs) - ddof)

@@ -16,6 +16,7 @@ from tests.kernels.helpers import WIDTHS, quantized_experts, routing
 # float32 end to end; the kernel sums tiles in another order than torch's matmul.
 ATOL = 1e-4
 
+
 def check(experts, tokens: int, seed: int = 0) -> None:
     hidden = experts.expert(0)[experts.projections[0]].in_features
     x, index, weights = routing(tokens, hidden, experts.num_experts, 2 if experts.gated else 1, seed)

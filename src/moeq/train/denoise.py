@@ -70,7 +70,6 @@ class DenoiseConfig(TrainConfig):
     mean_span: float = MEAN_SPAN
 
 
-
 def spans(length: int, noise_density: float, mean_span: float) -> tuple[int, int]:
     """(noise tokens, spans) for a window of ``length`` (at least 2) tokens."""
     noise = min(max(1, round(length * noise_density)), length - 1)

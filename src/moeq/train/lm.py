@@ -36,7 +36,6 @@ from .tokenizer import train_tokenizer
 __all__ = ["TrainConfig", "Objective", "CausalLM", "random_windows", "short_finetune", "default_model_config", "fit", "train", "INITIAL_ROUTER_FILE"]
 
 
-
 @dataclass
 class TrainConfig:
     out: Path
