@@ -2,42 +2,25 @@
 
 Only experts that received tokens are touched, and the one dense weight alive at a time lives in a
 buffer reused across experts and projections, so memory stays at packed size + one projection's
-dense weight and unpack temporaries. Unpacking is the cost that matters on CPU, so widths that divide 8 (1, 2, 4, 8 bits)
-unpack with one broadcast shift on the uint8 bytes, and the others (3, 5, 6, 7) assemble ``bits``
-bytes into one int64 word per eight codes (the stream layout of :mod:`moeq.quant.pack`).
+dense weight and unpack temporaries. Unpacking (:func:`moeq.quant.pack.unpack_codes`) is the cost
+that matters on CPU.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..quant.pack import unpack_codes
 from ..quant.schemes import Scheme, decode
 from .routing import group_by_expert
 
-__all__ = ["experts_forward_cpu", "unpack_stream"]
-
-
-def unpack_stream(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:
-    """The first ``num_codes`` codes of a STREAM_LE buffer as uint8 (same result as ``unpack_codes``)."""
-    if bits == 8:
-        return packed[:num_codes]
-    if 8 % bits == 0:
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-        codes = (packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
-        return codes.reshape(-1)[:num_codes]
-    groups = (num_codes + 7) // 8
-    padded = packed.new_zeros(groups * bits)
-    padded[: packed.numel()] = packed
-    byte_shifts = torch.arange(0, 8 * bits, 8, dtype=torch.int64, device=packed.device)
-    words = (padded.view(groups, bits).to(torch.int64) << byte_shifts).sum(dim=1, keepdim=True)
-    code_shifts = torch.arange(0, 8 * bits, bits, dtype=torch.int64, device=packed.device)
-    return ((words >> code_shifts) & ((1 << bits) - 1)).to(torch.uint8).reshape(-1)[:num_codes]
+__all__ = ["experts_forward_cpu"]
 
 
 def _dequantize_into(linear, out: torch.Tensor) -> torch.Tensor:
     """``linear``'s dense weight written into ``out`` (``[out_features, in_features]``, reused)."""
     rows, cols = linear.out_features, linear.in_features
-    codes = unpack_stream(linear.codes, linear.spec.bits, rows * cols).view(rows, -1, linear.group_size)
+    codes = unpack_codes(linear.codes, linear.spec.bits, rows * cols).view(rows, -1, linear.group_size)
     scheme = linear.spec.scheme
     if scheme is Scheme.LOG:
         out.copy_(decode(codes, linear.scales, None, scheme, linear.spec.bits).view(rows, cols))

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..quant.pack import unpack_codes
 from ..quant.schemes import Scheme
-from .cpu import unpack_stream
 
 __all__ = ["META", "KernelLayout", "build_layout"]
 
@@ -81,7 +81,7 @@ def build_layout(linears: list, device: torch.device | str) -> KernelLayout:
     word_offset = scale_offset = 0
     for linear in linears:
         bits = linear.spec.bits
-        codes = unpack_stream(linear.codes, bits, out_features * in_features).view(out_features, in_features)
+        codes = unpack_codes(linear.codes, bits, out_features * in_features).view(out_features, in_features)
         row_words = _row_words(codes, bits)
         s, z = _scales_zeros(linear)
         meta.append([word_offset, bits, row_words.shape[1], linear.group_size, scale_offset, int(linear.spec.scheme is Scheme.LOG)])
