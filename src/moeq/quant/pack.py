@@ -95,9 +95,17 @@ def unpack_codes(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tenso
         # bytes unpacks them (2-3x faster than the general path; unpacking is the CPU path's cost).
         shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
         return ((packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1)[:num_codes]
+    # 3, 5, 6, 7 bits: eight codes fill ``bits`` bytes; code j of a group starts at bit j * bits and
+    # spans at most two bytes, so each of the eight positions is one or two byte shifts, in uint8.
     groups = (num_codes + 7) // 8
     padded = packed.new_zeros(groups * bits)
     padded[: packed.numel()] = packed
-    code_shifts, byte_shifts = _byte_shifts(bits, packed.device)
-    words = (padded.view(groups, bits).to(torch.int64) << byte_shifts).sum(dim=1, keepdim=True)
-    return ((words >> code_shifts) & ((1 << bits) - 1)).to(torch.uint8).reshape(-1)[:num_codes]
+    group_bytes = padded.view(groups, bits)
+    codes = torch.empty(groups, 8, dtype=torch.uint8, device=packed.device)
+    for j in range(8):
+        byte, shift = divmod(j * bits, 8)
+        code = group_bytes[:, byte] >> shift
+        if shift + bits > 8:
+            code |= group_bytes[:, byte + 1] << (8 - shift)
+        codes[:, j] = code & ((1 << bits) - 1)
+    return codes.reshape(-1)[:num_codes]
