@@ -134,6 +134,8 @@ def layer_rows(args, peak_gbs: float) -> list[dict]:
             bf16 = partial(experts_forward_reference, x, index, weights, EXPERTS, partial(pick, dense), F.silu, True)
             t_q, t_bf16 = timed(quant, args.repeats, args.device), timed(bf16, args.repeats, args.device)
             t_ref = timed(reference, args.repeats, args.device)
+            expected = reference().float()
+            error = float((quant().float() - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
             moved = read_bytes(layer, set(index.unique().tolist()))
             gbs = moved / t_q / 1e9
             rows.append({
@@ -143,6 +145,7 @@ def layer_rows(args, peak_gbs: float) -> list[dict]:
                 "speedup": round(t_bf16 / t_q, 2), "packed_GB/s": round(gbs, 3),
                 "of_peak": round(gbs / peak_gbs, 3),
                 "kernel_share": round(kernel_share(quant, t_q), 3) if args.device == "cuda" else None,
+                "max_rel_err": float(f"{error:.3g}"),  # against the torch reference, relative to its largest output
             })
             print(rows[-1], flush=True)
     return rows

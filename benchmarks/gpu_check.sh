@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The prepared device run for the runtime issue (one call of the `device` tool, about 5 minutes):
+# versions, the Triton kernels against the torch reference at Mixtral-8x7B layer shapes, timings
+# against bf16 experts and the HBM bandwidth. Run from the repository root on the lent GPU machine
+# (its python3 has torch, triton and transformers; nothing is installed):
+#     bash benchmarks/gpu_check.sh          # logs and JSON go to $OUT (or runs/gpu here)
+set -uo pipefail
+export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+OUT="${OUT:-runs/gpu}"
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+cd benchmarks || exit 1
+# Every row also carries max_rel_err, the kernel's output against the torch reference.
+timeout 420 python3 moe_kernel.py --device cuda --repeats 20 2>&1 | tee "$OUT/moe_kernel.log"
+cp results/moe_kernel_cuda.json "$OUT/" 2>/dev/null || echo "no results/moe_kernel_cuda.json written"
