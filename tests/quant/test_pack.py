@@ -52,3 +52,22 @@ def test_out_of_range_codes_are_refused() -> None:
 def test_wrong_buffer_size_is_refused() -> None:
     with pytest.raises(ValueError, match="need 2 bytes"):
         unpack_codes(torch.zeros(3, dtype=torch.uint8), 3, 3)
+
+
+def _stream_by_hand(codes: list[int], bits: int) -> list[int]:
+    """The STREAM_LE layout one bit at a time: code i's bit k is stream bit i * bits + k."""
+    out = [0] * ((len(codes) * bits + 7) // 8)
+    for i, code in enumerate(codes):
+        for k in range(bits):
+            if code >> k & 1:
+                position = i * bits + k
+                out[position // 8] |= 1 << (position % 8)
+    return out
+
+
+@settings(max_examples=100, deadline=None)
+@given(bits=st.integers(1, 8), codes=st.data())
+def test_bytes_equal_the_stream_layout_bit_by_bit(bits: int, codes) -> None:
+    # Pins the checkpoint format itself, not only pack/unpack consistency.
+    values = codes.draw(st.lists(st.integers(0, (1 << bits) - 1), max_size=70))
+    assert pack_codes(torch.tensor(values, dtype=torch.int64), bits).tolist() == _stream_by_hand(values, bits)

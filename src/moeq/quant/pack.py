@@ -45,12 +45,6 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bit width must be an integer from 1 to 8, got {bits!r}")
 
 
-def _byte_shifts(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    code_shifts = torch.arange(8, device=device, dtype=torch.int64) * bits
-    byte_shifts = torch.arange(bits, device=device, dtype=torch.int64) * 8
-    return code_shifts, byte_shifts
-
-
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in ``[0, 2**bits)`` into a 1-D uint8 tensor of ``ceil(n*bits/8)`` bytes.
 
@@ -59,20 +53,26 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     _check_bits(bits)
     if codes.is_floating_point() or codes.is_complex():
         raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
-    flat = codes.reshape(-1).to(torch.int64)
+    flat = codes.reshape(-1)
     n = flat.numel()
     if n and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
         raise ValueError(f"codes must lie in [0, {1 << bits}) for {bits}-bit packing")
     if bits == 8:
-        return flat.to(torch.uint8)
+        return flat.to(torch.uint8, copy=True)
+    # Eight codes fill ``bits`` bytes; code j of a group starts at bit j * bits and touches at most
+    # two bytes, so each position is ORed into its byte(s) with uint8 shifts (the high bits of a
+    # left shift fall off, which is what the stream wants).
     groups = (n + 7) // 8
-    padded = torch.zeros(groups * 8, dtype=torch.int64, device=flat.device)
+    padded = torch.zeros(groups * 8, dtype=torch.uint8, device=flat.device)
     padded[:n] = flat
-    code_shifts, byte_shifts = _byte_shifts(bits, flat.device)
-    # One int64 per group of eight codes; 8 * bits <= 56 bits, so nothing overflows.
-    words = (padded.view(groups, 8) << code_shifts).sum(dim=1)
-    packed = ((words.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
-    return packed[: packed_nbytes(n, bits)].contiguous()
+    codes = padded.view(groups, 8)
+    group_bytes = torch.zeros(groups, bits, dtype=torch.uint8, device=flat.device)
+    for j in range(8):
+        byte, shift = divmod(j * bits, 8)
+        group_bytes[:, byte] |= codes[:, j] << shift
+        if shift + bits > 8:
+            group_bytes[:, byte + 1] |= codes[:, j] >> (8 - shift)
+    return group_bytes.reshape(-1)[: packed_nbytes(n, bits)].contiguous()
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tensor:
