@@ -10,7 +10,7 @@ import transformers
 from moeq import QuantConfig
 from moeq.api import plan_for, quantize
 from moeq.plan import PlanError
-from moeq.train.lm import TrainConfig, default_model_config, short_finetune
+from moeq.train.lm import FinetuneConfig, TrainConfig, default_model_config, short_finetune
 from moeq.train.qat import QATConfig, attach_fake_quant, detach_fake_quant, distillation_loss, qat_fit, training_text
 
 
@@ -73,7 +73,7 @@ def test_missing_training_text_is_a_one_line_error(tmp_path: Path) -> None:
 
 def test_distillation_lowers_the_kl_to_the_full_precision_model() -> None:
     teacher = _tiny()  # trained a little first, so that its predictions are sharp and 2 bits hurt them
-    short_finetune(teacher, _stream(), list(teacher.parameters()), steps=40, lr=3e-3, seq_len=32, batch_size=8, seed=0)
+    short_finetune(teacher, _stream(), list(teacher.parameters()), FinetuneConfig(steps=40, lr=3e-3, seq_len=32, batch_size=8))
     weights = [p.detach().clone() for p in teacher.parameters()]
     student = copy.deepcopy(teacher)
     plan = plan_for(student, QuantConfig(bits=2))

@@ -33,7 +33,7 @@ from ..io.atomic import atomic_directory
 from .corpus import DATA_DIR, digest, fetch_corpus
 from .tokenizer import train_tokenizer
 
-__all__ = ["TrainConfig", "Objective", "CausalLM", "random_windows", "short_finetune", "default_model_config", "fit", "train", "INITIAL_ROUTER_FILE"]
+__all__ = ["TrainConfig", "Objective", "CausalLM", "random_windows", "FinetuneConfig", "load_causal_lm", "short_finetune", "default_model_config", "fit", "train", "INITIAL_ROUTER_FILE"]
 
 
 @dataclass
@@ -77,22 +77,45 @@ def random_windows(ids: torch.Tensor, seq_len: int, batch_size: int, generator: 
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
-def short_finetune(model: transformers.PreTrainedModel, ids: torch.Tensor, parameters: list[torch.nn.Parameter], *,
-                   steps: int, lr: float, seq_len: int, batch_size: int, seed: int, log: list | None = None,
+@dataclass
+class FinetuneConfig:
+    """A short fine-tune of a causal MoE LM (:func:`short_finetune`): QAT and the router-only one."""
+
+    steps: int = 200
+    lr: float = 1e-4
+    seq_len: int = 128
+    batch_size: int = 8
+    seed: int = 0
+
+
+def load_causal_lm(model_path: Path, text: str) -> tuple[transformers.PreTrainedModel, object, torch.dtype, torch.Tensor]:
+    """A causal LM folder ready to fine-tune: ``(model in float32, tokenizer, the dtype it was saved
+    in, the token ids of text)``."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_path)
+    dtype = next(model.parameters()).dtype
+    model = model.float()
+    CausalLM().ready(model)
+    return model, tokenizer, dtype, torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+
+
+def short_finetune(model: transformers.PreTrainedModel, ids: torch.Tensor, parameters: list[torch.nn.Parameter],
+                   config: FinetuneConfig, log: list | None = None,
                    loss_fn: Callable[[transformers.PreTrainedModel, torch.Tensor], torch.Tensor] | None = None) -> None:
     """Fine-tune ``parameters`` of a causal MoE LM in place on random windows of 1-D token ids
     (AdamW without decay, gradient norm clipped at 1). The loss is ``loss_fn(model, windows)``,
     by default the next-token loss with load balancing. ``log``, when given, gets the loss of
-    every step. Used by QAT and the router-only fine-tune."""
-    if ids.numel() <= seq_len + 1:
-        raise ValueError(f"the text has {ids.numel()} tokens; fine-tuning on windows of {seq_len} needs more than {seq_len + 1}: pass a longer text")
-    torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
+    every step."""
+    if ids.numel() <= config.seq_len + 1:
+        raise ValueError(f"the text has {ids.numel()} tokens; fine-tuning on windows of {config.seq_len} needs more than "
+                         f"{config.seq_len + 1}: pass a longer text")
+    torch.manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(config.seed)
     objective = CausalLM()
     model.train()
-    for step in range(steps):
-        window = random_windows(ids, seq_len, batch_size, generator)
+    for step in range(config.steps):
+        window = random_windows(ids, config.seq_len, config.batch_size, generator)
         loss = loss_fn(model, window) if loss_fn else objective.loss(model, {"input_ids": window, "labels": window})[0]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)

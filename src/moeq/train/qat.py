@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,7 +39,7 @@ from ..modules.convert import validate_plan
 from ..plan import BitPlan, TensorSpec
 from ..quant.rtn import quantize_rtn
 from .corpus import fetch_corpus, read_split
-from .lm import CausalLM, short_finetune
+from .lm import FinetuneConfig, load_causal_lm, short_finetune
 
 __all__ = ["QATConfig", "QAT_OBJECTIVES", "distillation_loss", "fake_quantize", "attach_fake_quant", "detach_fake_quant", "qat_fit", "training_text", "run_qat"]
 
@@ -48,12 +48,7 @@ QAT_OBJECTIVES = ("lm", "distill")
 
 
 @dataclass
-class QATConfig:
-    steps: int = 200
-    lr: float = 1e-4
-    seq_len: int = 128
-    batch_size: int = 8
-    seed: int = 0
+class QATConfig(FinetuneConfig):
     objective: str = "lm"  # one of QAT_OBJECTIVES
     log: list = field(default_factory=list)
 
@@ -143,8 +138,7 @@ def qat_fit(model: transformers.PreTrainedModel, plan: BitPlan, ids: torch.Tenso
     returns it with the fake quant still attached. ``config.log`` gets the loss per step."""
     loss_fn = distillation_loss(copy.deepcopy(model)) if config.objective == "distill" else None
     attach_fake_quant(model, plan, weight_dtype or torch.float32)
-    short_finetune(model, ids, list(model.parameters()), steps=config.steps, lr=config.lr, seq_len=config.seq_len,
-                   batch_size=config.batch_size, seed=config.seed, log=config.log, loss_fn=loss_fn)
+    short_finetune(model, ids, list(model.parameters()), config, log=config.log, loss_fn=loss_fn)
     return model
 
 
@@ -164,16 +158,11 @@ def run_qat(model_path: Path, plan: BitPlan, out: Path, config: QATConfig, data:
             cache: Path = Path("data/cache"), overwrite: bool = False) -> Path:
     """Load a full-precision model folder, fine-tune it under ``plan`` and save it packed to ``out``."""
     text, origin = training_text(data, cache)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_path)
-    dtype = next(model.parameters()).dtype
-    model = model.float()
-    CausalLM().ready(model)
-    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    model, _, dtype, ids = load_causal_lm(model_path, text)
     qat_fit(model, plan, ids, config, dtype)
     detach_fake_quant(model).to(dtype)
-    plan.method["qat"] = {"objective": config.objective, "steps": config.steps, "lr": config.lr, "seq_len": config.seq_len, "batch_size": config.batch_size,
-                          "seed": config.seed, "data": origin, "scales": "recomputed per step (min-max/absmax)",
+    settings = {k: v for k, v in asdict(config).items() if k != "log"}
+    plan.method["qat"] = {**settings, "data": origin, "scales": "recomputed per step (min-max/absmax)",
                           "first_loss": config.log[0]["loss"], "last_loss": config.log[-1]["loss"]}
     quantize(model, plan)
     return save(model, out, source=model_path, overwrite=overwrite)

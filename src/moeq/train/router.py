@@ -25,18 +25,14 @@ from safetensors.torch import save_file
 
 from ..allocate.scores import INITIAL_ROUTER_FILE, ROUTER_TUNE_FILE
 from ..io.atomic import atomic_directory
-from .lm import CausalLM, short_finetune
+from .lm import CausalLM, FinetuneConfig, load_causal_lm, short_finetune
 
 __all__ = ["RouterTuneConfig", "router_parameters", "tune_routers", "train_router"]
 
 
 @dataclass
-class RouterTuneConfig:
-    steps: int = 200
+class RouterTuneConfig(FinetuneConfig):
     lr: float = 1e-3
-    seq_len: int = 128
-    batch_size: int = 8
-    seed: int = 0
 
 
 def router_parameters(model: torch.nn.Module, suffix: str = CausalLM.router_suffix) -> dict[str, torch.nn.Parameter]:
@@ -56,8 +52,7 @@ def tune_routers(model: transformers.PreTrainedModel, ids: torch.Tensor, config:
         p.requires_grad_(False)
     for p in routers.values():
         p.requires_grad_(True)
-    short_finetune(model, ids, list(routers.values()), steps=config.steps, lr=config.lr, seq_len=config.seq_len,
-                   batch_size=config.batch_size, seed=config.seed)
+    short_finetune(model, ids, list(routers.values()), config)
     for p in model.parameters():
         p.requires_grad_(True)
     return initial
@@ -68,12 +63,7 @@ def train_router(model_path: Path, out: Path, calib_text: str, config: RouterTun
     tokenizer, ``initial_router.safetensors`` (the routers before) and ``router_tune.json`` to ``out``."""
     if not calib_text.strip():
         raise ValueError("the calibration text is empty; pass a text file with --calib")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_path)
-    dtype = next(model.parameters()).dtype  # saved back in the dtype it came in
-    model = model.float()
-    CausalLM().ready(model)
-    ids = torch.tensor(tokenizer(calib_text)["input_ids"], dtype=torch.long)
+    model, tokenizer, dtype, ids = load_causal_lm(model_path, calib_text)  # saved back in the dtype it came in
     initial = tune_routers(model, ids, config)
     with atomic_directory(out, overwrite=overwrite) as work:
         model.eval().to(dtype).save_pretrained(work)
