@@ -148,6 +148,7 @@ class Denoising:
         return fetch_corpus(config.cache), tokenizer
 
     def batch(self, ids: torch.Tensor, config: DenoiseConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        # Not lm.random_windows: its draw range differs by one, and the shipped model's batches follow this one.
         starts = torch.randint(0, ids.numel() - config.seq_len, (config.batch_size,), generator=generator)
         windows = torch.stack([ids[s : s + config.seq_len] for s in starts.tolist()])
         return _corrupted_batch(windows, config, config.vocab_size + NUM_SENTINELS, generator)
