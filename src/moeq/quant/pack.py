@@ -90,22 +90,23 @@ def unpack_codes(packed: torch.Tensor, bits: int, num_codes: int) -> torch.Tenso
         )
     if bits == 8:
         return packed[:num_codes]
+    mask = (1 << bits) - 1
     if 8 % bits == 0:
-        # 1, 2, 4 bits: whole codes sit inside one byte, LSB first, so one broadcast shift of the
-        # bytes unpacks them (2-3x faster than the general path; unpacking is the CPU path's cost).
-        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
-        return ((packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1)[:num_codes]
+        # 1, 2, 4 bits: whole codes sit inside one byte, LSB first; one shifted copy of the bytes per
+        # code position, interleaved by a stack (contiguous ops: 2-4x faster than a broadcast shift).
+        positions = [(packed >> shift) & mask for shift in range(0, 8, bits)]
+        return torch.stack(positions, dim=1).reshape(-1)[:num_codes]
     # 3, 5, 6, 7 bits: eight codes fill ``bits`` bytes; code j of a group starts at bit j * bits and
     # spans at most two bytes, so each of the eight positions is one or two byte shifts, in uint8.
     groups = (num_codes + 7) // 8
     padded = packed.new_zeros(groups * bits)
     padded[: packed.numel()] = packed
     group_bytes = padded.view(groups, bits)
-    codes = torch.empty(groups, 8, dtype=torch.uint8, device=packed.device)
+    positions = []
     for j in range(8):
         byte, shift = divmod(j * bits, 8)
         code = group_bytes[:, byte] >> shift
         if shift + bits > 8:
             code |= group_bytes[:, byte + 1] << (8 - shift)
-        codes[:, j] = code & ((1 << bits) - 1)
-    return codes.reshape(-1)[:num_codes]
+        positions.append(code & mask)
+    return torch.stack(positions, dim=1).reshape(-1)[:num_codes]
