@@ -19,7 +19,7 @@ run: $(STAMP)
 	$(BIN)/moeq demo --out runs/main --overwrite
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,13 +1,13 @@
 """Quantized MoE experts against bf16 experts at Mixtral-8x7B layer shapes, and generation on the default model.
 
     python benchmarks/moe_kernel.py [--device cuda|cpu] [--scale 1] [--tokens 1,8,64,512,4096]
-        [--repeats 20] [--bandwidth-gbs N] [--threads N] [--part layer|generate|both]
+        [--repeats 20] [--bandwidth-gbs N] [--threads N] [--part layer|generate|both] [--backend auto]
 
 Layer part: one MoE layer (hidden 4096, intermediate 14336, 8 experts, top-2; every dimension
 divided by ``--scale``) with random packed codes (asym, group 128) at uniform 4 bits, uniform 2
 bits and mixed 3/2/1 bits at 2.5 average (expert widths 3,3,3,3,3,2,2,1; 1 bit is ``sign``),
-routed the same way for the quantized layer (``moe_experts_forward``, backend ``auto``: Triton on
-CUDA, the CPU path on CPU; and backend ``reference``) and for bf16 experts (the torch reference
+routed the same way for the quantized layer (``moe_experts_forward``, ``--backend``, default
+``auto``: Triton on CUDA, the CPU path on CPU; and backend ``reference``) and for bf16 experts (the torch reference
 loop on dense weights).
 Fastest wall time of ``--repeats`` calls after warm-up (the machine may be shared); bytes/s counts the packed bytes (codes,
 scales, zero points) of the experts the routing actually reads, against ``--bandwidth-gbs``
@@ -17,8 +17,9 @@ Writes benchmarks/results/moe_kernel_<device>.json.
 
 ``--part generate``: on src/moeq/data/default-mixtral, in a fresh process each, greedy generation of
 64 tokens (batch 1, 32-token prompt; fastest of three) by the full-precision model and by moeq-quantized copies
-(uniform 4 bits; ``router-maxvar`` 2.5 bits over levels 3,2,1) with the reference and CPU
-backends: tokens/s, resident memory after loading above the post-import baseline, the peak
+(uniform 4 bits; ``router-maxvar`` 2.5 bits over levels 3,2,1) with the reference, ``cpu`` and
+``cpu-int4`` backends: tokens/s, resident memory after loading and after generating (which
+includes the ``cpu-int4`` copy built by the warm-up) above the post-import baseline, the peak
 during the timed generation above the resident memory when it started (VmHWM, reset through
 /proc/self/clear_refs), and the packed experts' bytes. Writes benchmarks/results/moe_generate.json.
 """
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from _common import print_table, write_json
 
-from moeq.kernels import moe_experts_forward
+from moeq.kernels import BACKENDS, moe_experts_forward
 from moeq.kernels.reference import experts_forward_reference
 from moeq.modules.experts import QuantizedExperts
 from moeq.plan import TensorSpec
@@ -129,7 +130,7 @@ def layer_rows(args, peak_gbs: float) -> list[dict]:
             index = torch.stack([torch.randperm(EXPERTS, generator=g)[:TOP_K] for _ in range(tokens)]).to(args.device)
             weights = torch.rand(tokens, TOP_K, generator=g).to(torch.bfloat16).to(args.device)
 
-            quant = partial(moe_experts_forward, x, index, weights, layer)
+            quant = partial(moe_experts_forward, x, index, weights, layer, backend=args.backend)
             reference = partial(moe_experts_forward, x, index, weights, layer, backend="reference")
             bf16 = partial(experts_forward_reference, x, index, weights, EXPERTS, partial(pick, dense), F.silu, True)
             t_q, t_bf16 = timed(quant, args.repeats, args.device), timed(bf16, args.repeats, args.device)
@@ -139,7 +140,7 @@ def layer_rows(args, peak_gbs: float) -> list[dict]:
             moved = read_bytes(layer, set(index.unique().tolist()))
             gbs = moved / t_q / 1e9
             rows.append({
-                "config": name, "avg_bits": sum(widths) / len(widths), "tokens": tokens,
+                "config": name, "backend": args.backend, "avg_bits": sum(widths) / len(widths), "tokens": tokens,
                 "quant_ms": round(t_q * 1e3, 3), "bf16_ms": round(t_bf16 * 1e3, 3),
                 "reference_ms": round(t_ref * 1e3, 3),
                 "speedup": round(t_bf16 / t_q, 2), "packed_GB/s": round(gbs, 3),
@@ -182,6 +183,7 @@ with torch.no_grad():
         model.generate(prompt, max_new_tokens=64, do_sample=False, min_new_tokens=64)
         seconds.append(time.perf_counter() - start)
 print(json.dumps({"tokens_per_s": round(64 / min(seconds), 1), "loaded_MB": round((loaded - base) / 1024, 1),
+                  "resident_after_MB": round((rss_kb("VmRSS") - base) / 1024, 1),
                   "generate_peak_above_start_MB": round((rss_kb("VmHWM") - before) / 1024, 2), "packed_experts_MB": round(packed / 2**20, 2)}))
 """
 
@@ -199,7 +201,7 @@ def generation_rows(threads: int) -> list[dict]:
                 config = moeq.allocate(source, "router-maxvar", avg_bits=2.5, levels=(3, 2, 1))
             folder = Path(work) / name.replace(" ", "")
             moeq.save(moeq.quantize(load_source(source), config), folder)
-            folders[name] = (folder, ["reference", "cpu"])
+            folders[name] = (folder, ["reference", "cpu", "cpu-int4"])
         for name, (folder, backends) in folders.items():
             for backend in backends:
                 result = subprocess.run([sys.executable, "-c", CHILD, str(folder), backend, str(threads)], capture_output=True, text=True, check=True)
@@ -215,6 +217,7 @@ def main() -> None:
     parser.add_argument("--tokens", default="1,8,64,512,4096", type=lambda s: [int(t) for t in s.split(",")])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--bandwidth-gbs", type=float, default=None)
+    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="the quantized layer's backend (layer part)")
     parser.add_argument("--part", default="layer", choices=["layer", "generate", "both"], help="generate: the default model (CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 steadies timings on a shared machine)")
     args = parser.parse_args()

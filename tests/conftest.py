@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
-import torch
-from torch import nn
+# Triton kernels run on CPU tensors through Triton's interpreter. It must be on before anything
+# imports triton: triton.language decorates its own helpers at import, and transformers imports
+# triton early when some optional packages (hqq) are installed.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from moeq.models.tiny import TINY_FAMILIES, tiny_model
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from moeq.models.tiny import TINY_FAMILIES, tiny_model  # noqa: E402
 
 
 def logits(model: nn.Module, seed: int = 0) -> torch.Tensor:

@@ -508,6 +508,7 @@ def eval_command(
     tasks: Annotated[str | None, typer.Option(help="Run these lm-eval tasks instead (comma-separated; needs the harness extra).")] = None,
     limit: Annotated[int | None, typer.Option(help="With --tasks: score at most this many documents per task.")] = None,
     include_path: Annotated[Path | None, typer.Option(help="With --tasks: a folder of custom task YAML files.")] = None,
+    backend: Annotated[str, typer.Option(help="Experts backend of a moeq model: auto, reference, cpu, cpu-int4 (faster on CPU, more memory), triton.")] = "auto",
 ) -> None:
     """Perplexity, KL to a reference, routing agreement, expert load, bytes and speed; or lm-eval tasks with --tasks."""
     from .eval import evaluate
@@ -521,10 +522,10 @@ def eval_command(
             raise ValueError("--tasks runs lm-eval only; --reference and --data belong to the perplexity report")
         if tasks is not None:
             names = [name.strip() for name in tasks.split(",") if name.strip()]
-            harness = run_harness(model_path, names, limit=limit, include_path=include_path)
+            harness = run_harness(model_path, names, limit=limit, include_path=include_path, backend=backend)
         else:
             ids = evaluation_tokens(model_path, data, max_tokens)
-            report = evaluate(model_path, ids, reference=reference, seq_len=seq_len, stride=stride)
+            report = evaluate(model_path, ids, reference=reference, seq_len=seq_len, stride=stride, backend=backend)
         if json_out:
             from .io.atomic import atomic_write_text
             import json

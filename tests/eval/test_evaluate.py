@@ -1,5 +1,6 @@
 """Every metric against a hand computation on a tiny model."""
 
+import json
 import math
 from pathlib import Path
 
@@ -94,3 +95,10 @@ def test_cli_eval(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "KL to reference" in result.output and "expert load" in result.output
     assert (tmp_path / "r.json").read_text().count("perplexity") == 2
+    fast = CliRunner().invoke(app, ["eval", str(tmp_path / "q"), "--data", str(tmp_path / "text.txt"), "--seq-len", "64",
+                                    "--backend", "cpu-int4", "--json", str(tmp_path / "fast.json")])
+    assert fast.exit_code == 0, fast.output
+    first, second = (json.loads((tmp_path / name).read_text())["perplexity"] for name in ("r.json", "fast.json"))
+    assert second == pytest.approx(first, rel=1e-4)
+    wrong = CliRunner().invoke(app, ["eval", str(tmp_path / "q"), "--data", str(tmp_path / "text.txt"), "--backend", "gpu"])
+    assert wrong.exit_code != 0 and "unknown experts backend 'gpu'" in wrong.output

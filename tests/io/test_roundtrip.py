@@ -139,3 +139,17 @@ def test_generate_works_on_the_loaded_model(tmp_path: Path) -> None:
     model = moeq.load(tmp_path / "q")
     out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 7)
+
+
+def test_load_picks_the_experts_backend(tmp_path: Path) -> None:
+    from moeq.modules.experts import QuantizedExperts
+
+    model = moeq.quantize(tiny_model("mixtral"), moeq.QuantConfig(bits=4))
+    moeq.save(model, tmp_path / "q")
+    loaded = moeq.load(tmp_path / "q", backend="cpu-int4")
+    layers = [m for m in loaded.modules() if isinstance(m, QuantizedExperts)]
+    assert layers and all(m.backend == "cpu-int4" for m in layers)
+    torch.testing.assert_close(logits(loaded), logits(model), atol=1e-4, rtol=0)  # float32, another summation order
+    assert any(getattr(m, "_int4_weights", None) for m in layers)  # the int4 kernel ran
+    with pytest.raises(ValueError, match="unknown experts backend 'gpu'"):
+        moeq.load(tmp_path / "q", backend="gpu")

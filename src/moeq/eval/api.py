@@ -136,12 +136,17 @@ def evaluate(
     reference: nn.Module | str | Path | None = None,
     seq_len: int = 256,
     stride: int | None = None,
+    backend: str = "auto",
 ) -> EvalReport:
-    """Evaluate ``model`` (a model or a folder; quantized or not) on ``token_ids`` (1-D)."""
+    """Evaluate ``model`` (a model or a folder; quantized or not) on ``token_ids`` (1-D); a moeq
+    model's experts run on ``backend`` (:data:`moeq.kernels.BACKENDS`)."""
     from ..io.source import load_any
+    from ..modules.experts import use_backend
 
     folder = Path(model) if not isinstance(model, nn.Module) else None
-    model = load_any(model) if folder else model.eval()
+    model = load_any(model, backend) if folder else model.eval()
+    if not folder and backend != "auto":
+        use_backend(model, backend)
     stride = stride or seq_len
     if model.config.is_encoder_decoder and stride != seq_len:
         raise ValueError(f"an encoder-decoder is evaluated on disjoint windows: drop --stride or set it to --seq-len ({seq_len})")

@@ -88,6 +88,7 @@ def run_harness(
     num_fewshot: int = 0,
     include_path: Path | None = None,
     device: str = "cpu",
+    backend: str = "auto",
 ) -> dict:
     """Run lm-evaluation-harness tasks on the model folder ``model_path``.
 
@@ -100,6 +101,7 @@ def run_harness(
         num_fewshot: few-shot examples per prompt (tasks whose config fixes 0 keep 0).
         include_path: a folder of custom task YAML files, searched besides lm-eval's own.
         device: where the model runs.
+        backend: experts backend of a moeq checkpoint (:data:`moeq.kernels.BACKENDS`).
 
     Returns:
         ``{"results": {task: {metric: value}}, "lm_eval_version": str}``; stderrs appear as
@@ -117,7 +119,7 @@ def run_harness(
         raise ValueError(f"{model_path} is an encoder-decoder model; the lm-eval bridge supports only causal LMs")
     manager = _checked_tasks(list(tasks), include_path)
     tokenizer = _tokenizer(model_path)
-    model = load_any(model_path).to(device)
+    model = load_any(model_path, backend).to(device)
     lm = hf_model_class(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
     try:
         results = lm_eval.simple_evaluate(

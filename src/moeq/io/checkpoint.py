@@ -100,11 +100,18 @@ def read_plan(path: str | Path) -> BitPlan:
     return MoeqConfig(**{k: v for k, v in quant.items() if k != "quant_method"}).bit_plan()
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a moeq checkpoint with transformers, packed modules rebuilt, in eval mode."""
+def load(path: str | Path, device: str | torch.device = "cpu", backend: str = "auto") -> nn.Module:
+    """Load a moeq checkpoint with transformers, packed modules rebuilt, in eval mode; its experts
+    run on ``backend`` (:data:`moeq.kernels.BACKENDS`; ``cpu-int4`` trades memory for CPU speed)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    from ..kernels.dispatch import check_backend
+    from ..modules.experts import use_backend
+
+    check_backend(backend)
     read_plan(path)  # a clear error for folders that are not moeq checkpoints
     config = AutoConfig.from_pretrained(path)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    return auto.from_pretrained(path).to(device).eval()
+    model = auto.from_pretrained(path).to(device).eval()
+    use_backend(model, backend)
+    return model

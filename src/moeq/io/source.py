@@ -57,11 +57,12 @@ def load_source(path: str | Path) -> nn.Module:
     return model.eval()
 
 
-def load_any(path: str | Path) -> nn.Module:
-    """A model folder, quantized by moeq or not, loaded for inference (eval mode)."""
+def load_any(path: str | Path, backend: str = "auto") -> nn.Module:
+    """A model folder, quantized by moeq or not, loaded for inference (eval mode); ``backend`` runs
+    a moeq checkpoint's experts (:data:`moeq.kernels.BACKENDS`)."""
     raw = read_config(path)
     if (raw.get("quantization_config") or {}).get("quant_method") == "moeq":
         from .checkpoint import load
 
-        return load(path)
+        return load(path, backend=backend)
     return load_source(path)

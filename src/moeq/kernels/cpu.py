@@ -1,20 +1,37 @@
-"""CPU backend: per-expert grouped matmuls on weights unpacked just in time, one expert at a time.
+"""CPU backends: per-expert grouped matmuls over the experts that received tokens.
 
-Only experts that received tokens are touched, and the one dense weight alive at a time lives in a
-buffer reused across experts and projections, so memory stays at packed size + one projection's
-dense weight and unpack temporaries. Unpacking (:func:`moeq.quant.pack.unpack_codes`) is the cost
-that matters on CPU.
+- ``cpu`` (memory-lean): each weight is unpacked and dequantized just in time into one buffer
+  reused across experts and projections, so memory stays at packed size + one projection's dense
+  weight. Unpacking and dequantizing cost more than the product itself.
+- ``cpu-int4`` (fast): projections of 1 to 4 bits with a linear scheme are re-packed at first use
+  into torch's CPU int4 matmul layout (``_weight_int4pack_mm_for_cpu``, the tinygemm kernel) and
+  kept on the module; the product then reads 4-bit codes directly. Every width is held as 4 bits
+  there (a 2-bit expert costs 4 bits + scales in that copy), on top of the packed buffers the
+  checkpoint needs. Projections the layout cannot take run as in ``cpu``.
+
+The int4 layout: code ``c`` of width ``b`` becomes ``q = c + 8 - 2^(b-1)`` in ``[0, 16)``, and the
+kernel's ``(q - 8) * scale + zero`` equals ``(c - z) * s`` with ``scale = s``, ``zero = (2^(b-1) - z) * s``
+(sym, sign and asym all fold into a zero point ``z``, see :mod:`moeq.kernels.layout`). The
+kernel takes groups of 32, 64, 128 or 256 inputs; a coarser moeq group (or a whole row) repeats
+its scale over the kernel groups it spans. Scales and zeros are in the activations' dtype, so a
+bf16 model rounds them to bf16 (the reference backend rounds the dequantized weight to bf16).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from ..quant.pack import unpack_codes
 from ..quant.schemes import Scheme, decode
+from .layout import scales_and_zeros
 from .routing import group_by_expert
 
-__all__ = ["experts_forward_cpu"]
+__all__ = ["experts_forward_cpu", "int4_group"]
+
+INT4_GROUPS = (256, 128, 64, 32)  # group sizes the CPU int4 kernel accepts, largest first
 
 
 def _dequantize_into(linear, out: torch.Tensor) -> torch.Tensor:
@@ -25,34 +42,83 @@ def _dequantize_into(linear, out: torch.Tensor) -> torch.Tensor:
     if scheme is Scheme.LOG:
         out.copy_(decode(codes, linear.scales, None, scheme, linear.spec.bits).view(rows, cols))
         return out
-    # The linear schemes are all (code - zero) * scale; sym and sign fold into a constant zero.
-    scales = linear.scales.to(out.dtype).unsqueeze(-1)
-    if scheme is Scheme.ASYM:
-        zero = linear.zeros.to(out.dtype).unsqueeze(-1)
-    elif scheme is Scheme.SYM:
-        zero = float(1 << (linear.spec.bits - 1))
-    else:  # SIGN: (2c - 1) s = (c - 1/2) 2s
-        zero, scales = 0.5, scales * 2
+    scales, zeros = (t.to(out.dtype).unsqueeze(-1) for t in scales_and_zeros(linear))
     view = out.view(codes.shape)
     view.copy_(codes)
-    view.sub_(zero).mul_(scales)
+    view.sub_(zeros).mul_(scales)
     return out
 
 
-def _project(inputs: torch.Tensor, linear, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``inputs @ W^T`` for ``linear``'s weight dequantized into ``buffer`` (grown if too small)."""
-    size = linear.out_features * linear.in_features
-    if buffer.numel() < size:
-        buffer = torch.empty(size, dtype=inputs.dtype, device=inputs.device)
-    weight = _dequantize_into(linear, buffer[:size].view(linear.out_features, linear.in_features))
-    return inputs @ weight.T, buffer
+class _JustInTime:
+    """``inputs @ W^T`` with ``W`` dequantized into one reused buffer per call."""
+
+    def __init__(self) -> None:
+        self.buffer = torch.empty(0)
+
+    def __call__(self, inputs: torch.Tensor, linear) -> torch.Tensor:
+        size = linear.out_features * linear.in_features
+        if self.buffer.numel() < size or self.buffer.dtype != inputs.dtype:
+            self.buffer = torch.empty(size, dtype=inputs.dtype, device=inputs.device)
+        weight = _dequantize_into(linear, self.buffer[:size].view(linear.out_features, linear.in_features))
+        return inputs @ weight.T
 
 
-def experts_forward_cpu(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, experts) -> torch.Tensor:
-    """Same contract as :func:`moeq.kernels.moe_experts_forward` for a ``QuantizedExperts``."""
+def int4_group(linear) -> int | None:
+    """The CPU int4 kernel's group size for ``linear``, or None when the layout cannot hold it."""
+    if linear.spec.bits > 4 or linear.spec.scheme is Scheme.LOG or linear.out_features % 16:
+        return None
+    return next((g for g in INT4_GROUPS if linear.group_size % g == 0 and linear.in_features % g == 0), None)
+
+
+@dataclass(frozen=True)
+class _Int4Weight:
+    packed: torch.Tensor  # uint8, torch's CPU int4 layout
+    scale_zero: torch.Tensor  # [in / group, out, 2] in the activations' dtype
+    group: int
+    source: int  # data_ptr of the codes it was built from
+
+
+def _int4_weight(linear, dtype: torch.dtype) -> _Int4Weight:
+    rows, cols, bits = linear.out_features, linear.in_features, linear.spec.bits
+    group = int4_group(linear)
+    codes = unpack_codes(linear.codes, bits, rows * cols).view(rows, cols)
+    q = codes.to(torch.int32) + (8 - (1 << (bits - 1)))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    scales, zeros = (t.float().view(rows, -1) for t in scales_and_zeros(linear))
+    offset = ((1 << (bits - 1)) - zeros) * scales
+    repeat = linear.group_size // group
+    scale_zero = torch.stack([scales, offset], -1).repeat_interleave(repeat, dim=1).transpose(0, 1)
+    return _Int4Weight(packed, scale_zero.to(dtype).contiguous(), group, linear.codes.data_ptr())
+
+
+class _Int4:
+    """``inputs @ W^T`` through torch's CPU int4 kernel, layouts cached on the experts module."""
+
+    def __init__(self, experts) -> None:
+        if not hasattr(experts, "_int4_weights"):
+            experts._int4_weights = {}
+        self.cache: dict = experts._int4_weights
+        self.fallback = _JustInTime()
+
+    def __call__(self, inputs: torch.Tensor, linear) -> torch.Tensor:
+        if int4_group(linear) is None:
+            return self.fallback(inputs, linear)
+        key = (id(linear), inputs.dtype)
+        weight = self.cache.get(key)
+        if weight is None or weight.source != linear.codes.data_ptr():
+            weight = self.cache[key] = _int4_weight(linear, inputs.dtype)
+        flat = inputs.reshape(-1, inputs.shape[-1]).contiguous()
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, weight.packed, weight.group, weight.scale_zero)
+
+
+def experts_forward_cpu(
+    hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, experts, int4: bool = False
+) -> torch.Tensor:
+    """Same contract as :func:`moeq.kernels.moe_experts_forward` for a ``QuantizedExperts``;
+    ``int4`` selects the ``cpu-int4`` backend."""
+    project: Callable[[torch.Tensor, object], torch.Tensor] = _Int4(experts) if int4 else _JustInTime()
     groups = group_by_expert(top_k_index, top_k_weights, experts.num_experts)
     output = torch.zeros_like(hidden_states)
-    buffer = hidden_states.new_empty(0)
     *first, down = experts.projections
     for expert, (start, count) in enumerate(zip(groups.starts.tolist(), groups.counts.tolist(), strict=True)):
         if count == 0:
@@ -61,12 +127,9 @@ def experts_forward_cpu(hidden_states: torch.Tensor, top_k_index: torch.Tensor, 
         x = hidden_states[token]
         linears = experts.expert(expert)
         if experts.gated:
-            gate, buffer = _project(x, linears[first[0]], buffer)
-            up, buffer = _project(x, linears[first[1]], buffer)
-            h = experts.act_fn(gate) * up
+            h = experts.act_fn(project(x, linears[first[0]])) * project(x, linears[first[1]])
         else:
-            up, buffer = _project(x, linears[first[0]], buffer)
-            h = experts.act_fn(up)
-        y, buffer = _project(h, linears[down], buffer)
+            h = experts.act_fn(project(x, linears[first[0]]))
+        y = project(h, linears[down])
         output.index_add_(0, token, y * groups.weight[start : start + count, None].to(y.dtype))
     return output

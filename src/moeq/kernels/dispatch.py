@@ -1,7 +1,9 @@
 """One entry point for a quantized MoE layer's routed experts, whatever backend runs them.
 
 Backends: ``reference`` (the torch ground truth), ``cpu`` (just-in-time unpacking, one expert at
-a time) and ``triton`` (fused mixed-width kernels). ``auto`` takes Triton for CUDA tensors when
+a time), ``cpu-int4`` (torch's CPU int4 kernel on a 4-bit copy of the 1-4 bit experts, built at
+first use: faster, more memory; see :mod:`moeq.kernels.cpu`) and ``triton`` (fused mixed-width
+kernels). ``auto`` takes Triton for CUDA tensors when
 Triton is importable and the layer is one it fuses (SiLU/ReLU activation), else the CPU path.
 """
 
@@ -15,9 +17,15 @@ from .cpu import experts_forward_cpu
 from .layout import KernelLayout, build_layout
 from .reference import experts_forward_reference
 
-__all__ = ["BACKENDS", "moe_experts_forward", "triton_available", "triton_supports"]
+__all__ = ["BACKENDS", "check_backend", "moe_experts_forward", "triton_available", "triton_supports"]
 
-BACKENDS = ("auto", "reference", "cpu", "triton")
+BACKENDS = ("auto", "reference", "cpu", "cpu-int4", "triton")
+
+
+def check_backend(backend: str) -> None:
+    """Refuse a backend name that is not one of :data:`BACKENDS`, in one line."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown experts backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
 
 
 def triton_available() -> bool:
@@ -63,16 +71,17 @@ def moe_experts_forward(
         experts: the layer's ``QuantizedExperts``.
         backend: one of :data:`BACKENDS`.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown experts backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    check_backend(backend)
     if backend == "auto":
         backend = "triton" if hidden_states.is_cuda and triton_supports(experts) else "cpu"
     if backend == "reference":
         return experts_forward_reference(
             hidden_states, top_k_index, top_k_weights, experts.num_experts, experts.dequantized_weights, experts.act_fn, experts.gated
         )
-    if backend == "cpu":
-        return experts_forward_cpu(hidden_states, top_k_index, top_k_weights, experts)
+    if backend in ("cpu", "cpu-int4"):
+        if backend == "cpu-int4" and hidden_states.device.type != "cpu":
+            raise ValueError("the cpu-int4 backend runs CPU tensors only; use backend='triton' or 'auto' on a GPU")
+        return experts_forward_cpu(hidden_states, top_k_index, top_k_weights, experts, int4=backend == "cpu-int4")
     if not triton_supports(experts):
         raise ValueError(
             "the triton backend needs the triton package and a SiLU or ReLU expert activation; "

@@ -30,7 +30,7 @@ import torch
 from ..quant.pack import unpack_codes
 from ..quant.schemes import Scheme
 
-__all__ = ["META", "KernelLayout", "build_layout"]
+__all__ = ["META", "KernelLayout", "build_layout", "scales_and_zeros"]
 
 META = ("word_offset", "bits", "words_per_row", "group_size", "scale_offset", "scheme")
 
@@ -63,11 +63,15 @@ def _row_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
 
 
-def _scales_zeros(linear) -> tuple[torch.Tensor, torch.Tensor]:
+def scales_and_zeros(linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 ``(scale, zero)`` per group with every linear scheme as ``(code - zero) * scale``.
+
+    sym folds into ``zero = 2^(b-1)``; sign, ``(2c - 1) s``, into ``zero = 1/2`` with scale ``2s``.
+    """
     scheme, bits = linear.spec.scheme, linear.spec.bits
-    scales = linear.scales.to(torch.float16)
+    scales = linear.scales.float()
     if scheme is Scheme.ASYM:
-        return scales, linear.zeros.to(torch.float16)
+        return scales, linear.zeros.float()
     if scheme is Scheme.SIGN:
         return scales * 2, torch.full_like(scales, 0.5)
     zero = float(1 << (bits - 1)) if scheme is Scheme.SYM else 0.0
@@ -83,7 +87,7 @@ def build_layout(linears: list, device: torch.device | str) -> KernelLayout:
         bits = linear.spec.bits
         codes = unpack_codes(linear.codes, bits, out_features * in_features).view(out_features, in_features)
         row_words = _row_words(codes, bits)
-        s, z = _scales_zeros(linear)
+        s, z = (t.to(torch.float16) for t in scales_and_zeros(linear))
         meta.append([word_offset, bits, row_words.shape[1], linear.group_size, scale_offset, int(linear.spec.scheme is Scheme.LOG)])
         words.append(row_words.reshape(-1))
         scales.append(s.reshape(-1))

@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from ..kernels import moe_experts_forward
+from ..kernels.dispatch import check_backend
 from ..plan import PlanError, TensorSpec
 from .linear import QuantizedLinear
 
-__all__ = ["QuantizedExperts"]
+__all__ = ["QuantizedExperts", "use_backend"]
 
 
 class QuantizedExperts(nn.Module):
@@ -78,3 +79,13 @@ class QuantizedExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         return moe_experts_forward(hidden_states, top_k_index, top_k_weights, self, self.backend)
+
+
+def use_backend(model: nn.Module, backend: str) -> int:
+    """Run every ``QuantizedExperts`` of ``model`` on ``backend`` (see :data:`moeq.kernels.BACKENDS`);
+    returns how many layers it set."""
+    check_backend(backend)
+    layers = [m for m in model.modules() if isinstance(m, QuantizedExperts)]
+    for layer in layers:
+        layer.backend = backend
+    return len(layers)
