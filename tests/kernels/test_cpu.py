@@ -34,6 +34,18 @@ def test_int4_backend_takes_linear_widths_up_to_4_and_leaves_the_rest_to_the_jit
     assert bool(getattr(experts, "_int4_weights", {})) == takes
 
 
+def test_int4_backend_dequantizes_experts_with_many_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    from moeq.kernels import cpu
+
+    experts = quantized_experts("mixtral", TensorSpec(4, "asym", 32), seed=4)
+    x, index, weights = routing(16, 64, experts.num_experts, 2)
+    experts.__dict__.pop("_int4_weights", None)
+    monkeypatch.setattr(cpu, "INT4_MAX_ROWS", 1)  # every expert gets more rows than this
+    expected = moe_experts_forward(x, index, weights, experts, backend="reference")
+    torch.testing.assert_close(moe_experts_forward(x, index, weights, experts, "cpu-int4"), expected, atol=ATOL, rtol=0)
+    assert not experts._int4_weights
+
+
 def test_int4_in_bf16_is_as_accurate_as_dequantizing_to_bf16() -> None:
     """bf16 rounds the int4 kernel's scales and zeros; stated bound: within 1.5x the lean path's error."""
     experts = quantized_experts("mixtral", TensorSpec(2, "asym", 32))

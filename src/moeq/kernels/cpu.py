@@ -7,7 +7,10 @@
   into torch's CPU int4 matmul layout (``_weight_int4pack_mm_for_cpu``, the tinygemm kernel) and
   kept on the module; the product then reads 4-bit codes directly. Every width is held as 4 bits
   there (a 2-bit expert costs 4 bits + scales in that copy), on top of the packed buffers the
-  checkpoint needs. Projections the layout cannot take run as in ``cpu``.
+  checkpoint needs. Projections the layout cannot take run as in ``cpu``, and so does an expert
+  with more than ``INT4_MAX_ROWS`` tokens: the int4 kernel's time grows with the rows, while
+  dequantizing once and multiplying in bf16 is cheaper beyond ~100 rows (measured crossover
+  between 64 and 128 rows at 896x256 and 3584x1024, one thread).
 
 The int4 layout: code ``c`` of width ``b`` becomes ``q = c + 8 - 2^(b-1)`` in ``[0, 16)``, and the
 kernel's ``(q - 8) * scale + zero`` equals ``(c - z) * s`` with ``scale = s``, ``zero = (2^(b-1) - z) * s``
@@ -32,6 +35,7 @@ from .routing import group_by_expert
 __all__ = ["experts_forward_cpu", "int4_group"]
 
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes the CPU int4 kernel accepts, largest first
+INT4_MAX_ROWS = 96  # beyond this many tokens per expert, dequantize + bf16 matmul is faster
 
 
 def _dequantize_into(linear, out: torch.Tensor) -> torch.Tensor:
@@ -101,7 +105,7 @@ class _Int4:
         self.fallback = _JustInTime()
 
     def __call__(self, inputs: torch.Tensor, linear) -> torch.Tensor:
-        if int4_group(linear) is None:
+        if inputs.shape[0] > INT4_MAX_ROWS or int4_group(linear) is None:
             return self.fallback(inputs, linear)
         key = (id(linear), inputs.dtype)
         weight = self.cache.get(key)
