@@ -46,3 +46,26 @@ def test_an_activation_the_kernels_cannot_fuse_is_refused_with_the_fix(monkeypat
     x, index, weights = routing(2, 64, experts.num_experts, 2)
     with pytest.raises(ValueError, match="SiLU or ReLU expert activation; install moeq\\[triton\\] or use backend='cpu'"):
         moe_experts_forward(x, index, weights, experts, backend="triton")
+
+
+@pytest.mark.parametrize("decode", [True, False])
+def test_several_groups_per_row_scale_after_the_product(decode: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Groups of 64 along K = 128/256: one scale per K tile in the prefill configuration (BLOCK_K 64,
+    scaled after the dot), several per tile in the decode one (BLOCK_K 128, scaled in the tile)."""
+    import torch.nn.functional as F
+
+    from moeq.modules.convert import rtn_quantizer
+    from moeq.modules.experts import QuantizedExperts
+
+    hidden, inter, experts_n = 128, 256, 4
+    shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    widths = [TensorSpec(4, "asym", 64), TensorSpec(2, "sym", 64), TensorSpec(3, "log", 64), TensorSpec(1, "sign", 64)]
+    specs = {(e, p): widths[e] for e in range(experts_n) for p in shapes}
+    experts = QuantizedExperts(experts_n, shapes, specs, F.silu, gated=True)
+    g = torch.Generator().manual_seed(0)
+    for (e, p), spec in specs.items():
+        weight = torch.randn(shapes[p], generator=g) * 0.05  # outputs of order one, as the tolerance assumes
+        experts.expert(e)[p].load_quantized(rtn_quantizer(weight, spec, torch.float16))
+    if not decode:
+        monkeypatch.setattr(triton_moe, "DECODE_SLOTS", 0)
+    check(experts, tokens=6)

@@ -3,7 +3,10 @@
 Tokens are sorted by expert (:mod:`moeq.kernels.routing`) and cut into blocks of ``BLOCK_M`` slots
 that never span two experts; each program takes one block and one ``BLOCK_N`` slice of the output,
 reads its expert's width, scheme and offsets from the layout metadata (:mod:`moeq.kernels.layout`),
-dequantizes ``[BLOCK_K, BLOCK_N]`` weight tiles in registers and feeds them to ``tl.dot``.
+unpacks ``[BLOCK_K, BLOCK_N]`` weight tiles in registers with an unpacker specialised to that
+width, and feeds them to ``tl.dot``: as exact levels with the scales applied to the product when
+one scale covers the tile (per-channel, or groups that are multiples of ``BLOCK_K``), else
+dequantized in the tile.
 
 - gate/up: both projections in one program, SwiGLU applied in the epilogue, so only the
   ``[slots, intermediate]`` activation reaches memory (non-gated layers apply the activation alone);
@@ -22,7 +25,7 @@ import triton.language as tl
 from .layout import META, KernelLayout
 from .routing import group_by_expert
 
-__all__ = ["activation_code", "experts_forward_triton"]
+__all__ = ["LAUNCHES", "activation_code", "experts_forward_triton", "launch_config"]
 
 # Activations the kernels' epilogue applies, by function or module class name, lower case.
 _FUSED_ACTIVATIONS = {"silu": 1, "siluactivation": 1, "relu": 2}
@@ -35,28 +38,80 @@ def activation_code(act_fn) -> int | None:
 
 
 @triton.jit
-def _weight_tile(words, meta, scales, zeros, entry, offs_k, offs_n, K, N, NUM_META: tl.constexpr):
-    """Dequantized ``[BLOCK_K, BLOCK_N]`` tile of entry ``entry``'s transposed weight, float32."""
+def _unpack(words, word_offset, words_per_row, offs_k, offs_n, mask, BITS: tl.constexpr):
+    """``[BLOCK_K, BLOCK_N]`` codes of width ``BITS`` (a constant, so word index and shift are cheap)."""
+    PER_WORD = 32 // BITS
+    word = tl.load(words + word_offset + offs_n[None, :] * words_per_row + offs_k[:, None] // PER_WORD, mask=mask, other=0)
+    return (word >> ((offs_k[:, None] % PER_WORD) * BITS)) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _levels(code, zero, bits, scheme):
+    """The weight of each code in units of its scale: ``code - zero`` (linear) or ``±2^(1-m)`` (log).
+
+    Both are exact in bf16 (integers up to 255, halves, powers of two), so multiplying by the
+    scale after the product loses nothing."""
+    if scheme == 1:
+        half = 1 << (bits - 1)
+        magnitude = code & (half - 1)
+        sign = 1.0 - 2.0 * (code >> (bits - 1)).to(tl.float32)
+        levels = tl.where(magnitude > 0, tl.exp2((1 - magnitude).to(tl.float32)), 0.0) * sign
+    else:
+        levels = code.to(tl.float32) - zero
+    return levels
+
+
+@triton.jit
+def _entry(meta, entry, NUM_META: tl.constexpr):
+    """Entry ``entry``'s metadata row (see :data:`moeq.kernels.layout.META`), read once per program."""
     base = meta + entry * NUM_META
-    word_offset = tl.load(base)
-    bits = tl.load(base + 1)
-    words_per_row = tl.load(base + 2)
-    group_size = tl.load(base + 3)
-    scale_offset = tl.load(base + 4)
-    scheme = tl.load(base + 5)
-    per_word = 32 // bits
+    return tl.load(base), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3), tl.load(base + 4), tl.load(base + 5)
+
+
+@triton.jit
+def _accumulate(
+    acc, a, words, scales, zeros, word_offset, bits, words_per_row, group_size, scale_offset, scheme,
+    k0, offs_k, offs_n, K, N, BLOCK_K: tl.constexpr,
+):
+    """``acc + a @ W[k0:k0+BLOCK_K, offs_n]`` for one entry's transposed weight, dequantized in registers.
+
+    The width is dispatched to a specialised unpacker (every program of a block reads one expert,
+    so the branch never diverges). When one scale covers the whole K tile (groups that are
+    multiples of BLOCK_K, or a row per group) the product runs on the exact levels and the scales
+    multiply the ``[BLOCK_M, BLOCK_N]`` result; finer groups are scaled in the tile.
+    """
     mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
-    word = tl.load(words + word_offset + offs_n[None, :] * words_per_row + offs_k[:, None] // per_word, mask=mask, other=0)
-    code = (word >> ((offs_k[:, None] % per_word) * bits)) & ((1 << bits) - 1)
-    group = scale_offset + offs_n[None, :] * (K // group_size) + offs_k[:, None] // group_size
-    scale = tl.load(scales + group, mask=mask, other=0.0).to(tl.float32)
-    zero = tl.load(zeros + group, mask=mask, other=0.0).to(tl.float32)
-    linear = (code.to(tl.float32) - zero) * scale
-    half = 1 << (bits - 1)
-    magnitude = code & (half - 1)
-    sign = 1.0 - 2.0 * (code >> (bits - 1)).to(tl.float32)
-    log = tl.where(magnitude > 0, tl.exp2((1 - magnitude).to(tl.float32)), 0.0) * sign * scale
-    return tl.where(scheme == 1, log, linear)
+    if bits == 1:
+        code = _unpack(words, word_offset, words_per_row, offs_k, offs_n, mask, 1)
+    elif bits == 2:
+        code = _unpack(words, word_offset, words_per_row, offs_k, offs_n, mask, 2)
+    elif bits == 3:
+        code = _unpack(words, word_offset, words_per_row, offs_k, offs_n, mask, 3)
+    elif bits == 4:
+        code = _unpack(words, word_offset, words_per_row, offs_k, offs_n, mask, 4)
+    elif bits == 5:
+        code = _unpack(words, word_offset, words_per_row, offs_k, offs_n, mask, 5)
+    elif bits == 6:
+        code = _unpack(words, word_offset, words_per_row, offs_k, offs_n, mask, 6)
+    elif bits == 7:
+        code = _unpack(words, word_offset, words_per_row, offs_k, offs_n, mask, 7)
+    else:
+        code = _unpack(words, word_offset, words_per_row, offs_k, offs_n, mask, 8)
+    groups_per_row = K // group_size
+    # Triton merges a name assigned in both branches, so each branch keeps names of its own shape.
+    if (group_size % BLOCK_K == 0) | (group_size == K):
+        mask_n = offs_n < N
+        column_group = scale_offset + offs_n * groups_per_row + k0 // group_size
+        column_scale = tl.load(scales + column_group, mask=mask_n, other=0.0).to(tl.float32)
+        column_zero = tl.load(zeros + column_group, mask=mask_n, other=0.0).to(tl.float32)
+        levels = _levels(code, column_zero[None, :], bits, scheme)
+        acc += tl.dot(a, levels.to(a.dtype)) * column_scale[None, :]
+    else:
+        tile_group = scale_offset + offs_n[None, :] * groups_per_row + offs_k[:, None] // group_size
+        tile_scale = tl.load(scales + tile_group, mask=mask, other=0.0).to(tl.float32)
+        tile_zero = tl.load(zeros + tile_group, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.dot(a, (_levels(code, tile_zero, bits, scheme) * tile_scale).to(a.dtype))
+    return acc
 
 
 @triton.jit
@@ -75,14 +130,17 @@ def _moe_gemm(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w_offset, bits, w_per_row, group_size, s_offset, scheme = _entry(meta, expert, NUM_META)
+    if GATED:
+        up_offset, up_bits, up_per_row, up_group, up_s_offset, up_scheme = _entry(meta, expert + second_entry, NUM_META)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x + rows[:, None] * stride_x + offs_k[None, :], mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-        w = _weight_tile(words, meta, scales, zeros, expert, offs_k, offs_n, K, N, NUM_META)
-        acc += tl.dot(a, w.to(a.dtype))
+        acc = _accumulate(acc, a, words, scales, zeros, w_offset, bits, w_per_row, group_size, s_offset, scheme,
+                          k0, offs_k, offs_n, K, N, BLOCK_K)
         if GATED:
-            w_up = _weight_tile(words, meta, scales, zeros, expert + second_entry, offs_k, offs_n, K, N, NUM_META)
-            acc_up += tl.dot(a, w_up.to(a.dtype))
+            acc_up = _accumulate(acc_up, a, words, scales, zeros, up_offset, up_bits, up_per_row, up_group, up_s_offset,
+                                 up_scheme, k0, offs_k, offs_n, K, N, BLOCK_K)
     if ACT == 1:
         acc = acc * tl.sigmoid(acc)
     elif ACT == 2:
@@ -109,11 +167,22 @@ def _blocks(starts: torch.Tensor, counts: torch.Tensor, block_m: int) -> tuple[t
     return expert.to(torch.int32), start.to(torch.int32), (starts + counts)[expert].to(torch.int32)
 
 
-def _config(slots: int, n: int) -> dict[str, int]:
-    """Tile sizes: decode-shaped (few slots: narrow N tiles, split-K on down) or prefill-shaped."""
+LAUNCHES = ("gate_up", "up", "down")
+
+
+def launch_config(slots: int, n: int, launch: str) -> dict[str, int]:
+    """Tiles and warps of one launch over ``slots`` routed slots and ``n`` outputs.
+
+    ``launch``: ``gate_up`` (two accumulators, SwiGLU epilogue), ``up`` (one, activation epilogue)
+    or ``down`` (routing weights; split-K when decode-shaped). ``BLOCK_M`` depends on ``slots``
+    only, so both launches of a layer cut the same blocks. Every configuration compiles for sm_90
+    without spilling registers (``tests/kernels/test_triton_compile.py``: 4 warps spilled 0.4–1.7
+    KB per thread at the prefill tiles); their speed is untuned until a GPU is lent.
+    """
     if slots <= DECODE_SLOTS:
-        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "split_k": 4}
-    return {"BLOCK_M": 64, "BLOCK_N": 64 if n <= 64 else 128, "BLOCK_K": 64, "split_k": 1}
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 4 if launch == "down" else 1, "num_warps": 4}
+    wide = launch != "gate_up" and n > 64
+    return {"BLOCK_M": 64, "BLOCK_N": 128 if wide else 64, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 8}
 
 
 def experts_forward_triton(
@@ -130,31 +199,30 @@ def experts_forward_triton(
     groups = group_by_expert(top_k_index, top_k_weights, num_experts)
     inter, hidden = first.out_features, down.out_features
     slots = groups.token.numel()
-    cfg = _config(slots, inter)
-    block_expert, block_start, block_end = _blocks(groups.starts, groups.counts, cfg["BLOCK_M"])
+    first_cfg = launch_config(slots, inter, "gate_up" if gated else "up")
+    down_cfg = launch_config(slots, hidden, "down")
+    block_expert, block_start, block_end = _blocks(groups.starts, groups.counts, first_cfg["BLOCK_M"])
     num_blocks = block_expert.numel()
     output = torch.zeros_like(hidden_states)
     if num_blocks == 0:
         return output
     x = hidden_states.contiguous()
     h = torch.empty(slots, inter, dtype=x.dtype, device=x.device)
-    common = {"NUM_META": len(META), "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]}
-    grid = (num_blocks, triton.cdiv(inter, cfg["BLOCK_N"]), 1)
+    grid = (num_blocks, triton.cdiv(inter, first_cfg["BLOCK_N"]), first_cfg["SPLIT_K"])
     _moe_gemm[grid](
         x, groups.token, h, groups.weight, block_expert, block_start, block_end,
         first.words, first.meta, first.scales, first.zeros, inter, first.in_features, x.stride(0), h.stride(0),
-        num_experts, GATED=gated, ACT=activation, GATHER=True, WEIGHTED=False, SPLIT_K=1, **common,
+        num_experts, GATED=gated, ACT=activation, GATHER=True, WEIGHTED=False, NUM_META=len(META), **first_cfg,
     )
-    split_k = cfg["split_k"]
-    if split_k > 1:  # split-K partial sums meet in float32 atomics
+    if down_cfg["SPLIT_K"] > 1:  # split-K partial sums meet in float32 atomics
         y = torch.zeros(slots, hidden, dtype=torch.float32, device=x.device)
     else:
         y = torch.empty(slots, hidden, dtype=x.dtype, device=x.device)
-    grid = (num_blocks, triton.cdiv(hidden, cfg["BLOCK_N"]), split_k)
+    grid = (num_blocks, triton.cdiv(hidden, down_cfg["BLOCK_N"]), down_cfg["SPLIT_K"])
     _moe_gemm[grid](
         h, groups.token, y, groups.weight, block_expert, block_start, block_end,
         down.words, down.meta, down.scales, down.zeros, hidden, inter, h.stride(0), y.stride(0),
-        0, GATED=False, ACT=0, GATHER=False, WEIGHTED=True, SPLIT_K=split_k, **common,
+        0, GATED=False, ACT=0, GATHER=False, WEIGHTED=True, NUM_META=len(META), **down_cfg,
     )
     routed = int(groups.counts.sum())  # sentinel slots sort last and were never computed
     output.index_add_(0, groups.token[:routed], y[:routed].to(output.dtype))
