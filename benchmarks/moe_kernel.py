@@ -1,7 +1,7 @@
 """Quantized MoE experts against bf16 experts at Mixtral-8x7B layer shapes, and generation on the default model.
 
     python benchmarks/moe_kernel.py [--device cuda|cpu] [--scale 1] [--tokens 1,8,64,512,4096]
-        [--repeats 20] [--bandwidth-gbs N] [--threads N] [--part layer|generate|both] [--backend auto]
+        [--repeats 20] [--bandwidth-gbs N] [--threads N] [--part layer|generate|both|sweep] [--backend auto]
 
 Layer part: one MoE layer (hidden 4096, intermediate 14336, 8 experts, top-2; every dimension
 divided by ``--scale``) with random packed codes (asym, group 128) at uniform 4 bits, uniform 2
@@ -14,6 +14,11 @@ scales, zero points) of the experts the routing actually reads, against ``--band
 (default: 3350 for an H100 SXM, 4800 for an H200, a measured large-copy bandwidth on CPU).
 On CUDA the share of time in the two ``_moe_gemm`` launches comes from torch.profiler.
 Writes benchmarks/results/moe_kernel_<device>.json.
+
+``--part sweep`` (Triton): the same layer at uniform 4 and mixed 2.5 bits, timed with the shipped
+tile configuration and with each candidate of a small grid (decode: BLOCK_N, BLOCK_K, split-K;
+prefill: BLOCK_M, BLOCK_N, warps); prints the best per token count and writes
+benchmarks/results/moe_kernel_sweep_<device>.json.
 
 ``--part generate``: on src/moeq/data/default-mixtral, in a fresh process each, greedy generation of
 64 tokens (batch 1, 32-token prompt; fastest of three) by the full-precision model and by moeq-quantized copies
@@ -210,6 +215,56 @@ def generation_rows(threads: int) -> list[dict]:
     return rows
 
 
+# Tile candidates for --part sweep (decode-shaped: few slots; prefill-shaped: many).
+DECODE_CANDIDATES = [{"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": split, "num_warps": 4}
+                     for n in (32, 64) for k in (64, 128) for split in (2, 4, 8)]
+PREFILL_CANDIDATES = [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": w}
+                      for m in (64, 128) for n in (64, 128) for w in (4, 8)]
+
+
+def sweep_rows(args, peak_gbs: float) -> list[dict]:
+    """Every tile candidate against the shipped ``launch_config``, per width config and token count.
+
+    A candidate's SPLIT_K applies to the down launch only (the first launch's epilogue needs whole
+    sums). Rows carry the error against the torch reference, so a wrong candidate shows."""
+    from moeq.kernels import triton_moe
+
+    hidden, inter = 4096 // args.scale, 14336 // args.scale
+    shipped = triton_moe.launch_config
+    rows = []
+    for name in ("uniform4", "mixed2.5"):
+        layer = random_layer(CONFIGS[name], hidden, inter, args.device)
+        for tokens in args.tokens:
+            g = torch.Generator().manual_seed(tokens)
+            x = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16).to(args.device)
+            index = torch.stack([torch.randperm(EXPERTS, generator=g)[:TOP_K] for _ in range(tokens)]).to(args.device)
+            weights = torch.rand(tokens, TOP_K, generator=g).to(torch.bfloat16).to(args.device)
+            run = partial(moe_experts_forward, x, index, weights, layer, backend="triton")
+            expected = moe_experts_forward(x, index, weights, layer, backend="reference").float()
+            moved = read_bytes(layer, set(index.unique().tolist()))
+            decode = tokens * TOP_K <= triton_moe.DECODE_SLOTS
+            for candidate in [None, *(DECODE_CANDIDATES if decode else PREFILL_CANDIDATES)]:
+                if candidate is not None:
+                    triton_moe.launch_config = lambda slots, n, launch, c=candidate: {**c, "SPLIT_K": c["SPLIT_K"] if launch == "down" else 1}
+                try:
+                    seconds = timed(run, args.repeats, args.device)
+                    error = float((run().float() - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+                finally:
+                    triton_moe.launch_config = shipped
+                label = "shipped" if candidate is None else ",".join(f"{k}={v}" for k, v in candidate.items())
+                rows.append({"config": name, "tokens": tokens, "tiles": label, "ms": round(seconds * 1e3, 4),
+                             "of_peak": round(moved / seconds / 1e9 / peak_gbs, 3), "max_rel_err": float(f"{error:.3g}")})
+                print(rows[-1], flush=True)
+    best = []
+    for name in ("uniform4", "mixed2.5"):
+        for tokens in args.tokens:
+            mine = [r for r in rows if r["config"] == name and r["tokens"] == tokens]
+            fastest = min(mine, key=lambda r: r["ms"])
+            best.append([name, tokens, mine[0]["ms"], fastest["ms"], round(mine[0]["ms"] / fastest["ms"], 2), fastest["tiles"]])
+    print_table(["config", "tokens", "shipped ms", "best ms", "gain", "best tiles"], best)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
@@ -218,7 +273,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--bandwidth-gbs", type=float, default=None)
     parser.add_argument("--backend", default="auto", choices=BACKENDS, help="the quantized layer's backend (layer part)")
-    parser.add_argument("--part", default="layer", choices=["layer", "generate", "both"], help="generate: the default model (CPU)")
+    parser.add_argument("--part", default="layer", choices=["layer", "generate", "both", "sweep"],
+                        help="generate: the default model (CPU); sweep: Triton tile candidates against the shipped ones")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 steadies timings on a shared machine)")
     args = parser.parse_args()
     if args.threads:
@@ -239,6 +295,9 @@ def main() -> None:
         print_table(headers, [[r[h] for h in headers] for r in rows])
         path = write_json(f"moe_kernel_{args.device}", rows, device=device_name, peak_gbs=peak, scale=args.scale)
         print(f"wrote {path}")
+    if args.part == "sweep":
+        rows = sweep_rows(args, peak)
+        print(f"wrote {write_json(f'moe_kernel_sweep_{args.device}', rows, device=device_name, peak_gbs=peak, scale=args.scale)}")
     if args.part in ("generate", "both"):
         gen = generation_rows(torch.get_num_threads())
         headers = list(gen[0])
