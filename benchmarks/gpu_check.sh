@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The prepared device run for the runtime issue (one call of the `device` tool, at most ~10 minutes):
 # versions, the Triton kernels against the torch reference at Mixtral-8x7B layer shapes, timings
-# against bf16 experts and the HBM bandwidth, then a sweep of tile candidates against the shipped ones. Run from the repository root on the lent GPU machine
-# (its python3 has torch, triton and transformers; nothing is installed):
+# against bf16 experts and the HBM bandwidth, then a sweep of tile candidates against the shipped
+# ones. Run from the repository root on the lent GPU machine (its python3 has torch, triton and
+# transformers; nothing is installed):
 #     bash benchmarks/gpu_check.sh          # logs and JSON go to $OUT (or runs/gpu here)
 set -uo pipefail
 export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
