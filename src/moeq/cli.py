@@ -551,6 +551,8 @@ def eval_command(
         summary.add_row("KL to reference", f"{report.kl_to_reference:.5f} nats/token")
         summary.add_row("routing agreement", " ".join(f"{a:.3f}" for a in report.routing_agreement) + "  (per MoE layer)")
     summary.add_row("bytes in memory", f"{report.bytes_in_memory:,}")
+    if report.kernel_copy_bytes:
+        summary.add_row("+ kernel copies", f"{report.kernel_copy_bytes:,} (built by the experts' backend at first use)")
     if report.bytes_on_disk is not None:
         summary.add_row("bytes on disk", f"{report.bytes_on_disk:,}")
     summary.add_row("tokens/s (forward)", f"{report.tokens_per_second:,.0f}")

@@ -98,7 +98,8 @@ def test_cli_eval(tmp_path: Path) -> None:
     fast = CliRunner().invoke(app, ["eval", str(tmp_path / "q"), "--data", str(tmp_path / "text.txt"), "--seq-len", "64",
                                     "--backend", "cpu-int4", "--json", str(tmp_path / "fast.json")])
     assert fast.exit_code == 0, fast.output
-    first, second = (json.loads((tmp_path / name).read_text())["perplexity"] for name in ("r.json", "fast.json"))
-    assert second == pytest.approx(first, rel=1e-4)
+    lean, fast = (json.loads((tmp_path / name).read_text()) for name in ("r.json", "fast.json"))
+    assert fast["perplexity"] == pytest.approx(lean["perplexity"], rel=1e-4)
+    assert lean["kernel_copy_bytes"] == 0 < fast["kernel_copy_bytes"]  # the int4 copy is reported, not hidden
     wrong = CliRunner().invoke(app, ["eval", str(tmp_path / "q"), "--data", str(tmp_path / "text.txt"), "--backend", "gpu"])
     assert wrong.exit_code != 0 and "unknown experts backend 'gpu'" in wrong.output

@@ -92,3 +92,18 @@ def test_auto_runs_cpu_on_cpu_tensors_and_unknown_backend_is_refused() -> None:
     torch.testing.assert_close(experts(x, index, weights), moe_experts_forward(x, index, weights, experts, "cpu"), atol=0, rtol=0)
     with pytest.raises(ValueError, match="unknown experts backend 'cuda'"):
         moe_experts_forward(x, index, weights, experts, "cuda")
+
+
+def test_int4_copy_is_counted_at_four_bits_per_weight_plus_scales() -> None:
+    experts = quantized_experts("mixtral", TensorSpec(2, "asym", 32), seed=5)
+    experts.__dict__.pop("_int4_weights", None)
+    assert experts.kernel_copy_nbytes() == 0
+    index = torch.arange(experts.num_experts).view(-1, 1)
+    moe_experts_forward(torch.randn(experts.num_experts, 64), index, torch.ones(experts.num_experts, 1), experts, "cpu-int4")
+    expected = 0
+    for e in range(experts.num_experts):
+        for p in experts.projections:
+            linear = experts.expert(e)[p]
+            out, inp = linear.out_features, linear.in_features
+            expected += out * inp // 2 + (inp // 32) * out * 2 * 4  # codes at 4 bits; float32 scale and zero per group
+    assert experts.kernel_copy_nbytes() == expected

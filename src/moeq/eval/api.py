@@ -11,7 +11,8 @@ scored once. On those tokens:
 - per MoE layer, routing agreement: the share of tokens whose set of selected experts is the
   same in both models (each fed its own hidden states, so earlier layers' changes count);
 - per MoE layer, the load histogram: tokens routed to each expert (the shared collector);
-- bytes in memory (the state dict, tied tensors once) and on disk (safetensors files, if a folder);
+- bytes in memory (the state dict, tied tensors once), plus the copies a backend built for its
+  kernels while evaluating (``cpu-int4``, Triton layouts), and on disk (safetensors files, if a folder);
 - tokens per second of the forward pass over the evaluation windows.
 
 An encoder-decoder (Switch) is scored on denoising instead: windows are disjoint (``stride ==
@@ -34,6 +35,7 @@ from torch import nn
 
 from ..calibrate.collector import ExpertStatistics
 from ..models import moe_layers_or_error
+from ..modules.experts import QuantizedExperts
 
 __all__ = ["EvalReport", "evaluate", "windows"]
 
@@ -53,6 +55,7 @@ class EvalReport:
     bytes_on_disk: int | None
     tokens_per_second: float
     reference_perplexity: float | None = None
+    kernel_copy_bytes: int = 0  # built by the experts' backend during the evaluation, beside bytes_in_memory
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -161,6 +164,7 @@ def evaluate(
         kl_to_reference=None, routing_agreement=None, expert_load=load, bytes_in_memory=_state_bytes(model),
         bytes_on_disk=sum(f.stat().st_size for f in folder.glob("*.safetensors")) if folder else None,
         tokens_per_second=tokens_forwarded / seconds,
+        kernel_copy_bytes=sum(m.kernel_copy_nbytes() for m in model.modules() if isinstance(m, QuantizedExperts)),
     )
     if model.config.is_encoder_decoder:
         report.notes.append("encoder-decoder: scored on span-corruption denoising; perplexity is exp(denoising loss)")

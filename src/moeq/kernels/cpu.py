@@ -81,6 +81,10 @@ class _Int4Weight:
     group: int
     source: int  # data_ptr of the codes it was built from
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale_zero))
+
 
 def _int4_weight(linear, dtype: torch.dtype) -> _Int4Weight:
     rows, cols, bits = linear.out_features, linear.in_features, linear.spec.bits

@@ -77,6 +77,13 @@ class QuantizedExperts(nn.Module):
         linears = self.expert(expert)
         return [linears[p].weight_for(dtype) for p in self.projections]
 
+    def kernel_copy_nbytes(self) -> int:
+        """Bytes of the backends' copies built at first use beside the packed buffers: the Triton
+        layout (``triton``) and the int4 copy (``cpu-int4``); not part of the checkpoint."""
+        layouts = getattr(self, "_kernel_layouts", None)
+        triton_bytes = sum(layout.nbytes for layout in layouts[1]) if layouts else 0
+        return triton_bytes + sum(weight.nbytes for weight in getattr(self, "_int4_weights", {}).values())
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         return moe_experts_forward(hidden_states, top_k_index, top_k_weights, self, self.backend)
 
