@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,3 +38,18 @@ def print_table(headers: list[str], rows: list[list]) -> None:
     print("  ".join(str(h).rjust(w) for h, w in zip(headers, widths)))
     for row in rows:
         print("  ".join(str(c).rjust(w) for c, w in zip(row, widths)))
+
+
+def timed(fn, repeats: int, device: str = "cpu") -> float:
+    """Fastest of ``repeats`` calls after two warm-up calls (the least disturbed by other load)."""
+    times = []
+    for i in range(repeats + 2):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return min(times)

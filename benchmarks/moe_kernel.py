@@ -36,13 +36,12 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import print_table, write_json
+from _common import print_table, timed, write_json
 
 from moeq.kernels import BACKENDS, moe_experts_forward
 from moeq.kernels.reference import experts_forward_reference
@@ -83,21 +82,6 @@ def dense_weights(hidden: int, inter: int, device: str) -> list[list[torch.Tenso
 
 def pick(dense: list[list[torch.Tensor]], expert: int, dtype: torch.dtype) -> list[torch.Tensor]:
     return dense[expert]
-
-
-def timed(fn, repeats: int, device: str) -> float:
-    """Fastest of ``repeats`` calls after two warm-up calls (the least disturbed by other load)."""
-    times = []
-    for i in range(repeats + 2):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def kernel_share(fn, total_s: float) -> float:

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _common import print_table, write_json
+from _common import print_table, timed, write_json
 import moeq
 from moeq import QuantConfig
 from moeq.calibrate.routing import tokenize_calibration
@@ -184,16 +184,6 @@ def _linear(weight: torch.Tensor) -> nn.Linear:
     return linear
 
 
-def _timed(fn, repeats: int) -> float:
-    times = []
-    for i in range(repeats + 2):
-        start = time.perf_counter()
-        fn()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def int4_resident_bytes(experts: QuantizedExperts) -> int:
     """Packed buffers plus the ``cpu-int4`` copy of every expert (built by one call routed to all of them)."""
     hidden = experts.expert(0)[PROJECTIONS[0]].in_features
@@ -247,7 +237,7 @@ def speed_rows(args) -> list[dict]:
             weights = torch.softmax(torch.randn(tokens, TOP_K, generator=g), -1).to(torch.bfloat16)
             expected = runs["bf16"](x, index, weights).float()
             with torch.no_grad():  # quanto's qint2 path fails under inference_mode
-                times = {name: _timed(lambda run=run: run(x, index, weights), args.repeats) for name, run in runs.items()}
+                times = {name: timed(lambda run=run: run(x, index, weights), args.repeats) for name, run in runs.items()}
                 errors = {name: float((run(x, index, weights).float() - expected).norm() / expected.norm()) for name, run in runs.items()}
             for name in runs:
                 rows.append({"bits": bits, "tokens": tokens, "method": name, "ms": times[name] * 1e3,
