@@ -15,7 +15,9 @@ channel (group size 0) or in groups along the input. Methods:
   ``optimize=True``, its default settings), calibration-free;
 - ``quanto``: optimum-quanto's weight quantizer as ``quanto.quantize(weights=qintN)`` applies it
   (``MaxOptimizer``: min-max with a float shift); quanto has int2/int4/int8 only, so 3 bits has
-  no quanto row, and it needs a group size.
+  no quanto row, and it needs a group size;
+- ``moeq-auto-gptq`` at the ``--mixed-bits`` budgets (mean expert bits): what moeq is for, a width
+  per expert from {4,3,2,1} chosen by ``--strategy auto`` on GPTQ's predicted damage, then GPTQ.
 
 The peers' weights are quantized with their own code, dequantized and written back into a
 bf16 copy of the model, which is then evaluated exactly like moeq's (``moeq.evaluate`` on the
@@ -30,7 +32,7 @@ reference loop), moeq's CPU path (``moe_experts_forward(backend="cpu")``), and t
 loop calling hqq's ``HQQLinear`` (backend PYTORCH) and quanto's frozen ``QLinear`` modules per
 expert. Fastest of ``--repeats`` after warm-up, one thread.
 
-Writes benchmarks/results/peers.json.
+Writes benchmarks/results/peers_quality.json and peers_speed.json.
 """
 
 from __future__ import annotations
@@ -120,6 +122,15 @@ def expert_numel(model: nn.Module) -> int:
     return sum(layer.num_experts * layer.expert_numel for layer in layers)
 
 
+def _quality_row(method: str, bits: float, group: int, report, nbytes: int, numel: int, started: float) -> dict:
+    row = {"method": method, "bits": bits, "group_size": group, "perplexity": report.perplexity, "kl": report.kl_to_reference,
+           "routing_agreement": sum(report.routing_agreement) / len(report.routing_agreement),
+           "expert_bytes": nbytes, "bits_per_weight": 8 * nbytes / numel, "seconds": round(time.perf_counter() - started, 1)}
+    print(f"[{method} {bits} bits group {group}] ppl {row['perplexity']:.3f} kl {row['kl']:.4f} "
+          f"{row['bits_per_weight']:.3f} bits/weight {row['seconds']}s", flush=True)
+    return row
+
+
 def quality_rows(args) -> list[dict]:
     model_dir = args.model
     ids = evaluation_tokens(model_dir, None, args.eval_tokens)
@@ -148,15 +159,15 @@ def quality_rows(args) -> list[dict]:
                             quantize_calibrated(model_dir, plan, calibration, model, CalibrationConfig(quantizer="gptq"), overwrite=True)
                         else:
                             model = moeq.quantize(load_source(model_dir), plan)
-                    report = evaluate(model, ids, reference=reference)
-                    row = {"method": method, "bits": bits, "group_size": group, "perplexity": report.perplexity,
-                           "kl": report.kl_to_reference,
-                           "routing_agreement": sum(report.routing_agreement) / len(report.routing_agreement),
-                           "expert_bytes": nbytes, "bits_per_weight": 8 * nbytes / numel,
-                           "seconds": round(time.perf_counter() - started, 1)}
-                    rows.append(row)
-                    print(f"[{method} {bits} bits group {group}] ppl {row['perplexity']:.3f} kl {row['kl']:.4f} "
-                          f"{row['bits_per_weight']:.3f} bits/weight {row['seconds']}s", flush=True)
+                    rows.append(_quality_row(method, bits, group, evaluate(model, ids, reference=reference), nbytes, numel, started))
+            for bits in args.mixed_bits:
+                started = time.perf_counter()
+                plan = moeq.allocate(model_dir, "auto", avg_bits=bits, calibration=DATA_DIR / "calibration.txt",
+                                     group_size=group_size, damage_quantizer="gptq", calib_tokens=args.calib_tokens)
+                out = Path(tmp) / "auto"
+                quantize_calibrated(model_dir, plan, calibration, out, CalibrationConfig(quantizer="gptq"), overwrite=True)
+                rows.append(_quality_row("moeq-auto-gptq", bits, group, evaluate(out, ids, reference=reference),
+                                         plan.budget["expert_bytes"], numel, started))
     print_table(["method", "bits", "group", "ppl", "KL", "route agr", "bits/weight"],
                 [[r["method"], r["bits"], r["group_size"] or "channel", f"{r['perplexity']:.2f}", f"{r['kl']:.4f}",
                   f"{r['routing_agreement']:.3f}", f"{r['bits_per_weight']:.3f}"] for r in rows])
@@ -258,6 +269,8 @@ def main() -> None:
     parser.add_argument("--bits", type=lambda s: [int(b) for b in s.split(",")], default=[4, 3, 2])
     parser.add_argument("--group-sizes", type=lambda s: [int(b) for b in s.split(",")], default=[0, 64],
                         help="0 = per output channel")
+    parser.add_argument("--mixed-bits", type=lambda s: [float(b) for b in s.split(",") if b], default=[2.5, 3.5],
+                        help="budgets (mean expert bits) of the moeq-auto-gptq rows; empty for none")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--scale", type=int, default=4, help="speed part: Mixtral-8x7B layer shapes divided by this")
@@ -266,17 +279,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = {}
-    if args.part in ("quality", "both"):
-        results["quality"] = quality_rows(args)
-    if args.part in ("speed", "both"):
-        results["speed"] = speed_rows(args)
     import hqq
     import optimum.quanto
 
-    path = write_json("peers", results.pop("speed", []), quality=results.get("quality", []), model=str(args.model),
-                      versions={"hqq": hqq.__version__, "optimum-quanto": optimum.quanto.__version__})
-    print(f"wrote {path}")
+    versions = {"hqq": hqq.__version__, "optimum-quanto": optimum.quanto.__version__}
+    if args.part in ("quality", "both"):
+        print(f"wrote {write_json('peers_quality', quality_rows(args), model=str(args.model), versions=versions)}")
+    if args.part in ("speed", "both"):
+        print(f"wrote {write_json('peers_speed', speed_rows(args), scale=args.scale, versions=versions)}")
 
 
 if __name__ == "__main__":

@@ -566,6 +566,28 @@ def eval_command(
     console.print(load)
 
 
+@app.command("generate")
+def generate_command(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A model folder (quantized by moeq or not) with its tokenizer.")],
+    prompt: Annotated[str, typer.Option(help="The text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0: greedy; above 0: sampling at this temperature.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    backend: Annotated[str, typer.Option(help="Experts backend of a moeq model: auto, reference, cpu, cpu-int4 (faster on CPU, more memory), triton.")] = "auto",
+) -> None:
+    """Continue a prompt and say how fast: tokens/s, the experts' backend and the copies it built."""
+    from .eval.generate import generate_text
+
+    try:
+        result = generate_text(model_path, prompt, max_new_tokens=max_new_tokens, backend=backend, temperature=temperature, seed=seed)
+    except USER_ERRORS as err:
+        _fail(err)
+    console.print(prompt + result.text, markup=False, highlight=False)
+    copies = f", kernel copies {result.kernel_copy_bytes:,} bytes" if result.kernel_copy_bytes else ""
+    console.print(f"{result.new_tokens} tokens in {result.seconds:.2f} s ({result.tokens_per_second:.1f} tokens/s), "
+                  f"experts backend {result.backend}{copies}", style="dim")
+
+
 @app.command("analyze")
 def analyze_command(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Hugging Face model folder (read one tensor at a time).")],
