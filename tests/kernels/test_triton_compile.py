@@ -44,7 +44,10 @@ for slots in (2, 8192):
                       **{k: v for k, v in config.items() if k != "num_warps"}}
         signature = dict(SIGNATURE, out="*fp32" if config["SPLIT_K"] > 1 else "*bf16",
                          **{name: "constexpr" for name in constexprs})
-        kernel = triton.compile(ASTSource(fn=triton_moe._moe_gemm, signature=signature, constexprs=constexprs),
+        # What a launch specialises at these shapes: 16-byte aligned tensors, sizes and strides multiple of 16.
+        names = list(signature)
+        attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in SIGNATURE if SIGNATURE[a].startswith("*") or a in ("N", "K", "stride_x", "stride_out")}
+        kernel = triton.compile(ASTSource(fn=triton_moe._moe_gemm, signature=signature, constexprs=constexprs, attrs=attrs),
                                 target=GPUTarget("cuda", 90, 32), options={"num_warps": config["num_warps"]})
         with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
             f.write(kernel.asm["cubin"])

@@ -5,11 +5,15 @@ code may straddle two bytes and a row may start mid-byte. A kernel wants every c
 fixed word and shift, so each weight row is re-packed into int32 words holding ``32 // bits``
 codes each, code ``k`` of a row at word ``k // (32 // bits)``, bits ``(k % (32 // bits)) * bits``
 upwards; rows are padded to whole words (3 bits: 10 codes in 30 of 32 bits, 6 % more than the
-stream; 1, 2, 4, 8 bits: no overhead). All entries of a layer are concatenated in one
-``words`` tensor, with per-entry metadata (``META`` columns):
+stream; 1, 2, 4, 8 bits: no overhead) and then to a multiple of ``WORD_ALIGN`` words, so every
+row starts on a 16-byte boundary and the kernel can read it with vector loads (no overhead when
+``in_features * bits`` is a multiple of 128, as at every Mixtral-8x7B shape). All entries of a
+layer are concatenated in one ``words`` tensor, with per-entry metadata (``META`` columns):
 
-- ``word_offset`` (first word), ``bits``, ``words_per_row``, ``group_size``, ``scale_offset`` (first
-  element in ``scales``/``zeros``), ``scheme`` (0: linear ``(c - z) s``, 1: log).
+- ``vec_offset`` (first word / ``WORD_ALIGN``), ``bits``, ``vecs_per_row`` (words per row /
+  ``WORD_ALIGN``), ``group_size``, ``scale_offset`` (first element in ``scales``/``zeros``),
+  ``scheme`` (0: linear ``(c - z) s``, 1: log). Offsets count 16-byte vectors so that the kernel,
+  multiplying them by ``WORD_ALIGN``, knows their alignment (a hint on a loaded scalar is lost).
 
 ``scales`` and ``zeros`` are float16 ``[sum of out*G]``: sym folds into ``z = 2^(b-1)``, sign into
 ``z = 1/2`` with scale ``2s``, asym keeps its integer zero points (exact in float16). Gated layers
@@ -30,9 +34,10 @@ import torch
 from ..quant.pack import unpack_codes
 from ..quant.schemes import Scheme
 
-__all__ = ["META", "KernelLayout", "build_layout", "scales_and_zeros"]
+__all__ = ["META", "WORD_ALIGN", "KernelLayout", "build_layout", "scales_and_zeros"]
 
-META = ("word_offset", "bits", "words_per_row", "group_size", "scale_offset", "scheme")
+META = ("vec_offset", "bits", "vecs_per_row", "group_size", "scale_offset", "scheme")
+WORD_ALIGN = 4  # words: rows start 16 bytes apart
 
 
 @dataclass(frozen=True)
@@ -52,15 +57,16 @@ class KernelLayout:
 
 
 def _row_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """``[rows, cols]`` uint8 codes as int32 ``[rows, ceil(cols / (32 // bits))]`` words."""
+    """``[rows, cols]`` uint8 codes as int32 ``[rows, words]`` (``32 // bits`` codes a word, padded to ``WORD_ALIGN``)."""
     per_word = 32 // bits
     rows, cols = codes.shape
-    width = -(-cols // per_word) * per_word
-    padded = torch.zeros(rows, width, dtype=torch.int64, device=codes.device)
+    words = -(-cols // per_word)
+    words = -(-words // WORD_ALIGN) * WORD_ALIGN
+    padded = torch.zeros(rows, words * per_word, dtype=torch.int64, device=codes.device)
     padded[:, :cols] = codes
     shifts = torch.arange(per_word, dtype=torch.int64, device=codes.device) * bits
-    words = (padded.view(rows, -1, per_word) << shifts).sum(-1)
-    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+    packed = (padded.view(rows, -1, per_word) << shifts).sum(-1)
+    return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
 
 
 def scales_and_zeros(linear) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +94,8 @@ def build_layout(linears: list, device: torch.device | str) -> KernelLayout:
         codes = unpack_codes(linear.codes, bits, out_features * in_features).view(out_features, in_features)
         row_words = _row_words(codes, bits)
         s, z = (t.to(torch.float16) for t in scales_and_zeros(linear))
-        meta.append([word_offset, bits, row_words.shape[1], linear.group_size, scale_offset, int(linear.spec.scheme is Scheme.LOG)])
+        meta.append([word_offset // WORD_ALIGN, bits, row_words.shape[1] // WORD_ALIGN, linear.group_size, scale_offset,
+                     int(linear.spec.scheme is Scheme.LOG)])
         words.append(row_words.reshape(-1))
         scales.append(s.reshape(-1))
         zeros.append(z.reshape(-1))

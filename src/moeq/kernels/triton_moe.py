@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import META, KernelLayout
+from .layout import META, WORD_ALIGN, KernelLayout
 from .routing import group_by_expert
 
 __all__ = ["LAUNCHES", "activation_code", "experts_forward_triton", "launch_config"]
@@ -30,6 +30,7 @@ __all__ = ["LAUNCHES", "activation_code", "experts_forward_triton", "launch_conf
 # Activations the kernels' epilogue applies, by function or module class name, lower case.
 _FUSED_ACTIVATIONS = {"silu": 1, "siluactivation": 1, "relu": 2}
 DECODE_SLOTS = 64  # at most this many routed slots: the decode-shaped configuration
+ALIGN = tl.constexpr(WORD_ALIGN)  # kernels read module globals only as constexpr
 
 
 def activation_code(act_fn) -> int | None:
@@ -39,10 +40,30 @@ def activation_code(act_fn) -> int | None:
 
 @triton.jit
 def _unpack(words, word_offset, words_per_row, offs_k, offs_n, mask, BITS: tl.constexpr):
-    """``[BLOCK_K, BLOCK_N]`` codes of width ``BITS`` (a constant, so word index and shift are cheap)."""
+    """``[BLOCK_K, BLOCK_N]`` codes of width ``BITS``, each element reading its own word (3, 5, 6 bits:
+    ``32 // BITS`` is not a power of two, so a tile of words cannot be reshaped into codes)."""
     PER_WORD = 32 // BITS
     word = tl.load(words + word_offset + offs_n[None, :] * words_per_row + offs_k[:, None] // PER_WORD, mask=mask, other=0)
     return (word >> ((offs_k[:, None] % PER_WORD) * BITS)) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _unpack_words(words, word_offset, words_per_row, k0, offs_n, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``[BLOCK_K, BLOCK_N]`` codes of width ``BITS`` (1, 2, 4, 7, 8: ``32 // BITS`` a power of two).
+
+    Each word of the tile is loaded once, as ``[BLOCK_K / per_word, BLOCK_N]`` with rows of the
+    layout contiguous and 16-byte aligned (vector loads), then split into its codes in registers.
+    Codes past ``K`` in a row's last words are padding; the activations there are masked to zero.
+    """
+    PER_WORD: tl.constexpr = 32 // BITS
+    WORDS_K: tl.constexpr = BLOCK_K // PER_WORD
+    # k0 is a multiple of BLOCK_K, so the tile's words start on a multiple of WORDS_K: say so, for vector loads.
+    offs_w = tl.max_contiguous(tl.multiple_of(k0 // PER_WORD + tl.arange(0, WORDS_K), WORDS_K), WORDS_K)
+    mask = (offs_w[:, None] < words_per_row) & (offs_n[None, :] < N)
+    word = tl.load(words + word_offset + offs_n[None, :] * words_per_row + offs_w[:, None], mask=mask, other=0)
+    shifts = tl.arange(0, PER_WORD) * BITS
+    codes = (word[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+    return tl.reshape(codes, (BLOCK_K, offs_n.shape[0]))
 
 
 @triton.jit
@@ -70,7 +91,7 @@ def _entry(meta, entry, NUM_META: tl.constexpr):
 
 @triton.jit
 def _accumulate(
-    acc, a, words, scales, zeros, word_offset, bits, words_per_row, group_size, scale_offset, scheme,
+    acc, a, words, scales, zeros, vec_offset, bits, vecs_per_row, group_size, scale_offset, scheme,
     k0, offs_k, offs_n, K, N, BLOCK_K: tl.constexpr,
 ):
     """``acc + a @ W[k0:k0+BLOCK_K, offs_n]`` for one entry's transposed weight, dequantized in registers.
@@ -81,22 +102,24 @@ def _accumulate(
     multiply the ``[BLOCK_M, BLOCK_N]`` result; finer groups are scaled in the tile.
     """
     mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+    word_offset = vec_offset * ALIGN  # the layout counts 16-byte vectors: these products carry the alignment
+    words_per_row = vecs_per_row * ALIGN
     if bits == 1:
-        code = _unpack(words, word_offset, words_per_row, offs_k, offs_n, mask, 1)
+        code = _unpack_words(words, word_offset, words_per_row, k0, offs_n, N, 1, BLOCK_K)
     elif bits == 2:
-        code = _unpack(words, word_offset, words_per_row, offs_k, offs_n, mask, 2)
+        code = _unpack_words(words, word_offset, words_per_row, k0, offs_n, N, 2, BLOCK_K)
     elif bits == 3:
         code = _unpack(words, word_offset, words_per_row, offs_k, offs_n, mask, 3)
     elif bits == 4:
-        code = _unpack(words, word_offset, words_per_row, offs_k, offs_n, mask, 4)
+        code = _unpack_words(words, word_offset, words_per_row, k0, offs_n, N, 4, BLOCK_K)
     elif bits == 5:
         code = _unpack(words, word_offset, words_per_row, offs_k, offs_n, mask, 5)
     elif bits == 6:
         code = _unpack(words, word_offset, words_per_row, offs_k, offs_n, mask, 6)
     elif bits == 7:
-        code = _unpack(words, word_offset, words_per_row, offs_k, offs_n, mask, 7)
+        code = _unpack_words(words, word_offset, words_per_row, k0, offs_n, N, 7, BLOCK_K)
     else:
-        code = _unpack(words, word_offset, words_per_row, offs_k, offs_n, mask, 8)
+        code = _unpack_words(words, word_offset, words_per_row, k0, offs_n, N, 8, BLOCK_K)
     groups_per_row = K // group_size
     # Triton merges a name assigned in both branches, so each branch keeps names of its own shape.
     if (group_size % BLOCK_K == 0) | (group_size == K):
@@ -130,16 +153,16 @@ def _moe_gemm(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    w_offset, bits, w_per_row, group_size, s_offset, scheme = _entry(meta, expert, NUM_META)
+    vec_offset, bits, vecs_per_row, group_size, s_offset, scheme = _entry(meta, expert, NUM_META)
     if GATED:
-        up_offset, up_bits, up_per_row, up_group, up_s_offset, up_scheme = _entry(meta, expert + second_entry, NUM_META)
+        up_vec_offset, up_bits, up_vecs_per_row, up_group, up_s_offset, up_scheme = _entry(meta, expert + second_entry, NUM_META)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)  # k0 steps by BLOCK_K
         a = tl.load(x + rows[:, None] * stride_x + offs_k[None, :], mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-        acc = _accumulate(acc, a, words, scales, zeros, w_offset, bits, w_per_row, group_size, s_offset, scheme,
+        acc = _accumulate(acc, a, words, scales, zeros, vec_offset, bits, vecs_per_row, group_size, s_offset, scheme,
                           k0, offs_k, offs_n, K, N, BLOCK_K)
         if GATED:
-            acc_up = _accumulate(acc_up, a, words, scales, zeros, up_offset, up_bits, up_per_row, up_group, up_s_offset,
+            acc_up = _accumulate(acc_up, a, words, scales, zeros, up_vec_offset, up_bits, up_vecs_per_row, up_group, up_s_offset,
                                  up_scheme, k0, offs_k, offs_n, K, N, BLOCK_K)
     if ACT == 1:
         acc = acc * tl.sigmoid(acc)
@@ -176,13 +199,14 @@ def launch_config(slots: int, n: int, launch: str) -> dict[str, int]:
     ``launch``: ``gate_up`` (two accumulators, SwiGLU epilogue), ``up`` (one, activation epilogue)
     or ``down`` (routing weights; split-K when decode-shaped). ``BLOCK_M`` depends on ``slots``
     only, so both launches of a layer cut the same blocks. Every configuration compiles for sm_90
-    without spilling registers (``tests/kernels/test_triton_compile.py``: 4 warps spilled 0.4–1.7
-    KB per thread at the prefill tiles); their speed is untuned until a GPU is lent.
+    without spilling registers (``tests/kernels/test_triton_compile.py``): 125-128 registers a
+    thread except the prefill gate/up (234), where 64 x 128 tiles with 4 warps spilled 0.4-1.7 KB
+    and BLOCK_K 128 at decode needed 255. Speed is untuned until a GPU is lent
+    (``moe_kernel.py --part sweep``).
     """
     if slots <= DECODE_SLOTS:
-        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 4 if launch == "down" else 1, "num_warps": 4}
-    wide = launch != "gate_up" and n > 64
-    return {"BLOCK_M": 64, "BLOCK_N": 128 if wide else 64, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 8}
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 4 if launch == "down" else 1, "num_warps": 4}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 8}
 
 
 def experts_forward_triton(
