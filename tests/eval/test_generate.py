@@ -55,3 +55,8 @@ def test_a_folder_without_tokenizer_is_named(tmp_path: Path) -> None:
     tiny_model("mixtral").save_pretrained(tmp_path / "bare")
     with pytest.raises(ValueError, match="has no usable tokenizer files"):
         generate_text(tmp_path / "bare", "x")
+
+
+def test_an_unknown_backend_is_refused_for_an_unquantized_model_too(folders) -> None:
+    with pytest.raises(ValueError, match="unknown experts backend 'gpu'"):
+        generate_text(folders["fp"], "x", backend="gpu")

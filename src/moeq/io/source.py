@@ -60,6 +60,9 @@ def load_source(path: str | Path) -> nn.Module:
 def load_any(path: str | Path, backend: str = "auto") -> nn.Module:
     """A model folder, quantized by moeq or not, loaded for inference (eval mode); ``backend`` runs
     a moeq checkpoint's experts (:data:`moeq.kernels.BACKENDS`)."""
+    from ..kernels.dispatch import check_backend
+
+    check_backend(backend)  # refused even for a model without quantized experts: a typo should not pass
     raw = read_config(path)
     if (raw.get("quantization_config") or {}).get("quant_method") == "moeq":
         from .checkpoint import load
