@@ -15,6 +15,10 @@ scales, zero points) of the experts the routing actually reads, against ``--band
 On CUDA the share of time in the two ``_moe_gemm`` launches comes from torch.profiler.
 Writes benchmarks/results/moe_kernel_<device>.json.
 
+``--part check`` (Triton): the kernels against the torch reference for every width 1-8, each
+scheme, a finer group and whole rows, and a layer mixing them, at ``--tokens``, in float32,
+float16 and bfloat16 (writes benchmarks/results/moe_kernel_check_<device>.json).
+
 ``--part sweep`` (Triton): the same layer at uniform 4 and mixed 2.5 bits, timed with the shipped
 tile configuration and with each candidate of a small grid (decode: BLOCK_N, BLOCK_K, split-K;
 prefill: BLOCK_M, BLOCK_N, warps); prints the best per token count and writes
@@ -45,6 +49,7 @@ from _common import print_table, timed, write_json
 
 from moeq.kernels import BACKENDS, moe_experts_forward
 from moeq.kernels.reference import experts_forward_reference
+from moeq.modules.convert import rtn_quantizer
 from moeq.modules.experts import QuantizedExperts
 from moeq.plan import TensorSpec
 
@@ -145,6 +150,7 @@ CHILD = r"""
 import json, sys, time, torch
 import moeq
 from moeq.io.source import load_source
+from moeq.modules.convert import rtn_quantizer
 from moeq.modules.experts import QuantizedExperts
 
 def rss_kb(field):
@@ -195,6 +201,43 @@ def generation_rows(threads: int) -> list[dict]:
             for backend in backends:
                 result = subprocess.run([sys.executable, "-c", CHILD, str(folder), backend, str(threads)], capture_output=True, text=True, check=True)
                 rows.append({"model": name, "backend": backend, **json.loads(result.stdout.strip().splitlines()[-1])})
+                print(rows[-1], flush=True)
+    return rows
+
+
+# --part check: every width and scheme the layout serves, one uniform layer each, then all mixed.
+CHECK_SPECS = [TensorSpec(1, "sign", GROUP), TensorSpec(1, "asym", GROUP), *(TensorSpec(b, "asym", GROUP) for b in range(2, 9)),
+               TensorSpec(4, "sym", GROUP), TensorSpec(3, "log", GROUP), TensorSpec(4, "asym", 32), TensorSpec(4, "asym", None)]
+
+
+def check_rows(args) -> list[dict]:
+    """The Triton backend against the torch reference for every width and scheme (and a layer mixing
+    them), decode- and prefill-shaped, in float32, float16 and bfloat16: the compiled kernels'
+    correctness, which the CPU interpreter cannot show for bf16. Error: max |kernel - reference| over
+    max |reference|, where the reference runs in the same dtype."""
+    hidden, inter = 4096 // args.scale, 14336 // args.scale
+    shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    layers = {f"{s.bits}{s.scheme.value}{s.group_size or ''}": [s] * EXPERTS for s in CHECK_SPECS}
+    layers["mixed"] = [CHECK_SPECS[i % len(CHECK_SPECS)] for i in range(EXPERTS)]
+    rows = []
+    for name, specs in layers.items():
+        layer = QuantizedExperts(EXPERTS, shapes, {(e, p): specs[e] for e in range(EXPERTS) for p in PROJECTIONS}, F.silu, gated=True)
+        g = torch.Generator().manual_seed(0)
+        for e in range(EXPERTS):
+            for p in PROJECTIONS:
+                weight = torch.randn(shapes[p], generator=g) * 0.02
+                layer.expert(e)[p].load_quantized(rtn_quantizer(weight, specs[e], torch.float16))
+        layer = layer.to(args.device)
+        for tokens in args.tokens:
+            x = torch.randn(tokens, hidden, generator=g).to(args.device)
+            index = torch.stack([torch.randperm(EXPERTS, generator=g)[:TOP_K] for _ in range(tokens)]).to(args.device)
+            weights = torch.rand(tokens, TOP_K, generator=g).to(args.device)
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                inputs = (x.to(dtype), index, weights.to(dtype), layer)
+                expected = moe_experts_forward(*inputs, backend="reference").float()
+                got = moe_experts_forward(*inputs, backend="triton").float()
+                error = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+                rows.append({"layer": name, "tokens": tokens, "dtype": str(dtype).removeprefix("torch."), "max_rel_err": float(f"{error:.3g}")})
                 print(rows[-1], flush=True)
     return rows
 
@@ -257,8 +300,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--bandwidth-gbs", type=float, default=None)
     parser.add_argument("--backend", default="auto", choices=BACKENDS, help="the quantized layer's backend (layer part)")
-    parser.add_argument("--part", default="layer", choices=["layer", "generate", "both", "sweep"],
-                        help="generate: the default model (CPU); sweep: Triton tile candidates against the shipped ones")
+    parser.add_argument("--part", default="layer", choices=["layer", "generate", "both", "sweep", "check"],
+                        help="generate: the default model (CPU); sweep: Triton tile candidates against the shipped ones; "
+                             "check: Triton against the reference at every width, scheme and dtype")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 steadies timings on a shared machine)")
     args = parser.parse_args()
     if args.threads:
@@ -279,6 +323,13 @@ def main() -> None:
         print_table(headers, [[r[h] for h in headers] for r in rows])
         path = write_json(f"moe_kernel_{args.device}", rows, device=device_name, peak_gbs=peak, scale=args.scale)
         print(f"wrote {path}")
+    if args.part == "check":
+        rows = check_rows(args)
+        worst = {}
+        for r in rows:
+            worst[r["dtype"]] = max(worst.get(r["dtype"], 0.0), r["max_rel_err"])
+        print("worst max_rel_err per dtype:", worst)
+        print(f"wrote {write_json(f'moe_kernel_check_{args.device}', rows, device=device_name, scale=args.scale)}")
     if args.part == "sweep":
         rows = sweep_rows(args, peak)
         print(f"wrote {write_json(f'moe_kernel_sweep_{args.device}', rows, device=device_name, peak_gbs=peak, scale=args.scale)}")
