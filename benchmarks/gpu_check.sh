@@ -3,8 +3,8 @@
 # steps are capped at 100 + 280 + 160 s to stay inside that): versions; the compiled kernels
 # against the torch reference at every width, scheme and dtype; the Triton kernels at Mixtral-8x7B
 # layer shapes, timed against bf16 experts and the HBM bandwidth; a sweep of tile candidates
-# against the shipped ones. Run from the repository root on the lent GPU machine (its python3 has torch, triton and
-# transformers; nothing is installed):
+# against the shipped ones. Run from the repository root on the lent GPU machine (its python3 has
+# torch, triton and transformers; nothing is installed):
 #     bash benchmarks/gpu_check.sh          # logs and JSON go to $OUT (or runs/gpu here)
 set -uo pipefail
 export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
