@@ -15,7 +15,8 @@ from moeq.plan import BitPlan, ExpertEntry, TensorSpec
 # Every width the kernels must handle, with each scheme and a grouped variant.
 WIDTHS = [
     TensorSpec(1, "sign"), TensorSpec(1, "asym"), TensorSpec(2, "sym"), TensorSpec(2, "asym"), TensorSpec(3, "asym", 16),
-    TensorSpec(3, "log"), TensorSpec(4, "sym"), TensorSpec(4, "asym", 32), TensorSpec(5, "asym"), TensorSpec(8, "sym"),
+    TensorSpec(3, "log"), TensorSpec(4, "sym"), TensorSpec(4, "asym", 32), TensorSpec(5, "asym"), TensorSpec(6, "asym", 32),
+    TensorSpec(7, "sym"), TensorSpec(8, "sym"),
 ]
 
 
