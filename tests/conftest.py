@@ -57,3 +57,11 @@ def add_tokenizer(folder: Path, vocab_size: int = 256) -> None:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator([SAMPLE_TEXT], trainer)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>").save_pretrained(folder)
+
+
+def one_line_error(result) -> str:
+    """The CLI's refusal: exit code 2 and exactly one non-empty line of output, returned."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    return lines[0]

@@ -13,7 +13,7 @@ import moeq
 from moeq.cli import app
 from moeq.config import QuantConfig, uniform_plan
 from moeq.models.tiny import tiny_model
-from tests.conftest import logits
+from tests.conftest import logits, one_line_error
 
 runner = CliRunner()
 
@@ -50,13 +50,6 @@ def test_quantize_with_a_mixed_plan(tmp_path: Path) -> None:
     assert "4 │" in info.output and "2 │" in info.output
 
 
-def _error(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    return lines[0]
-
-
 def test_errors_are_one_line_and_leave_nothing(tmp_path: Path) -> None:
     source = tmp_path / "src"
     tiny_model("olmoe").save_pretrained(source)
@@ -81,7 +74,7 @@ def test_errors_are_one_line_and_leave_nothing(tmp_path: Path) -> None:
         (["info", str(source)], "is not a moeq checkpoint"),
     ]
     for args, message in cases:
-        line = _error(runner.invoke(app, args))
+        line = one_line_error(runner.invoke(app, args))
         assert message in line, (args, line)
         assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt", "dense", "src"]
@@ -89,7 +82,7 @@ def test_errors_are_one_line_and_leave_nothing(tmp_path: Path) -> None:
 
 def test_already_quantized_source_is_refused(tmp_path: Path) -> None:
     moeq.save(moeq.quantize(tiny_model("mixtral"), QuantConfig(bits=3)), tmp_path / "q")
-    line = _error(runner.invoke(app, ["quantize", str(tmp_path / "q"), "--out", str(tmp_path / "q2"), "--bits", "2"]))
+    line = one_line_error(runner.invoke(app, ["quantize", str(tmp_path / "q"), "--out", str(tmp_path / "q2"), "--bits", "2"]))
     assert "already quantized (moeq)" in line
 
 
@@ -150,7 +143,7 @@ def test_allocate_errors_are_one_line(tmp_path: Path) -> None:
         (["--avg-bits", "2.5", "--strategy", "pmq"], "needs calibration text"),
     ]
     for extra, message in cases:
-        line = _error(runner.invoke(app, ["allocate", str(source), "--out", str(tmp_path / "p.json"), *extra]))
+        line = one_line_error(runner.invoke(app, ["allocate", str(source), "--out", str(tmp_path / "p.json"), *extra]))
         assert message in line, (extra, line)
     assert not (tmp_path / "p.json").exists()
 
@@ -192,7 +185,7 @@ def test_quantize_with_gptq_from_the_command_line(tmp_path: Path) -> None:
     loaded = moeq.load(tmp_path / "q")
     assert type(loaded.model.layers[0].mlp.down_proj).__name__ == "QuantizedLinear"  # the dense first layer
     assert torch.isfinite(logits(loaded)).all()
-    line = _error(runner.invoke(app, ["quantize", str(source), "--out", str(tmp_path / "q2"), "--bits", "3", "--quantizer", "gptq"]))
+    line = one_line_error(runner.invoke(app, ["quantize", str(source), "--out", str(tmp_path / "q2"), "--bits", "3", "--quantizer", "gptq"]))
     assert "needs calibration text" in line
 
 
@@ -211,8 +204,8 @@ def test_an_interrupted_quantize_resumes(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(source, plan, tmp_path / "q", progress=interrupt)
     args = ["quantize", str(source), "--out", str(tmp_path / "q"), "--plan", str(tmp_path / "plan.json")]
-    assert "an interrupted run left" in _error(runner.invoke(app, args))
-    assert "add --resume to continue it" in _error(runner.invoke(app, args))
+    assert "an interrupted run left" in one_line_error(runner.invoke(app, args))
+    assert "add --resume to continue it" in one_line_error(runner.invoke(app, args))
     result = runner.invoke(app, [*args, "--resume"])
     assert result.exit_code == 0, result.output
     assert torch.equal(logits(moeq.load(tmp_path / "q")), logits(moeq.quantize(model, plan)))

@@ -18,6 +18,7 @@ from moeq.io.source import load_source
 from moeq.models.tiny import tiny_model
 from moeq.modules.experts import QuantizedExperts
 from moeq.train.corpus import DATA_DIR
+from tests.conftest import one_line_error
 
 runner = CliRunner()
 
@@ -127,24 +128,17 @@ def test_cli_prints_the_table(setup) -> None:
     assert "at most 4 documents per task" in result.output and "lm-eval 0.4.13" in result.output
 
 
-def _error(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    return lines[0]
-
-
 def test_unknown_task_is_named(setup) -> None:
     folder, tasks = setup
     with pytest.raises(ValueError, match="unknown lm-eval task 'no_such_task'"):
         run_harness(folder, [TASK, "no_such_task"], include_path=tasks)
-    line = _error(runner.invoke(app, ["eval", str(folder), "--tasks", "no_such_task", "--include-path", str(tasks)]))
+    line = one_line_error(runner.invoke(app, ["eval", str(folder), "--tasks", "no_such_task", "--include-path", str(tasks)]))
     assert "'no_such_task'" in line
 
 
 def test_unreachable_data_is_one_line(setup) -> None:
     folder, tasks = setup
-    line = _error(runner.invoke(app, ["eval", str(folder), "--tasks", "moeq_remote_choice", "--include-path", str(tasks)]))
+    line = one_line_error(runner.invoke(app, ["eval", str(folder), "--tasks", "moeq_remote_choice", "--include-path", str(tasks)]))
     assert "could not load a task's data set" in line and "moeq-tests/absent" in line
 
 
@@ -159,5 +153,5 @@ def test_missing_lm_eval_says_how_to_install(setup, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval` fail
     with pytest.raises(HarnessNotInstalled, match=r"pip install 'moeq\[harness\]'"):
         run_harness(folder, [TASK])
-    line = _error(runner.invoke(app, ["eval", str(folder), "--tasks", TASK, "--include-path", str(tasks)]))
+    line = one_line_error(runner.invoke(app, ["eval", str(folder), "--tasks", TASK, "--include-path", str(tasks)]))
     assert "pip install 'moeq[harness]'" in line
