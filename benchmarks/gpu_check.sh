@@ -19,6 +19,6 @@ cp results/moe_kernel_check_cuda.json "$OUT/" 2>/dev/null || echo "no results/mo
 # Every row also carries max_rel_err, the kernel's output against the torch reference.
 timeout 280 python3 moe_kernel.py --device cuda --repeats 20 2>&1 | tee "$OUT/moe_kernel.log"
 cp results/moe_kernel_cuda.json "$OUT/" 2>/dev/null || echo "no results/moe_kernel_cuda.json written"
-# Tile candidates (compiles ~20 configurations; the shipped ones come first in every group).
+# Tile candidates (compiles 24 candidates; the shipped ones come first in every group).
 timeout 160 python3 moe_kernel.py --device cuda --part sweep --tokens 1,8,4096 --repeats 10 2>&1 | tee "$OUT/sweep.log"
 cp results/moe_kernel_sweep_cuda.json "$OUT/" 2>/dev/null || echo "no results/moe_kernel_sweep_cuda.json written"

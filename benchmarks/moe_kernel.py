@@ -21,7 +21,7 @@ float16 and bfloat16 (writes benchmarks/results/moe_kernel_check_<device>.json).
 
 ``--part sweep`` (Triton): the same layer at uniform 4 and mixed 2.5 bits, timed with the shipped
 tile configuration and with each candidate of a small grid (decode: BLOCK_N, BLOCK_K, split-K;
-prefill: BLOCK_M, BLOCK_N, warps); prints the best per token count and writes
+prefill: BLOCK_M, BLOCK_N, warps, pipeline stages); prints the best per token count and writes
 benchmarks/results/moe_kernel_sweep_<device>.json.
 
 ``--part generate``: on src/moeq/data/default-mixtral, in a fresh process each, greedy generation of
@@ -245,8 +245,8 @@ def check_rows(args) -> list[dict]:
 # Tile candidates for --part sweep (decode-shaped: few slots; prefill-shaped: many).
 DECODE_CANDIDATES = [{"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": split, "num_warps": 4}
                      for n in (32, 64) for k in (64, 128) for split in (2, 4, 8)]
-PREFILL_CANDIDATES = [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": w}
-                      for m in (64, 128) for n in (64, 128) for w in (4, 8)]
+PREFILL_CANDIDATES = [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": w, "num_stages": stages}
+                      for m in (64, 128) for n in (64, 128) for w, stages in ((4, 3), (8, 3), (8, 4))]
 
 
 def sweep_rows(args, peak_gbs: float) -> list[dict]:
@@ -273,12 +273,15 @@ def sweep_rows(args, peak_gbs: float) -> list[dict]:
             for candidate in [None, *(DECODE_CANDIDATES if decode else PREFILL_CANDIDATES)]:
                 if candidate is not None:
                     triton_moe.launch_config = lambda slots, n, launch, c=candidate: {**c, "SPLIT_K": c["SPLIT_K"] if launch == "down" else 1}
+                label = "shipped" if candidate is None else ",".join(f"{k}={v}" for k, v in candidate.items())
                 try:
                     seconds = timed(run, args.repeats, args.device)
                     error = float((run().float() - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+                except Exception as failure:  # e.g. a candidate needing more shared memory than the GPU has
+                    print(f"{name} {tokens} {label}: {type(failure).__name__}: {failure}", flush=True)
+                    continue
                 finally:
                     triton_moe.launch_config = shipped
-                label = "shipped" if candidate is None else ",".join(f"{k}={v}" for k, v in candidate.items())
                 rows.append({"config": name, "tokens": tokens, "tiles": label, "ms": round(seconds * 1e3, 4),
                              "of_peak": round(moved / seconds / 1e9 / peak_gbs, 3), "max_rel_err": float(f"{error:.3g}")})
                 print(rows[-1], flush=True)
@@ -286,6 +289,8 @@ def sweep_rows(args, peak_gbs: float) -> list[dict]:
     for name in ("uniform4", "mixed2.5"):
         for tokens in args.tokens:
             mine = [r for r in rows if r["config"] == name and r["tokens"] == tokens]
+            if not mine or mine[0]["tiles"] != "shipped":
+                continue
             fastest = min(mine, key=lambda r: r["ms"])
             best.append([name, tokens, mine[0]["ms"], fastest["ms"], round(mine[0]["ms"] / fastest["ms"], 2), fastest["tiles"]])
     print_table(["config", "tokens", "shipped ms", "best ms", "gain", "best tiles"], best)

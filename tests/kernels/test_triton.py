@@ -51,9 +51,10 @@ def test_an_activation_the_kernels_cannot_fuse_is_refused_with_the_fix(monkeypat
 
 
 @pytest.mark.parametrize("decode", [True, False])
-def test_several_groups_per_row_scale_after_the_product(decode: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Groups of 64 along K = 128/256: one scale per K tile in the prefill configuration (BLOCK_K 64,
-    scaled after the dot), several per tile in the decode one (BLOCK_K 128, scaled in the tile)."""
+@pytest.mark.parametrize("block_k", [64, 128])
+def test_several_groups_per_row(decode: bool, block_k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Groups of 64 along K = 128/256: one scale per K tile at BLOCK_K 64 (zero point and scale
+    applied after the dot), two per tile at BLOCK_K 128 (the launch dequantizes in the tile)."""
     import torch.nn.functional as F
 
     from moeq.modules.convert import rtn_quantizer
@@ -70,6 +71,8 @@ def test_several_groups_per_row_scale_after_the_product(decode: bool, monkeypatc
         experts.expert(e)[p].load_quantized(rtn_quantizer(weight, spec, torch.float16))
     if not decode:
         monkeypatch.setattr(triton_moe, "DECODE_SLOTS", 0)
+    shipped = triton_moe.launch_config
+    monkeypatch.setattr(triton_moe, "launch_config", lambda *args: {**shipped(*args), "BLOCK_K": block_k})
     check(experts, tokens=6)
 
 

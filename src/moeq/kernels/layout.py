@@ -1,19 +1,28 @@
 """Kernel layout: one layer's experts re-packed at first use into flat tensors a single launch can read.
 
 The checkpoint keeps the STREAM_LE bytes of :mod:`moeq.quant.pack`, where a 3-, 5-, 6- or 7-bit
-code may straddle two bytes and a row may start mid-byte. A kernel wants every code of a row at a
-fixed word and shift, so each weight row is re-packed into int32 words holding ``32 // bits``
-codes each, code ``k`` of a row at word ``k // (32 // bits)``, bits ``(k % (32 // bits)) * bits``
-upwards; rows are padded to whole words (3 bits: 10 codes in 30 of 32 bits, 6 % more than the
-stream; 1, 2, 4, 8 bits: no overhead) and then to a multiple of ``WORD_ALIGN`` words, so every
-row starts on a 16-byte boundary and the kernel can read it with vector loads (no overhead when
-``in_features * bits`` is a multiple of 128, as at every Mixtral-8x7B shape). All entries of a
-layer are concatenated in one ``words`` tensor, with per-entry metadata (``META`` columns):
+code may straddle two bytes and a row may start mid-byte. A kernel wants each tile of codes at
+fixed words and shifts whatever the width, so a ``b``-bit weight is split into **bit planes** of
+power-of-two widths: ``8`` for 8 bits, else the binary digits of ``b`` (7 = 4 + 2 + 1, 6 = 4 + 2,
+5 = 4 + 1, 3 = 2 + 1). A code is ``p4 | p2 << (b & 4) | p1 << (b & 6)`` (``p8`` alone at 8 bits).
+Each plane of width ``p`` stores every row as int32 words of ``32 // p`` codes, code ``k`` at word
+``k // (32 // p)``, bits ``(k % (32 // p)) * p`` upwards, and pads each row to a multiple of
+``WORD_ALIGN`` words (16 bytes), so the kernel reads a tile of any plane with vector loads. Sizes
+are exact: ``b`` bits a weight at every width, plus the row padding (none when ``in_features`` is
+a multiple of 128, as at every Mixtral-8x7B shape).
 
-- ``vec_offset`` (first word / ``WORD_ALIGN``), ``bits``, ``vecs_per_row`` (words per row /
-  ``WORD_ALIGN``), ``group_size``, ``scale_offset`` (first element in ``scales``/``zeros``),
-  ``scheme`` (0: linear ``(c - z) s``, 1: log). Offsets count 16-byte vectors so that the kernel,
-  multiplying them by ``WORD_ALIGN``, knows their alignment (a hint on a loaded scalar is lost).
+Because every plane has a power-of-two width, the kernel loads the same four plane tiles (those an
+entry lacks are masked off) at every width, with no branch around a load: that is what lets Triton
+software-pipeline the loop (asynchronous copies several tiles ahead), which a load inside a
+width branch prevents. Words per row of plane ``p`` follow from ``in_features`` alone
+(``ceil(in * p / 128)`` 16-byte vectors), so the kernel computes them. An entry's planes lie one
+after another, widest first; all entries of a layer are concatenated in one ``words`` tensor, with
+per-entry metadata (``META`` columns):
+
+- ``vec_offset`` (first word / ``WORD_ALIGN``: counting 16-byte vectors lets the kernel, which
+  multiplies it back, know its alignment; a hint on a loaded scalar is lost), ``bits``,
+  ``group_size``, ``scale_offset`` (first element in ``scales``/``zeros``), ``scheme`` (0: linear
+  ``(c - z) s``, 1: log).
 
 ``scales`` and ``zeros`` are float16 ``[sum of out*G]``: sym folds into ``z = 2^(b-1)``, sign into
 ``z = 1/2`` with scale ``2s``, asym keeps its integer zero points (exact in float16). Gated layers
@@ -34,10 +43,18 @@ import torch
 from ..quant.pack import unpack_codes
 from ..quant.schemes import Scheme
 
-__all__ = ["META", "WORD_ALIGN", "KernelLayout", "build_layout", "scales_and_zeros"]
+__all__ = ["META", "WORD_ALIGN", "KernelLayout", "bit_planes", "build_layout", "scales_and_zeros"]
 
-META = ("vec_offset", "bits", "vecs_per_row", "group_size", "scale_offset", "scheme")
+META = ("vec_offset", "bits", "group_size", "scale_offset", "scheme")
 WORD_ALIGN = 4  # words: rows start 16 bytes apart
+
+
+def bit_planes(bits: int) -> list[tuple[int, int]]:
+    """``(plane width, shift within the code)`` of a ``bits``-wide code, widest plane first."""
+    if bits == 8:
+        return [(8, 0)]
+    shifts = {4: 0, 2: bits & 4, 1: bits & 6}
+    return [(p, shifts[p]) for p in (4, 2, 1) if bits & p]
 
 
 @dataclass(frozen=True)
@@ -50,14 +67,21 @@ class KernelLayout:
     zeros: torch.Tensor  # float16
     out_features: int
     in_features: int
+    group_sizes: tuple[int, ...]  # per entry, on the host: launches choose their scaling without a sync
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.words, self.meta, self.scales, self.zeros))
 
+    def one_scale_per_tile(self, block_k: int) -> bool:
+        """Whether one scale covers every ``block_k`` run of a row, in every entry (groups that are
+        multiples of ``block_k``, or whole rows): then the kernel scales after the product."""
+        return all(g % block_k == 0 or g == self.in_features for g in self.group_sizes)
+
 
 def _row_words(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """``[rows, cols]`` uint8 codes as int32 ``[rows, words]`` (``32 // bits`` codes a word, padded to ``WORD_ALIGN``)."""
+    """``[rows, cols]`` codes of a power-of-two width as int32 ``[rows, words]`` (``32 // bits`` codes
+    a word), each row padded to a multiple of ``WORD_ALIGN`` words."""
     per_word = 32 // bits
     rows, cols = codes.shape
     words = -(-cols // per_word)
@@ -91,15 +115,14 @@ def build_layout(linears: list, device: torch.device | str) -> KernelLayout:
     word_offset = scale_offset = 0
     for linear in linears:
         bits = linear.spec.bits
-        codes = unpack_codes(linear.codes, bits, out_features * in_features).view(out_features, in_features)
-        row_words = _row_words(codes, bits)
+        codes = unpack_codes(linear.codes, bits, out_features * in_features).view(out_features, in_features).long()
+        planes = [_row_words((codes >> shift) & ((1 << width) - 1), width).reshape(-1) for width, shift in bit_planes(bits)]
         s, z = (t.to(torch.float16) for t in scales_and_zeros(linear))
-        meta.append([word_offset // WORD_ALIGN, bits, row_words.shape[1] // WORD_ALIGN, linear.group_size, scale_offset,
-                     int(linear.spec.scheme is Scheme.LOG)])
-        words.append(row_words.reshape(-1))
+        meta.append([word_offset // WORD_ALIGN, bits, linear.group_size, scale_offset, int(linear.spec.scheme is Scheme.LOG)])
+        words.extend(planes)
         scales.append(s.reshape(-1))
         zeros.append(z.reshape(-1))
-        word_offset += row_words.numel()
+        word_offset += sum(plane.numel() for plane in planes)
         scale_offset += s.numel()
     if word_offset >= 1 << 31:
         raise ValueError("a layer's experts exceed 2^31 kernel words; the Triton backend indexes with int32")
@@ -110,4 +133,5 @@ def build_layout(linears: list, device: torch.device | str) -> KernelLayout:
         zeros=torch.cat(zeros).to(device),
         out_features=out_features,
         in_features=in_features,
+        group_sizes=tuple(linear.group_size for linear in linears),
     )

@@ -3,10 +3,11 @@
 Tokens are sorted by expert (:mod:`moeq.kernels.routing`) and cut into blocks of ``BLOCK_M`` slots
 that never span two experts; each program takes one block and one ``BLOCK_N`` slice of the output,
 reads its expert's width, scheme and offsets from the layout metadata (:mod:`moeq.kernels.layout`),
-unpacks ``[BLOCK_K, BLOCK_N]`` weight tiles in registers with an unpacker specialised to that
-width, and feeds them to ``tl.dot``: as exact levels with the scales applied to the product when
-one scale covers the tile (per-channel, or groups that are multiples of ``BLOCK_K``), else
-dequantized in the tile.
+and per ``BLOCK_K`` step loads the weight tile's bit planes (the same four loads at every width,
+absent planes masked, so Triton software-pipelines the loop), assembles the codes in registers,
+and feeds them to ``tl.dot``: as exact levels with zero point and scale applied to the product
+when one scale covers each column of the tile (per-channel, or groups that are multiples of
+``BLOCK_K``: decided per launch), else dequantized in the tile.
 
 - gate/up: both projections in one program, SwiGLU applied in the epilogue, so only the
   ``[slots, intermediate]`` activation reaches memory (non-gated layers apply the activation alone);
@@ -39,101 +40,108 @@ def activation_code(act_fn) -> int | None:
 
 
 @triton.jit
-def _unpack(words, word_offset, words_per_row, offs_k, offs_n, mask, BITS: tl.constexpr):
-    """``[BLOCK_K, BLOCK_N]`` codes of width ``BITS``, each element reading its own word (3, 5, 6 bits:
-    ``32 // BITS`` is not a power of two, so a tile of words cannot be reshaped into codes)."""
-    PER_WORD = 32 // BITS
-    word = tl.load(words + word_offset + offs_n[None, :] * words_per_row + offs_k[:, None] // PER_WORD, mask=mask, other=0)
-    return (word >> ((offs_k[:, None] % PER_WORD) * BITS)) & ((1 << BITS) - 1)
+def _words_per_row(K, P: tl.constexpr):
+    """Words in one row of a ``P``-bit plane: ``ceil(K * P / 128)`` 16-byte vectors (see the layout)."""
+    return (K * P + 127) // 128 * ALIGN
 
 
 @triton.jit
-def _unpack_words(words, word_offset, words_per_row, k0, offs_n, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``[BLOCK_K, BLOCK_N]`` codes of width ``BITS`` (1, 2, 4, 7, 8: ``32 // BITS`` a power of two).
+def _entry(meta, entry, N, K, NUM_META: tl.constexpr):
+    """Entry ``entry``'s metadata (see :data:`moeq.kernels.layout.META`), read once per program, and
+    the first word of its 8/4-, 2- and 1-bit planes (widest first, absent ones taking no room)."""
+    row = meta + entry * NUM_META
+    vec_offset, bits, group_size, scale_offset, scheme = tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4)
+    base = vec_offset * ALIGN  # the layout counts 16-byte vectors: these products carry the alignment
+    base2 = base + ((bits & 4) != 0).to(tl.int32) * N * _words_per_row(K, 4)
+    base1 = base2 + ((bits & 2) != 0).to(tl.int32) * N * _words_per_row(K, 2)
+    return base, base2, base1, bits, group_size, scale_offset, scheme
 
-    Each word of the tile is loaded once, as ``[BLOCK_K / per_word, BLOCK_N]`` with rows of the
-    layout contiguous and 16-byte aligned (vector loads), then split into its codes in registers.
-    Codes past ``K`` in a row's last words are padding; the activations there are masked to zero.
-    """
-    PER_WORD: tl.constexpr = 32 // BITS
+
+@triton.jit
+def _plane_tile(words, base, k0, offs_n, N, K, present, P: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The ``[BLOCK_K / (32 // P), BLOCK_N]`` words of a ``P``-bit plane holding codes ``k0 ..
+    k0 + BLOCK_K`` of rows ``offs_n``; all zero, with no memory traffic, when not ``present``.
+
+    Rows are contiguous and 16-byte aligned (vector loads). Never inside a branch: Triton
+    software-pipelines only loads at the loop's top level. Codes past ``K`` in a row's last words
+    are padding; the activations there are masked to zero."""
+    PER_WORD: tl.constexpr = 32 // P
     WORDS_K: tl.constexpr = BLOCK_K // PER_WORD
+    words_per_row = _words_per_row(K, P)
     # k0 is a multiple of BLOCK_K, so the tile's words start on a multiple of WORDS_K: say so, for vector loads.
     offs_w = tl.max_contiguous(tl.multiple_of(k0 // PER_WORD + tl.arange(0, WORDS_K), WORDS_K), WORDS_K)
-    mask = (offs_w[:, None] < words_per_row) & (offs_n[None, :] < N)
-    word = tl.load(words + word_offset + offs_n[None, :] * words_per_row + offs_w[:, None], mask=mask, other=0)
-    shifts = tl.arange(0, PER_WORD) * BITS
-    codes = (word[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
-    return tl.reshape(codes, (BLOCK_K, offs_n.shape[0]))
+    words_present = words_per_row * present.to(tl.int32)  # 0: every word masked
+    mask = (offs_w[:, None] < words_present) & (offs_n[None, :] < N)
+    return tl.load(words + base + offs_n[None, :] * words_per_row + offs_w[:, None], mask=mask, other=0)
 
 
 @triton.jit
-def _levels(code, zero, bits, scheme):
-    """The weight of each code in units of its scale: ``code - zero`` (linear) or ``±2^(1-m)`` (log).
+def _plane_codes(word, P: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A plane tile's words split into its ``[BLOCK_K, BLOCK_N]`` ``P``-bit codes, in registers."""
+    PER_WORD: tl.constexpr = 32 // P
+    shifts = tl.arange(0, PER_WORD) * P
+    codes = (word[:, None, :] >> shifts[None, :, None]) & ((1 << P) - 1)
+    return tl.reshape(codes, (BLOCK_K, word.shape[1]))
 
-    Both are exact in bf16 (integers up to 255, halves, powers of two), so multiplying by the
-    scale after the product loses nothing."""
+
+@triton.jit
+def _levels(w8, w4, w2, w1, bits, scheme, BLOCK_K: tl.constexpr):
+    """The codes' values in units of their scale, float32 ``[BLOCK_K, BLOCK_N]``: the code itself
+    (linear: the zero point is applied by the caller) or ``±2^(1-m)`` (log, zero point 0).
+
+    Only the planes the width has are split (the branches hold no loads, so they do not stop the
+    pipelining). A code becomes a float without an int-to-float conversion (a quarter-rate
+    instruction): OR-ed into the mantissa of 2^23 it reads as ``2^23 + code``, exactly."""
+    code = tl.zeros((BLOCK_K, w4.shape[1]), dtype=tl.int32)
+    if bits == 8:
+        code = _plane_codes(w8, 8, BLOCK_K)
+    if (bits & 4) != 0:
+        code = _plane_codes(w4, 4, BLOCK_K)
+    if (bits & 2) != 0:
+        code = code | (_plane_codes(w2, 2, BLOCK_K) << (bits & 4))
+    if (bits & 1) != 0:
+        code = code | (_plane_codes(w1, 1, BLOCK_K) << (bits & 6))
     if scheme == 1:
-        half = 1 << (bits - 1)
-        magnitude = code & (half - 1)
-        sign = 1.0 - 2.0 * (code >> (bits - 1)).to(tl.float32)
-        levels = tl.where(magnitude > 0, tl.exp2((1 - magnitude).to(tl.float32)), 0.0) * sign
+        magnitude = code & ((1 << (bits - 1)) - 1)
+        sign = (code >> (bits - 1)) & 1
+        # 2^(1 - m) has the biased exponent 128 - m; m = 0 is the level 0.
+        levels = tl.where(magnitude > 0, ((128 - magnitude) << 23) | (sign << 31), 0).to(tl.float32, bitcast=True)
     else:
-        levels = code.to(tl.float32) - zero
+        levels = (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
     return levels
 
 
 @triton.jit
-def _entry(meta, entry, NUM_META: tl.constexpr):
-    """Entry ``entry``'s metadata row (see :data:`moeq.kernels.layout.META`), read once per program."""
-    base = meta + entry * NUM_META
-    return tl.load(base), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3), tl.load(base + 4), tl.load(base + 5)
-
-
-@triton.jit
 def _accumulate(
-    acc, a, words, scales, zeros, vec_offset, bits, vecs_per_row, group_size, scale_offset, scheme,
-    k0, offs_k, offs_n, K, N, BLOCK_K: tl.constexpr,
+    acc, a, a_sum, words, scales, zeros, base, base2, base1, bits, group_size, scale_offset, scheme,
+    k0, offs_k, offs_n, K, N, FINE_GROUPS: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``acc + a @ W[k0:k0+BLOCK_K, offs_n]`` for one entry's transposed weight, dequantized in registers.
 
-    The width is dispatched to a specialised unpacker (every program of a block reads one expert,
-    so the branch never diverges). When one scale covers the whole K tile (groups that are
-    multiples of BLOCK_K, or a row per group) the product runs on the exact levels and the scales
-    multiply the ``[BLOCK_M, BLOCK_N]`` result; finer groups are scaled in the tile.
+    Without ``FINE_GROUPS`` one scale and zero point cover each column of the K tile, so the
+    product runs on the exact levels and ``(a @ levels - rowsum(a) z) s`` applies both to the
+    ``[BLOCK_M, BLOCK_N]`` result (``a_sum``: the rows of ``a`` summed); else each weight is
+    dequantized in the tile.
     """
-    mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
-    word_offset = vec_offset * ALIGN  # the layout counts 16-byte vectors: these products carry the alignment
-    words_per_row = vecs_per_row * ALIGN
-    if bits == 1:
-        code = _unpack_words(words, word_offset, words_per_row, k0, offs_n, N, 1, BLOCK_K)
-    elif bits == 2:
-        code = _unpack_words(words, word_offset, words_per_row, k0, offs_n, N, 2, BLOCK_K)
-    elif bits == 3:
-        code = _unpack(words, word_offset, words_per_row, offs_k, offs_n, mask, 3)
-    elif bits == 4:
-        code = _unpack_words(words, word_offset, words_per_row, k0, offs_n, N, 4, BLOCK_K)
-    elif bits == 5:
-        code = _unpack(words, word_offset, words_per_row, offs_k, offs_n, mask, 5)
-    elif bits == 6:
-        code = _unpack(words, word_offset, words_per_row, offs_k, offs_n, mask, 6)
-    elif bits == 7:
-        code = _unpack_words(words, word_offset, words_per_row, k0, offs_n, N, 7, BLOCK_K)
-    else:
-        code = _unpack_words(words, word_offset, words_per_row, k0, offs_n, N, 8, BLOCK_K)
+    w8 = _plane_tile(words, base, k0, offs_n, N, K, bits == 8, 8, BLOCK_K)
+    w4 = _plane_tile(words, base, k0, offs_n, N, K, (bits & 4) != 0, 4, BLOCK_K)
+    w2 = _plane_tile(words, base2, k0, offs_n, N, K, (bits & 2) != 0, 2, BLOCK_K)
+    w1 = _plane_tile(words, base1, k0, offs_n, N, K, (bits & 1) != 0, 1, BLOCK_K)
     groups_per_row = K // group_size
-    # Triton merges a name assigned in both branches, so each branch keeps names of its own shape.
-    if (group_size % BLOCK_K == 0) | (group_size == K):
+    if FINE_GROUPS:
+        mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+        tile_group = scale_offset + offs_n[None, :] * groups_per_row + offs_k[:, None] // group_size
+        tile_scale = tl.load(scales + tile_group, mask=mask, other=0.0).to(tl.float32)
+        tile_zero = tl.load(zeros + tile_group, mask=mask, other=0.0).to(tl.float32)
+        levels = _levels(w8, w4, w2, w1, bits, scheme, BLOCK_K)
+        acc += tl.dot(a, ((levels - tile_zero) * tile_scale).to(a.dtype))
+    else:
         mask_n = offs_n < N
         column_group = scale_offset + offs_n * groups_per_row + k0 // group_size
         column_scale = tl.load(scales + column_group, mask=mask_n, other=0.0).to(tl.float32)
         column_zero = tl.load(zeros + column_group, mask=mask_n, other=0.0).to(tl.float32)
-        levels = _levels(code, column_zero[None, :], bits, scheme)
-        acc += tl.dot(a, levels.to(a.dtype)) * column_scale[None, :]
-    else:
-        tile_group = scale_offset + offs_n[None, :] * groups_per_row + offs_k[:, None] // group_size
-        tile_scale = tl.load(scales + tile_group, mask=mask, other=0.0).to(tl.float32)
-        tile_zero = tl.load(zeros + tile_group, mask=mask, other=0.0).to(tl.float32)
-        acc += tl.dot(a, (_levels(code, tile_zero, bits, scheme) * tile_scale).to(a.dtype))
+        levels = _levels(w8, w4, w2, w1, bits, scheme, BLOCK_K)
+        acc += (tl.dot(a, levels.to(a.dtype)) - a_sum[:, None] * column_zero[None, :]) * column_scale[None, :]
     return acc
 
 
@@ -142,7 +150,7 @@ def _moe_gemm(
     x, x_rows, out, row_weight, block_expert, block_start, block_end,
     words, meta, scales, zeros, N, K, stride_x, stride_out, second_entry,
     GATED: tl.constexpr, ACT: tl.constexpr, GATHER: tl.constexpr, WEIGHTED: tl.constexpr,
-    SPLIT_K: tl.constexpr, NUM_META: tl.constexpr,
+    SPLIT_K: tl.constexpr, NUM_META: tl.constexpr, FINE_GROUPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -153,17 +161,18 @@ def _moe_gemm(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    vec_offset, bits, vecs_per_row, group_size, s_offset, scheme = _entry(meta, expert, NUM_META)
+    base, base2, base1, bits, group_size, s_offset, scheme = _entry(meta, expert, N, K, NUM_META)
     if GATED:
-        up_vec_offset, up_bits, up_vecs_per_row, up_group, up_s_offset, up_scheme = _entry(meta, expert + second_entry, NUM_META)
+        up_base, up_base2, up_base1, up_bits, up_group, up_s_offset, up_scheme = _entry(meta, expert + second_entry, N, K, NUM_META)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = tl.max_contiguous(tl.multiple_of(k0 + tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)  # k0 steps by BLOCK_K
         a = tl.load(x + rows[:, None] * stride_x + offs_k[None, :], mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-        acc = _accumulate(acc, a, words, scales, zeros, vec_offset, bits, vecs_per_row, group_size, s_offset, scheme,
-                          k0, offs_k, offs_n, K, N, BLOCK_K)
+        a_sum = tl.sum(a.to(tl.float32), axis=1)
+        acc = _accumulate(acc, a, a_sum, words, scales, zeros, base, base2, base1, bits, group_size, s_offset, scheme,
+                          k0, offs_k, offs_n, K, N, FINE_GROUPS, BLOCK_K)
         if GATED:
-            acc_up = _accumulate(acc_up, a, words, scales, zeros, up_vec_offset, up_bits, up_vecs_per_row, up_group, up_s_offset,
-                                 up_scheme, k0, offs_k, offs_n, K, N, BLOCK_K)
+            acc_up = _accumulate(acc_up, a, a_sum, words, scales, zeros, up_base, up_base2, up_base1, up_bits, up_group,
+                                 up_s_offset, up_scheme, k0, offs_k, offs_n, K, N, FINE_GROUPS, BLOCK_K)
     if ACT == 1:
         acc = acc * tl.sigmoid(acc)
     elif ACT == 2:
@@ -198,11 +207,10 @@ def launch_config(slots: int, n: int, launch: str) -> dict[str, int]:
 
     ``launch``: ``gate_up`` (two accumulators, SwiGLU epilogue), ``up`` (one, activation epilogue)
     or ``down`` (routing weights; split-K when decode-shaped). ``BLOCK_M`` depends on ``slots``
-    only, so both launches of a layer cut the same blocks. Every configuration compiles for sm_90
-    without spilling registers (``tests/kernels/test_triton_compile.py``): 125-128 registers a
-    thread except the prefill gate/up (234), where 64 x 128 tiles with 4 warps spilled 0.4-1.7 KB
-    and BLOCK_K 128 at decode needed 255. Speed is untuned until a GPU is lent
-    (``moe_kernel.py --part sweep``).
+    only, so both launches of a layer cut the same blocks; ``BLOCK_K`` must be a multiple of 32
+    (a 1-bit plane's word). Every configuration compiles for sm_90 pipelined and without spilling
+    registers (``tests/kernels/test_triton_compile.py``; figures: ``python -m moeq.kernels.static``).
+    Speed is untuned until a GPU is lent (``moe_kernel.py --part sweep``).
     """
     if slots <= DECODE_SLOTS:
         return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 4 if launch == "down" else 1, "num_warps": 4}
@@ -236,7 +244,8 @@ def experts_forward_triton(
     _moe_gemm[grid](
         x, groups.token, h, groups.weight, block_expert, block_start, block_end,
         first.words, first.meta, first.scales, first.zeros, inter, first.in_features, x.stride(0), h.stride(0),
-        num_experts, GATED=gated, ACT=activation, GATHER=True, WEIGHTED=False, NUM_META=len(META), **first_cfg,
+        num_experts, GATED=gated, ACT=activation, GATHER=True, WEIGHTED=False, NUM_META=len(META),
+        FINE_GROUPS=not first.one_scale_per_tile(first_cfg["BLOCK_K"]), **first_cfg,
     )
     if down_cfg["SPLIT_K"] > 1:  # split-K partial sums meet in float32 atomics
         y = torch.zeros(slots, hidden, dtype=torch.float32, device=x.device)
@@ -246,7 +255,8 @@ def experts_forward_triton(
     _moe_gemm[grid](
         h, groups.token, y, groups.weight, block_expert, block_start, block_end,
         down.words, down.meta, down.scales, down.zeros, hidden, inter, h.stride(0), y.stride(0),
-        0, GATED=False, ACT=0, GATHER=False, WEIGHTED=True, NUM_META=len(META), **down_cfg,
+        0, GATED=False, ACT=0, GATHER=False, WEIGHTED=True, NUM_META=len(META),
+        FINE_GROUPS=not down.one_scale_per_tile(down_cfg["BLOCK_K"]), **down_cfg,
     )
     routed = int(groups.counts.sum())  # sentinel slots sort last and were never computed
     output.index_add_(0, groups.token[:routed], y[:routed].to(output.dtype))
