@@ -89,3 +89,26 @@ def test_float16_activations(decode: bool, monkeypatch: pytest.MonkeyPatch) -> N
     got = moe_experts_forward(x, index, weights, experts, backend="triton")
     assert got.dtype == torch.float16
     assert float((got.float() - exact).abs().max() / exact.abs().max()) < 4e-3
+
+
+@pytest.mark.parametrize("decode", [True, False])
+def test_dimensions_that_are_not_multiples_of_the_tiles(decode: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """hidden 100 and intermediate 72: rows end mid-word and mid-tile in every plane (padding
+    codes meet zeroed activations), outputs end mid-block."""
+    import torch.nn.functional as F
+
+    from moeq.modules.convert import rtn_quantizer
+    from moeq.modules.experts import QuantizedExperts
+
+    hidden, inter, experts_n = 100, 72, 4
+    shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    widths = [TensorSpec(7, "asym"), TensorSpec(3, "sym"), TensorSpec(5, "log"), TensorSpec(1, "sign")]
+    specs = {(e, p): widths[e] for e in range(experts_n) for p in shapes}
+    experts = QuantizedExperts(experts_n, shapes, specs, F.silu, gated=True)
+    g = torch.Generator().manual_seed(0)
+    for (e, p), spec in specs.items():
+        weight = torch.randn(shapes[p], generator=g) * 0.05
+        experts.expert(e)[p].load_quantized(rtn_quantizer(weight, spec, torch.float16))
+    if not decode:
+        monkeypatch.setattr(triton_moe, "DECODE_SLOTS", 0)
+    check(experts, tokens=5)
