@@ -213,7 +213,7 @@ CHECK_SPECS = [TensorSpec(1, "sign", GROUP), TensorSpec(1, "asym", GROUP), *(Ten
 def check_rows(args) -> list[dict]:
     """The Triton backend against the torch reference for every width and scheme (and a layer mixing
     them), decode- and prefill-shaped, in float32, float16 and bfloat16: the compiled kernels'
-    correctness, which the CPU interpreter cannot show for bf16. Error: max |kernel - reference| over
+    correctness, which the tests show only for the CPU interpreter. Error: max |kernel - reference| over
     max |reference|, where the reference runs in the same dtype."""
     hidden, inter = 4096 // args.scale, 14336 // args.scale
     shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
