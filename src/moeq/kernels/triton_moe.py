@@ -112,6 +112,17 @@ def _levels(w8, w4, w2, w1, bits, scheme, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _dot(a, b):
+    """``a @ b`` with float32 sums; float32 operands multiplied in full float32, not TF32 (Triton's
+    default): the zero point is applied after the product, so TF32's rounding of ``a`` would no
+    longer cancel against the exactly summed ``rowsum(a) z``."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
 def _accumulate(
     acc, a, a_sum, words, scales, zeros, base, base2, base1, bits, group_size, scale_offset, scheme,
     k0, offs_k, offs_n, K, N, FINE_GROUPS: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -134,14 +145,14 @@ def _accumulate(
         tile_scale = tl.load(scales + tile_group, mask=mask, other=0.0).to(tl.float32)
         tile_zero = tl.load(zeros + tile_group, mask=mask, other=0.0).to(tl.float32)
         levels = _levels(w8, w4, w2, w1, bits, scheme, BLOCK_K)
-        acc += tl.dot(a, ((levels - tile_zero) * tile_scale).to(a.dtype))
+        acc += _dot(a, ((levels - tile_zero) * tile_scale).to(a.dtype))
     else:
         mask_n = offs_n < N
         column_group = scale_offset + offs_n * groups_per_row + k0 // group_size
         column_scale = tl.load(scales + column_group, mask=mask_n, other=0.0).to(tl.float32)
         column_zero = tl.load(zeros + column_group, mask=mask_n, other=0.0).to(tl.float32)
         levels = _levels(w8, w4, w2, w1, bits, scheme, BLOCK_K)
-        acc += (tl.dot(a, levels.to(a.dtype)) - a_sum[:, None] * column_zero[None, :]) * column_scale[None, :]
+        acc += (_dot(a, levels.to(a.dtype)) - a_sum[:, None] * column_zero[None, :]) * column_scale[None, :]
     return acc
 
 
