@@ -19,6 +19,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -51,11 +52,8 @@ def compile_launch(slots: int, launch: str, fine_groups: bool):
     """``_moe_gemm`` compiled for sm_90 as :func:`experts_forward_triton` would launch it."""
     n = 4096 if launch == "down" else 14336
     config = triton_moe.launch_config(slots, n, launch)
-    constexprs = {
-        "GATED": launch == "gate_up", "ACT": 0 if launch == "down" else 1, "GATHER": launch != "down",
-        "WEIGHTED": launch == "down", "NUM_META": len(triton_moe.META), "FINE_GROUPS": fine_groups,
-        **{k: v for k, v in config.items() if k != "num_warps"},
-    }
+    silu = triton_moe.activation_code(torch.nn.functional.silu)
+    constexprs = {**triton_moe.launch_constexprs(launch, silu, fine_groups), **{k: v for k, v in config.items() if k != "num_warps"}}
     signature = dict(_SIGNATURE, out="*fp32" if config["SPLIT_K"] > 1 else "*bf16", **dict.fromkeys(constexprs, "constexpr"))
     # What a launch specialises at these shapes: 16-byte aligned tensors, sizes and strides multiple of 16.
     names = list(signature)

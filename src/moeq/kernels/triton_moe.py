@@ -26,7 +26,7 @@ import triton.language as tl
 from .layout import META, WORD_ALIGN, KernelLayout
 from .routing import group_by_expert
 
-__all__ = ["LAUNCHES", "activation_code", "experts_forward_triton", "launch_config"]
+__all__ = ["LAUNCHES", "activation_code", "experts_forward_triton", "launch_config", "launch_constexprs"]
 
 # Activations the kernels' epilogue applies, by function or module class name, lower case.
 _FUSED_ACTIVATIONS = {"silu": 1, "siluactivation": 1, "relu": 2}
@@ -213,6 +213,14 @@ def _blocks(starts: torch.Tensor, counts: torch.Tensor, block_m: int) -> tuple[t
 LAUNCHES = ("gate_up", "up", "down")
 
 
+def launch_constexprs(launch: str, activation: int, fine_groups: bool) -> dict[str, int | bool]:
+    """The compile-time arguments of ``_moe_gemm`` for one of :data:`LAUNCHES`: the first launch
+    gathers token rows and applies ``activation`` (SwiGLU when gated), ``down`` weights the slots."""
+    first = launch != "down"
+    return {"GATED": launch == "gate_up", "ACT": activation if first else 0, "GATHER": first, "WEIGHTED": not first,
+            "NUM_META": len(META), "FINE_GROUPS": fine_groups}
+
+
 def launch_config(slots: int, n: int, launch: str) -> dict[str, int]:
     """Tiles and warps of one launch over ``slots`` routed slots and ``n`` outputs.
 
@@ -255,8 +263,8 @@ def experts_forward_triton(
     _moe_gemm[grid](
         x, groups.token, h, groups.weight, block_expert, block_start, block_end,
         first.words, first.meta, first.scales, first.zeros, inter, first.in_features, x.stride(0), h.stride(0),
-        num_experts, GATED=gated, ACT=activation, GATHER=True, WEIGHTED=False, NUM_META=len(META),
-        FINE_GROUPS=not first.one_scale_per_tile(first_cfg["BLOCK_K"]), **first_cfg,
+        num_experts, **launch_constexprs("gate_up" if gated else "up", activation, not first.one_scale_per_tile(first_cfg["BLOCK_K"])),
+        **first_cfg,
     )
     if down_cfg["SPLIT_K"] > 1:  # split-K partial sums meet in float32 atomics
         y = torch.zeros(slots, hidden, dtype=torch.float32, device=x.device)
@@ -266,8 +274,7 @@ def experts_forward_triton(
     _moe_gemm[grid](
         h, groups.token, y, groups.weight, block_expert, block_start, block_end,
         down.words, down.meta, down.scales, down.zeros, hidden, inter, h.stride(0), y.stride(0),
-        0, GATED=False, ACT=0, GATHER=False, WEIGHTED=True, NUM_META=len(META),
-        FINE_GROUPS=not down.one_scale_per_tile(down_cfg["BLOCK_K"]), **down_cfg,
+        0, **launch_constexprs("down", activation, not down.one_scale_per_tile(down_cfg["BLOCK_K"])), **down_cfg,
     )
     routed = int(groups.counts.sum())  # sentinel slots sort last and were never computed
     output.index_add_(0, groups.token[:routed], y[:routed].to(output.dtype))
