@@ -70,7 +70,7 @@ def test_errors_are_one_line_and_leave_nothing(tmp_path: Path) -> None:
         (["quantize", str(source), "--out", str(out), "--bits", "1", "--scheme", "sym"], "'sym' takes 2 to 8 bits"),
         (["quantize", str(source), "--out", str(out), "--plan", str(tmp_path / "none.json")], "does not exist"),
         (["quantize", str(corrupt), "--out", str(out), "--bits", "3"], "model.safetensors is not a readable safetensors file"),
-        (["quantize", str(source), "--out", str(source), "--bits", "3"], "already exists; choose another --out or pass --overwrite"),
+        (["quantize", str(source), "--out", str(source), "--bits", "3"], "is the input"),
         (["info", str(source)], "is not a moeq checkpoint"),
     ]
     for args, message in cases:

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from .api import plan_for
 from .config import FULL_PRECISION_BITS, QuantConfig
-from .io.atomic import OutputExistsError, ensure_output_free
+from .io.atomic import OutputBusyError, OutputExistsError, OutputNotWritableError, ensure_output_free
 from .io.checkpoint import CheckpointError
 from .io.inspect import CheckpointReport, inspect_checkpoint
 from .io.lazy import open_lazy
@@ -45,7 +45,9 @@ def _quiet_transformers() -> None:
 console = Console()
 err_console = Console(stderr=True)
 
-USER_ERRORS = (AdapterError, CheckpointError, OutputExistsError, PlanError, ValueError, FileNotFoundError)
+USER_ERRORS = (
+    AdapterError, CheckpointError, OutputExistsError, OutputBusyError, OutputNotWritableError, PlanError, ValueError, FileNotFoundError,
+)
 
 
 def _fail(err: Exception) -> None:
@@ -94,7 +96,7 @@ def quantize_command(
         allocating = avg_bits is not None or max_gb is not None
         if sum([bits is not None, plan_path is not None, allocating]) != 1:
             raise ValueError("give exactly one of --bits B, --plan PLAN.json, or --avg-bits / --max-gb with --strategy")
-        ensure_output_free(out, overwrite)
+        ensure_output_free(out, overwrite, inputs=(model_path, plan_path, reference, calib))
         require_full_precision(model_path)
         plan = BitPlan.load(plan_path) if plan_path else None
         config = None if plan or allocating else QuantConfig(
@@ -359,7 +361,9 @@ def allocate_command(
     from .allocate import allocate
 
     try:
-        ensure_output_free(out, overwrite)
+        ensure_output_free(out, overwrite, inputs=(model_path, reference, calib))
+        if heatmap:
+            ensure_output_free(heatmap, overwrite, inputs=(model_path, reference, calib, out))
         budgets = [b for b in (avg_bits, max_bytes, max_gb) if b is not None]
         if len(budgets) != 1:
             raise ValueError("give exactly one budget: --avg-bits, --max-bytes or --max-gb")
@@ -465,7 +469,7 @@ def qat_command(
     from .train.qat import QATConfig, run_qat
 
     try:
-        ensure_output_free(out, overwrite)
+        ensure_output_free(out, overwrite, inputs=(model_path, plan_path, data))
         folder = run_qat(model_path, BitPlan.load(plan_path), out, QATConfig(steps=steps, lr=lr, objective=objective), data, overwrite=overwrite)
     except USER_ERRORS as err:
         _fail(err)
@@ -486,7 +490,7 @@ def train_router_command(
     from .train.router import RouterTuneConfig, train_router
 
     try:
-        ensure_output_free(out, overwrite)
+        ensure_output_free(out, overwrite, inputs=(model_path, calib))
         if calib is not None and not calib.is_file():
             raise FileNotFoundError(f"calibration text {calib} does not exist; pass an existing file with --calib")
         text = calib.read_text(errors="replace") if calib else read_split("calibration")
@@ -516,6 +520,8 @@ def eval_command(
     from .eval.harness import HarnessNotInstalled, run_harness
 
     try:
+        if json_out:  # checked before the evaluation, which may take long
+            ensure_output_free(json_out, True, inputs=(model_path, reference, data))
         if tasks is None and (limit is not None or include_path is not None):
             raise ValueError("--limit and --include-path go with --tasks")
         if tasks is not None and (reference is not None or data is not None):
@@ -529,6 +535,7 @@ def eval_command(
         if json_out:
             from .io.atomic import atomic_write_text
             import json
+
 
             atomic_write_text(json_out, json.dumps(harness if tasks is not None else report.to_json(), indent=1) + "\n")
     except (*USER_ERRORS, HarnessNotInstalled) as err:

@@ -63,7 +63,8 @@ def analyze(
     from ..io.atomic import ensure_output_free
     from ..plan import PlanError
 
-    ensure_output_free(Path(out), overwrite)
+    inputs = [p for p in (model_path, reference, calibration) if isinstance(p, (str, Path))]
+    ensure_output_free(Path(out), overwrite, inputs)
     if calib_tokens < seq_len:
         raise ValueError(f"--calib-tokens {calib_tokens} is less than one sequence of {seq_len} tokens; pass at least {seq_len}")
     source = _open(model_path)
@@ -83,7 +84,7 @@ def analyze(
             raise
         # No calibration text and no tokenizer for the default corpus: the weight statistics stand alone.
     report = AnalysisReport(str(model_path), tensors, roles, signal, change, frequency, rho, tokens)
-    with atomic_directory(Path(out), overwrite=overwrite) as work:
+    with atomic_directory(Path(out), overwrite=overwrite, inputs=inputs) as work:
         (work / "analysis.json").write_text(json.dumps(report.to_json(), indent=1, allow_nan=False) + "\n")
         _plots(report, work)
         (work / "report.md").write_text(_markdown(report))

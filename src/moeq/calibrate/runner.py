@@ -239,45 +239,46 @@ def quantize_calibrated(
     require_full_precision(folder)
     lazy = open_lazy(folder)
     adapter, _ = validate_plan(lazy.skeleton, plan)
+    lazy.check_tensors()
     scale_dtype = getattr(torch, plan.scale_dtype)
     report = CalibrationReport(calibration_tokens=int(token_ids.numel()))
     report.tokens = [[0] * layer.num_experts for layer in lazy.layers]
     report.methods = [[""] * layer.num_experts for layer in lazy.layers]
     report.routing_weight_sums = [[0.0] * layer.num_experts for layer in lazy.layers]
     fingerprint = fingerprint_inputs(folder, kind="calibrated", plan=plan.to_json(), config=asdict(config), tokens=token_ids)
-    output = ResumableOutput(out, fingerprint, overwrite=overwrite, resume=resume)
+    with ResumableOutput(out, fingerprint, overwrite=overwrite, resume=resume, inputs=(folder,)) as output:
 
-    def on_block(path: str, module: nn.Module, inputs: list[tuple]) -> None:
-        _quantize_layer(lazy, adapter, plan, path, module, _bind(lazy, path, module), inputs, config, scale_dtype, report)
+        def on_block(path: str, module: nn.Module, inputs: list[tuple]) -> None:
+            _quantize_layer(lazy, adapter, plan, path, module, _bind(lazy, path, module), inputs, config, scale_dtype, report)
 
-    def after_block(path: str, module: nn.Module) -> None:
-        indices = [layer.index for layer in lazy.layers if layer.path.startswith(path + ".")]
-        output.write(path, {f"{path}.{k}": v.detach() for k, v in module.state_dict().items()}, _report_rows(report, indices))
-        if progress:
-            progress(path)
+        def after_block(path: str, module: nn.Module) -> None:
+            indices = [layer.index for layer in lazy.layers if layer.path.startswith(path + ".")]
+            output.write(path, {f"{path}.{k}": v.detach() for k, v in module.state_dict().items()}, _report_rows(report, indices))
+            if progress:
+                progress(path)
 
-    def restore(path: str, module: nn.Module) -> bool:
-        record = output.finished(path)
-        if record is None:
-            return False
-        prepare_block(module, path, adapter, _bind(lazy, path, module), plan)
-        shard = load_file(output.shard_path(path))
-        module.load_state_dict({key[len(path) + 1 :]: tensor for key, tensor in shard.items()}, strict=True)
-        _restore_report_rows(report, record["extra"])
-        if progress:
-            progress(path)
-        return True
+        def restore(path: str, module: nn.Module) -> bool:
+            record = output.finished(path)
+            if record is None:
+                return False
+            prepare_block(module, path, adapter, _bind(lazy, path, module), plan)
+            shard = load_file(output.shard_path(path))
+            module.load_state_dict({key[len(path) + 1 :]: tensor for key, tensor in shard.items()}, strict=True)
+            _restore_report_rows(report, record["extra"])
+            if progress:
+                progress(path)
+            return True
 
-    blocks = block_paths(lazy)
-    if all(output.finished(path) for path in blocks):  # only the rest was missing: no pass needed
-        for path in blocks:
-            _restore_report_rows(report, output.finished(path)["extra"])
-    else:
-        _walk(lazy, token_ids, config.batch_size, on_block, after_block, restore)
-    if not output.finished(REST_UNIT):
-        output.write(REST_UNIT, rest_tensors(lazy, plan))
-    _record(plan, report, config)
-    output.complete(metadata_writer(lazy, plan))
+        blocks = block_paths(lazy)
+        if all(output.finished(path) for path in blocks):  # only the rest was missing: no pass needed
+            for path in blocks:
+                _restore_report_rows(report, output.finished(path)["extra"])
+        else:
+            _walk(lazy, token_ids, config.batch_size, on_block, after_block, restore)
+        if not output.finished(REST_UNIT):
+            output.write(REST_UNIT, rest_tensors(lazy, plan))
+        _record(plan, report, config)
+        output.complete(metadata_writer(lazy, plan))
     if report.starved:
         names = ", ".join(f"layer {layer} expert {expert} ({tokens} tokens)" for layer, expert, tokens in report.starved)
         warnings.warn(f"experts below {config.min_tokens} calibration tokens used the '{config.rare_fallback}' fallback: {names}", stacklevel=2)

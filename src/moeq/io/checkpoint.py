@@ -68,8 +68,10 @@ def save(model: nn.Module, out: str | Path, source: str | Path | None = None, ov
     if not isinstance(quant, MoeqConfig):
         raise CheckpointError("this model is not quantized by moeq; call moeq.quantize(model, ...) first")
     out = Path(out)
-    source = Path(source) if source else Path(getattr(model.config, "_name_or_path", "") or ".")
-    with atomic_directory(out, overwrite=overwrite) as work:
+    loaded_from = getattr(model.config, "_name_or_path", "") or ""
+    source = Path(source) if source else (Path(loaded_from) if loaded_from else None)
+    inputs = [source] if source is not None and source.exists() else []
+    with atomic_directory(out, overwrite=overwrite, inputs=inputs) as work:
         config = copy.deepcopy(model.config)
         config.architectures = [type(model).__name__]
         config.dtype = next(model.parameters()).dtype
@@ -78,7 +80,7 @@ def save(model: nn.Module, out: str | Path, source: str | Path | None = None, ov
         if generation_config is not None and getattr(model, "can_generate", lambda: False)():
             generation_config.save_pretrained(work)
         save_file(_deduplicated_state_dict(model), work / "model.safetensors", metadata={"format": "pt"})
-        if source.is_dir() and source.resolve() != out.resolve():
+        if source is not None and source.is_dir():
             for name in TOKENIZER_FILES:
                 if (source / name).is_file():
                     shutil.copy2(source / name, work / name)

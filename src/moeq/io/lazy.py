@@ -11,7 +11,6 @@ resident memory stays at the size of the tensors it holds, not of the pages it h
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -21,54 +20,60 @@ from torch import nn
 from ..models import MoEAdapter, MoELayer, moe_layers_or_error
 from ..models.base import TensorSource
 from .checkpoint import CheckpointError
+from .shards import shard_files
 from .source import read_config
 
 __all__ = ["LazyCheckpoint", "LazyModel", "open_lazy"]
 
 
 class LazyCheckpoint:
-    """Tensors of a safetensors checkpoint folder (single file or sharded), read on demand."""
+    """Tensors of a safetensors checkpoint folder (single file or sharded), read on demand.
+
+    Every read is checked first against the shard's header: the tensor must exist and, when the
+    caller says what shape the model expects, have it, so a mis-shaped or oversized tensor is
+    refused before its bytes are read.
+    """
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         self.bytes_read = 0
-        self._file_of: dict[str, Path] = {}
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
-                raise CheckpointError(f"{index} is not a valid shard index ({err})") from None
-            self._file_of = {key: self.folder / name for key, name in weight_map.items()}
-        else:
-            # Only the model's weights: a folder may also hold other safetensors files (such as
-            # the initial routers a trained checkpoint ships for the router-norm change).
-            files = sorted(self.folder.glob("model*.safetensors")) or sorted(
-                f for f in self.folder.glob("*.safetensors") if f.name != "initial_router.safetensors"
-            )
-            for file in files:
-                with self._open(file) as handle:
-                    for key in handle.keys():
-                        self._file_of[key] = file
-        if not self._file_of:
-            raise CheckpointError(f"{self.folder} holds no safetensors weights")
-
-    @staticmethod
-    def _open(file: Path):
-        # Opened per read and closed after it: a long-lived memory map would keep every page read
-        # so far resident in this process, and its memory would grow with the checkpoint.
-        try:
-            return safe_open(str(file), framework="pt")
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{file} is not a readable safetensors file ({err})") from None
+        # Only the model's weights: a folder may also hold other safetensors files (such as the
+        # initial routers a trained checkpoint ships for the router-norm change).
+        self._tensors = shard_files(self.folder, exclude=("initial_router.safetensors",))
 
     def __contains__(self, key: str) -> bool:
-        return key in self._file_of
+        return key in self._tensors
 
-    def read(self, source: TensorSource) -> torch.Tensor:
-        """The tensor (or the indexed part of it) at ``source``."""
-        file = self._file_of[source.key]
+    def shape_of(self, source: TensorSource) -> tuple[int, ...]:
+        """The shape ``read(source)`` returns, from the header alone."""
+        file, header = self._tensors[source.key]
+        if not source.index:
+            return header.shape
         try:
+            return tuple(torch.empty(header.shape, device="meta")[source.index].shape)
+        except IndexError:
+            raise CheckpointError(
+                f"tensor {source.key} in {file.name} has shape {list(header.shape)}, too small for the part "
+                f"{source.index} the model's config implies; the checkpoint does not match its config.json"
+            ) from None
+
+    def check(self, source: TensorSource, expected: tuple[int, ...] | None) -> None:
+        """Refuse ``source`` unless its header promises the ``expected`` shape (None: any)."""
+        shape = self.shape_of(source)
+        if expected is not None and shape != tuple(expected):
+            part = f" (part {source.index})" if source.index else ""
+            raise CheckpointError(
+                f"tensor {source.key}{part} in {self._tensors[source.key][0].name} has shape {list(shape)}, but the "
+                f"model's config.json implies {list(expected)}; the checkpoint does not match its config: fix or re-export it"
+            )
+
+    def read(self, source: TensorSource, expected: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The tensor (or the indexed part of it) at ``source``, checked against ``expected``."""
+        self.check(source, expected)
+        file = self._tensors[source.key][0]
+        try:
+            # Opened per read and closed after it: a long-lived memory map would keep every page
+            # read so far resident in this process, and its memory would grow with the checkpoint.
             with safe_open(str(file), framework="pt") as handle:
                 piece = handle.get_slice(source.key)
                 tensor = piece[source.index] if source.index else piece[:]
@@ -79,13 +84,17 @@ class LazyCheckpoint:
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
 
-    def read_first(self, sources: list[TensorSource], what: str) -> torch.Tensor:
+    def first_present(self, sources: list[TensorSource], what: str) -> TensorSource:
         """The first of ``sources`` present in the checkpoint; an error lists them all if none is."""
         for source in sources:
             if source.key in self:
-                return self.read(source)
+                return source
         names = ", ".join(sorted({s.key for s in sources}))
         raise CheckpointError(f"{self.folder} has no tensor for {what} (looked for {names})")
+
+    def read_first(self, sources: list[TensorSource], what: str, expected: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The first of ``sources`` present in the checkpoint, checked against ``expected``."""
+        return self.read(self.first_present(sources, what), expected)
 
 
 @dataclasses.dataclass
@@ -99,13 +108,35 @@ class LazyModel:
     layers: list[MoELayer]
     reader: LazyCheckpoint
 
-    def read_tensor(self, name: str) -> torch.Tensor:
-        """A non-expert tensor by its module path (or the on-disk spellings, or its tied source)."""
+    def _tensor_source(self, name: str) -> TensorSource:
         sources = self.adapter.tensor_sources(name)
         tied = (getattr(self.skeleton, "all_tied_weights_keys", None) or {}).get(name)
         if tied:
             sources += self.adapter.tensor_sources(tied)
-        return self.reader.read_first(sources, name)
+        return self.reader.first_present(sources, name)
+
+    def _expected_shape(self, name: str) -> tuple[int, ...]:
+        module, _, leaf = name.rpartition(".")
+        return tuple(getattr(self.skeleton.get_submodule(module), leaf).shape)
+
+    def read_tensor(self, name: str) -> torch.Tensor:
+        """A non-expert tensor by its module path (or the on-disk spellings, or its tied source),
+        refused unless it has the shape the model's config implies."""
+        return self.reader.read(self._tensor_source(name), self._expected_shape(name))
+
+    def check_tensors(self) -> None:
+        """Every tensor the model needs is present with the shape its config implies; headers only,
+        so a quantization run refuses a bad checkpoint before it starts, not hours into it."""
+        experts = tuple(layer.experts_path + "." for layer in self.layers)
+        for name in self.skeleton.state_dict(keep_vars=True):
+            if not name.startswith(experts):
+                self.reader.check(self._tensor_source(name), self._expected_shape(name))
+        for layer in self.layers:
+            for expert in range(layer.num_experts):
+                for projection in layer.projections:
+                    what = f"expert {expert} {projection} of {layer.path}"
+                    source = self.reader.first_present(self.adapter.expert_sources(layer, expert, projection), what)
+                    self.reader.check(source, layer.shapes[projection])
 
     @torch.no_grad()
     def materialize(self, path: str) -> nn.Module:
@@ -160,11 +191,11 @@ def open_lazy(folder: str | Path) -> LazyModel:
     reader = LazyCheckpoint(folder)
     layers = []
     for layer in meta_layers:
-        router = reader.read_first(adapter.router_sources(layer), f"the router of {layer.path}")
+        router = reader.read_first(adapter.router_sources(layer), f"the router of {layer.path}", tuple(layer.router_weight.shape))
 
         def expert_weight(expert: int, projection: str, layer: MoELayer = layer) -> torch.Tensor:
             sources = adapter.expert_sources(layer, expert, projection)
-            return reader.read_first(sources, f"expert {expert} {projection} of {layer.path}")
+            return reader.read_first(sources, f"expert {expert} {projection} of {layer.path}", layer.shapes[projection])
 
         layers.append(dataclasses.replace(layer, router_weight=router, expert_weight=expert_weight))
     return LazyModel(Path(folder), config, skeleton, adapter, layers, reader)

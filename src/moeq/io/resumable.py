@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from .atomic import atomic_write_text, ensure_output_free
+from .atomic import OutputLock, atomic_write_text, ensure_output_free, publish
 from .checkpoint import CheckpointError
 
 __all__ = ["ResumableOutput", "OutputWriteError", "ResumeError", "fingerprint_inputs", "work_folder_of"]
@@ -92,6 +93,10 @@ class ResumableOutput:
         fingerprint: :func:`fingerprint_inputs` of this run.
         overwrite: replace an existing ``target`` at the end, and discard a stale work folder.
         resume: continue the units a previous run with the same fingerprint finished.
+        inputs: the paths the run reads (the source model...), which ``target`` may not overlap.
+
+    Use it as a context manager: it holds the output's :class:`~moeq.io.atomic.OutputLock` from
+    the start to the end of the run, so a second run writing the same ``target`` is refused.
 
     Raises:
         OutputExistsError: ``target`` exists and not ``overwrite``.
@@ -99,17 +104,34 @@ class ResumableOutput:
             ``resume`` is given and the work folder was started from different inputs.
     """
 
-    def __init__(self, target: str | Path, fingerprint: str, overwrite: bool = False, resume: bool = False) -> None:
+    def __init__(
+        self, target: str | Path, fingerprint: str, overwrite: bool = False, resume: bool = False, inputs: tuple = ()
+    ) -> None:
         self.target = Path(target)
         self.work = work_folder_of(self.target)
         self.fingerprint = fingerprint
         self.overwrite = overwrite
-        ensure_output_free(self.target, overwrite)
+        self.inputs = tuple(inputs)
+        ensure_output_free(self.target, overwrite, self.inputs)
+        self._lock = OutputLock(self.target).acquire()
+        try:
+            self._open_work_folder(resume)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def __enter__(self) -> ResumableOutput:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+    def _open_work_folder(self, resume: bool) -> None:
         self.units: dict[str, dict[str, Any]] = {}
         if self.work.exists():
             if resume:
                 self.units = self._read_manifest()
-            elif overwrite:
+            elif self.overwrite:
                 shutil.rmtree(self.work)
             else:
                 raise ResumeError(
@@ -166,13 +188,15 @@ class ResumableOutput:
             _fsync_folder(self.work)
             self.units[unit] = {"file": name, "bytes": final.stat().st_size, "keys": sorted(tensors), "extra": extra or {}}
             self._write_manifest()
-        except OSError as err:
+        except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
             partial.unlink(missing_ok=True)
             self.units.pop(unit, None)
             raise self._write_error(f"writing {final}", err) from None
 
-    def _write_error(self, doing: str, err: OSError) -> OutputWriteError:
-        cause = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+    def _write_error(self, doing: str, err: Exception) -> OutputWriteError:
+        code = getattr(err, "errno", None)
+        full = code == errno.ENOSPC or "No space left" in str(err) or "os error 28" in str(err)
+        cause = "the disk is full" if full else (getattr(err, "strerror", None) or str(err).splitlines()[0])
         kept = f"{len(self.units)} finished units are kept in {self.work}"
         return OutputWriteError(f"{doing} failed: {cause}; {kept}: fix it and rerun the same command with --resume")
 
@@ -192,14 +216,8 @@ class ResumableOutput:
             )
         except OSError as err:
             raise self._write_error(f"writing the metadata of {self.target}", err) from None
-        ensure_output_free(self.target, self.overwrite)
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            os.replace(self.target, old)
-            os.replace(self.work, self.target)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.replace(self.work, self.target)
+        ensure_output_free(self.target, self.overwrite, self.inputs)
+        publish(self.work, self.target)
         # Removed only after the rename: a kill just before it must still find the manifest.
         (self.target / MANIFEST).unlink(missing_ok=True)
         return self.target

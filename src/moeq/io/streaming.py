@@ -131,11 +131,12 @@ def quantize_checkpoint(
     require_full_precision(folder)
     lazy = open_lazy(folder)
     validate_plan(lazy.skeleton, plan)
+    lazy.check_tensors()
     fingerprint = fingerprint_inputs(folder, kind="rtn", plan=plan.to_json())
-    output = ResumableOutput(out, fingerprint, overwrite=overwrite, resume=resume)
-    for path in [*block_paths(lazy), REST_UNIT]:
-        if not output.finished(path):
-            output.write(path, rest_tensors(lazy, plan) if path == REST_UNIT else _block_tensors(lazy, plan, path))
-        if progress:
-            progress(path)
-    return output.complete(metadata_writer(lazy, plan))
+    with ResumableOutput(out, fingerprint, overwrite=overwrite, resume=resume, inputs=(folder,)) as output:
+        for path in [*block_paths(lazy), REST_UNIT]:
+            if not output.finished(path):
+                output.write(path, rest_tensors(lazy, plan) if path == REST_UNIT else _block_tensors(lazy, plan, path))
+            if progress:
+                progress(path)
+        return output.complete(metadata_writer(lazy, plan))

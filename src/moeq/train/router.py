@@ -65,7 +65,7 @@ def train_router(model_path: Path, out: Path, calib_text: str, config: RouterTun
         raise ValueError("the calibration text is empty; pass a text file with --calib")
     model, tokenizer, dtype, ids = load_causal_lm(model_path, calib_text)  # saved back in the dtype it came in
     initial = tune_routers(model, ids, config)
-    with atomic_directory(out, overwrite=overwrite) as work:
+    with atomic_directory(out, overwrite=overwrite, inputs=(model_path,)) as work:
         model.eval().to(dtype).save_pretrained(work)
         tokenizer.save_pretrained(work)
         save_file(initial, work / INITIAL_ROUTER_FILE, metadata={"format": "pt"})
