@@ -88,7 +88,7 @@ def test_plans_that_do_not_fit_the_model_are_named() -> None:
         validate_plan(model, plan)
     plan = uniform_plan(model, QuantConfig(bits=3))
     plan.experts.append(ExpertEntry(0, 0, "w1", TensorSpec(3)))
-    with pytest.raises(PlanError, match="projections gate_proj, up_proj, down_proj; the plan names expert 0 w1"):
+    with pytest.raises(PlanError, match="names projection 'w1'; layer 0 has gate_proj, up_proj, down_proj"):
         validate_plan(model, plan)
     plan = uniform_plan(model, QuantConfig(bits=3))
     plan.linears["model.layers.0.mlp.gate"] = TensorSpec(4)

@@ -25,7 +25,7 @@ from .io.checkpoint import CheckpointError
 from .io.inspect import CheckpointReport, inspect_checkpoint
 from .io.lazy import open_lazy
 from .io.resumable import work_folder_of
-from .io.source import require_full_precision
+from .io.source import plan_target_of, require_full_precision
 from .calibrate.runner import CalibrationConfig
 from .models import AdapterError
 from .plan import BitPlan, PlanError
@@ -98,7 +98,7 @@ def quantize_command(
             raise ValueError("give exactly one of --bits B, --plan PLAN.json, or --avg-bits / --max-gb with --strategy")
         ensure_output_free(out, overwrite, inputs=(model_path, plan_path, reference, calib))
         require_full_precision(model_path)
-        plan = BitPlan.load(plan_path) if plan_path else None
+        plan = BitPlan.load(plan_path, plan_target_of(model_path)) if plan_path else None
         config = None if plan or allocating else QuantConfig(
             bits=bits, scheme=scheme, group_size=group_size, clip_search=clip_search, attn_bits=attn_bits,
             shared_bits=shared_bits, dense_bits=dense_bits, lm_head_bits=lm_head_bits,
@@ -470,7 +470,8 @@ def qat_command(
 
     try:
         ensure_output_free(out, overwrite, inputs=(model_path, plan_path, data))
-        folder = run_qat(model_path, BitPlan.load(plan_path), out, QATConfig(steps=steps, lr=lr, objective=objective), data, overwrite=overwrite)
+        require_full_precision(model_path)
+        folder = run_qat(model_path, BitPlan.load(plan_path, plan_target_of(model_path)), out, QATConfig(steps=steps, lr=lr, objective=objective), data, overwrite=overwrite)
     except USER_ERRORS as err:
         _fail(err)
     console.print(f"[green]saved[/] {folder}")

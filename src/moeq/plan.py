@@ -30,7 +30,7 @@ from typing import Any
 
 from .quant.schemes import Scheme, check_scheme_bits
 
-__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "PlanError", "TensorSpec", "ExpertEntry", "BitPlan"]
+__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "PlanError", "PlanTarget", "TensorSpec", "ExpertEntry", "BitPlan"]
 
 PLAN_FORMAT = "moeq.bitplan"
 PLAN_VERSION = 1
@@ -41,6 +41,43 @@ SPEC_FIELDS = ("bits", "scheme", "group_size", "clip_search")
 
 class PlanError(ValueError):
     """A BitPlan that is malformed or does not fit the model it is applied to."""
+
+
+@dataclass(frozen=True)
+class PlanTarget:
+    """What one model offers a plan: its type, its MoE layers (path, experts, projections) and the
+    linears outside the routed experts. A plan is checked against it before it is expanded, so a
+    stranger's plan naming a million experts costs nothing but its refusal."""
+
+    model_type: str
+    layers: tuple[str, ...]
+    num_experts: tuple[int, ...]
+    projections: tuple[tuple[str, ...], ...]
+    linears: frozenset[str]
+
+    def check_row(self, layer: int, projection: str, experts: list[int], where: str) -> None:
+        """One (layer, projection) row of expert indices fits the model (in range, none twice)."""
+        if not 0 <= layer < len(self.layers):
+            raise PlanError(f"{where}: names MoE layer {layer}; the model has {len(self.layers)} (0..{len(self.layers) - 1})")
+        count, names = self.num_experts[layer], self.projections[layer]
+        if projection not in names:
+            raise PlanError(f"{where}: names projection {projection!r}; layer {layer} has {', '.join(names)}")
+        if len(experts) > count or len(set(experts)) != len(experts) or any(not 0 <= e < count for e in experts):
+            raise PlanError(f"{where}: expert indices must be distinct and within 0..{count - 1} (layer {layer} has {count} experts)")
+
+    @property
+    def max_entries(self) -> int:
+        """Expert entries a plan for this model can hold at most (every projection of every expert)."""
+        return sum(n * len(p) for n, p in zip(self.num_experts, self.projections))
+
+    def check_header(self, model_type: str, layers: list[str], linears: list[str]) -> None:
+        if model_type != self.model_type:
+            raise PlanError(f"the plan is for a {model_type} model, this model is {self.model_type}")
+        if list(layers) != list(self.layers):
+            raise PlanError(f"the plan's MoE layers {list(layers)[:3]}... do not match the model's {list(self.layers)[:3]}...")
+        for name in linears:
+            if name not in self.linears:
+                raise PlanError(f"the plan quantizes {name!r}, which is not a linear layer outside the experts of this model")
 
 
 @dataclass(frozen=True)
@@ -115,6 +152,12 @@ class BitPlan:
         if self.scale_dtype not in ("float16", "bfloat16", "float32"):
             raise PlanError(f"scale_dtype must be float16, bfloat16 or float32, got {self.scale_dtype!r}")
 
+    def check_fits(self, target: PlanTarget) -> None:
+        """Refuse this plan unless it fits ``target`` (the same rules :meth:`from_json` applies)."""
+        target.check_header(self.model_type, self.layers, list(self.linears))
+        for i, row in enumerate(self._expert_rows()):
+            target.check_row(row["layer"], row["projection"], row["experts"], f"experts[{i}]")
+
     def expert_specs(self, layer: int) -> dict[tuple[int, str], TensorSpec]:
         """``{(expert, projection): spec}`` for one MoE layer (empty: the layer stays full precision)."""
         return {(e.expert, e.projection): e.spec for e in self.experts if e.layer == layer}
@@ -141,7 +184,8 @@ class BitPlan:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> BitPlan:
+    def from_json(cls, data: dict[str, Any], target: PlanTarget | None = None) -> BitPlan:
+        """The plan in ``data``; with ``target``, refused before it is expanded unless it fits."""
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise PlanError(f"not a moeq bit plan: expected \"format\": \"{PLAN_FORMAT}\"")
         version = data.get("version")
@@ -150,9 +194,17 @@ class BitPlan:
         for key in ("model_type", "layers", "experts"):
             if key not in data:
                 raise PlanError(f"bit plan lacks the required key {key!r}")
+        if not isinstance(data["experts"], list) or not isinstance(data["layers"], list):
+            raise PlanError("bit plan: 'layers' and 'experts' must be lists")
+        if not isinstance(data.get("linears", {}), dict):
+            raise PlanError("bit plan: 'linears' must be an object of module path -> spec")
+        if target is not None:
+            target.check_header(str(data["model_type"]), [str(p) for p in data["layers"]], list(data.get("linears", {})))
         experts = []
         for i, row in enumerate(data["experts"]):
-            experts += _expand_row(row, f"experts[{i}]")
+            experts += _expand_row(row, f"experts[{i}]", target)
+            if target is not None and len(experts) > target.max_entries:
+                raise PlanError(f"experts[{i}]: the plan lists more expert projections than the model has ({target.max_entries})")
         linears = {
             name: TensorSpec.from_json(spec, f"linears[{name!r}]") for name, spec in data.get("linears", {}).items()
         }
@@ -188,22 +240,25 @@ class BitPlan:
         atomic_write_text(Path(path), json.dumps(self.to_json(), indent=1) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> BitPlan:
+    def load(cls, path: str | Path, target: PlanTarget | None = None) -> BitPlan:
+        """The plan in the JSON file ``path``; with ``target``, checked against it first."""
         try:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError:
             raise PlanError(f"bit plan {path} does not exist") from None
         except json.JSONDecodeError as err:
             raise PlanError(f"bit plan {path} is not valid JSON ({err})") from None
-        return cls.from_json(data)
+        return cls.from_json(data, target)
 
 
-def _expand_row(row: dict[str, Any], where: str) -> list[ExpertEntry]:
+def _expand_row(row: dict[str, Any], where: str, target: PlanTarget | None = None) -> list[ExpertEntry]:
     """ExpertEntry objects of one (layer, projection) row of the JSON form."""
     try:
         layer, projection, experts = int(row["layer"]), str(row["projection"]), [int(e) for e in row["experts"]]
     except (KeyError, TypeError, ValueError):
         raise PlanError(f"{where}: needs an integer layer, a projection name and a list of expert indices") from None
+    if target is not None:
+        target.check_row(layer, projection, experts, where)
     unknown = set(row) - {"layer", "projection", "experts", *SPEC_FIELDS}
     if unknown:
         raise PlanError(f"{where}: unknown keys {sorted(unknown)}")

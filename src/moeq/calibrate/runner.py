@@ -350,8 +350,8 @@ def _quantize_layer(lazy, adapter, plan, path, module, moe_layers, inputs, confi
         linear = module.get_submodule(relative)
         method = "gptq" if config.quantizer == "gptq" else "rtn"
         hessian = stats.hessians.get(name)
-        quantizer = partial(_quantize_as, hessian=hessian, method=method, config=config, name=name)
-        replacements[relative] = quantize_linear(linear, linear.weight, linear.bias, spec, scale_dtype, quantizer)
+        quantizer = partial(_quantize_as, hessian=hessian, method=method, config=config)
+        replacements[relative] = quantize_linear(linear, linear.weight, linear.bias, spec, scale_dtype, quantizer, name)
     for relative, replacement in replacements.items():
         _set(module, relative, replacement)
 
@@ -429,7 +429,7 @@ def _quantize(weight, spec: TensorSpec, hessian: HessianSum | None, method: str,
             damp=config.damp, block_size=config.block_size, act_order=config.act_order, scale_dtype=scale_dtype, name=name,
         )
     clip = spec.clip_search or (method == "rtn-clip" and spec.scheme.value != "sign")
-    return quantize_rtn(weight, spec.bits, spec.scheme, spec.group_size, clip, scale_dtype)
+    return quantize_rtn(weight, spec.bits, spec.scheme, spec.group_size, clip, scale_dtype, name)
 
 
 def _set(module: nn.Module, relative: str, replacement: nn.Module) -> None:

@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..plan import BitPlan
+from ..plan import BitPlan, PlanTarget
 from .atomic import atomic_directory
 from .hf import QUANT_METHOD, MoeqConfig
 
-__all__ = ["save", "load", "read_plan", "CheckpointError", "TOKENIZER_FILES"]
+__all__ = ["save", "load", "read_plan", "moeq_quantization_config", "CheckpointError", "TOKENIZER_FILES"]
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -87,8 +87,8 @@ def save(model: nn.Module, out: str | Path, source: str | Path | None = None, ov
     return out
 
 
-def read_plan(path: str | Path) -> BitPlan:
-    """The BitPlan stored in a moeq checkpoint's ``config.json``, without loading any weights."""
+def moeq_quantization_config(path: str | Path) -> dict:
+    """The ``quantization_config`` of a moeq checkpoint's ``config.json``; errors for other folders."""
     config_path = Path(path) / "config.json"
     try:
         config = json.loads(config_path.read_text())
@@ -99,7 +99,15 @@ def read_plan(path: str | Path) -> BitPlan:
     quant = config.get("quantization_config") or {}
     if quant.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"{path} is not a moeq checkpoint (no quantization_config with quant_method 'moeq')")
-    return MoeqConfig(**{k: v for k, v in quant.items() if k != "quant_method"}).bit_plan()
+    return quant
+
+
+def read_plan(path: str | Path, target: PlanTarget | None = None) -> BitPlan:
+    """The BitPlan stored in a moeq checkpoint's ``config.json``, without loading any weights;
+    with ``target`` (what the model offers) it is refused before expansion unless it fits."""
+    quant = moeq_quantization_config(path)
+    config = MoeqConfig(**{k: v for k, v in quant.items() if k != "quant_method"})
+    return BitPlan.from_json(config.plan, target)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", backend: str = "auto") -> nn.Module:
@@ -111,7 +119,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", backend: str = "a
     from ..modules.experts import use_backend
 
     check_backend(backend)
-    read_plan(path)  # a clear error for folders that are not moeq checkpoints
+    moeq_quantization_config(path)  # a clear error for folders that are not moeq checkpoints
     config = AutoConfig.from_pretrained(path)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     model = auto.from_pretrained(path).to(device).eval()

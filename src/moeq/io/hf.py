@@ -50,11 +50,20 @@ class MoeqHfQuantizer(HfQuantizer):
     requires_calibration = True  # from_pretrained cannot quantize on the fly; moeq.quantize does
     quantization_config: MoeqConfig
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
-        from ..modules.convert import prepare_model
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        # Before any weight is read: the plan must fit the model (checked before it is expanded),
+        # and the files must hold exactly the tensors the plan implies (see moeq.io.verify).
+        from pathlib import Path
 
-        prepare_model(model, self.quantization_config.bit_plan())
+        from ..modules.convert import plan_target, prepare_model
+        from .verify import verify_checkpoint
+
+        plan = BitPlan.from_json(self.quantization_config.plan, plan_target(model))
+        prepare_model(model, plan)
         _untie_packed(model)
+        if checkpoint_files:
+            loaded_from = getattr(model.config, "_name_or_path", "") or ""
+            verify_checkpoint(model, checkpoint_files, loaded_from if loaded_from and Path(loaded_from).is_dir() else None)
         return model
 
     def is_serializable(self) -> bool:

@@ -10,12 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError, safe_open
-
 from ..models import get_adapter
 from ..modules.linear import QuantizedLinear
-from .checkpoint import CheckpointError, read_plan
+from .checkpoint import moeq_quantization_config, read_plan
+from .shards import shard_files, weight_files
 
 __all__ = ["ExpertReport", "LayerReport", "CheckpointReport", "inspect_checkpoint"]
 
@@ -59,42 +57,16 @@ class CheckpointReport:
         return sum(e.fp16_bytes for layer in self.layers for e in layer.experts)
 
 
-def _tensor_sizes(folder: Path) -> dict[str, int]:
-    sizes = {}
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{folder} holds no .safetensors file")
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                for name in handle.keys():
-                    piece = handle.get_slice(name)
-                    shape = piece.get_shape()
-                    numel = 1
-                    for dim in shape:
-                        numel *= dim
-                    sizes[name] = numel * _dtype_size(piece.get_dtype())
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{file} is not a readable safetensors file ({err})") from None
-    return sizes
-
-
-def _dtype_size(name: str) -> int:
-    return {"U8": 1, "I8": 1, "BOOL": 1, "F16": 2, "BF16": 2, "I16": 2, "F32": 4, "I32": 4, "F64": 8, "I64": 8}.get(name, 4)
-
-
 def inspect_checkpoint(path: str | Path) -> CheckpointReport:
     """Per-layer, per-expert bits and bytes of the moeq checkpoint at ``path``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from ..modules.convert import plan_target
+    from .source import meta_skeleton
 
     folder = Path(path)
-    plan = read_plan(folder)
-    sizes = _tensor_sizes(folder)
-    config = AutoConfig.from_pretrained(folder)
-    config.quantization_config = None
-    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    with torch.device("meta"):
-        skeleton = auto.from_config(config)
+    moeq_quantization_config(folder)  # a clear error for other folders, before the skeleton is built
+    skeleton = meta_skeleton(folder)
+    plan = read_plan(folder, plan_target(skeleton))
+    sizes = {name: header.nbytes for name, (_, header) in shard_files(folder).items()}
     adapter = get_adapter(skeleton)
     layers = []
     for layer in adapter.moe_layers(skeleton):
@@ -118,7 +90,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointReport:
     return CheckpointReport(
         model_type=plan.model_type,
         layers=layers,
-        file_bytes=sum(f.stat().st_size for f in folder.glob("*.safetensors")),
+        file_bytes=sum(f.stat().st_size for f in weight_files(folder)),
         model_fp16_bytes=fp16_model,
         avg_expert_bits=plan.budget.get("avg_expert_bits"),
         method=plan.method,

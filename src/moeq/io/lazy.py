@@ -21,7 +21,7 @@ from ..models import MoEAdapter, MoELayer, moe_layers_or_error
 from ..models.base import TensorSource
 from .checkpoint import CheckpointError
 from .shards import shard_files
-from .source import read_config
+from .source import meta_skeleton, read_config
 
 __all__ = ["LazyCheckpoint", "LazyModel", "open_lazy"]
 
@@ -177,16 +177,12 @@ class LazyModel:
 
 def open_lazy(folder: str | Path) -> LazyModel:
     """Open the checkpoint at ``folder`` for lazy reading of its routers and experts."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
     from ..models import get_adapter
 
     raw = read_config(folder)
     get_adapter(raw.get("model_type"))
-    config = AutoConfig.from_pretrained(folder)
-    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    with torch.device("meta"):
-        skeleton = auto.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32).eval()
+    skeleton = meta_skeleton(folder)
+    config = skeleton.config
     adapter, meta_layers = moe_layers_or_error(skeleton)
     reader = LazyCheckpoint(folder)
     layers = []

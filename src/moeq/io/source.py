@@ -13,9 +13,11 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..models import get_adapter, moe_layers_or_error
+from ..plan import PlanTarget
 from .checkpoint import CheckpointError
+from .shards import shard_files
 
-__all__ = ["load_any", "load_source", "read_config", "require_full_precision"]
+__all__ = ["load_any", "load_source", "meta_skeleton", "read_config", "require_full_precision", "plan_target_of"]
 
 
 def read_config(path: str | Path) -> dict:
@@ -41,11 +43,34 @@ def require_full_precision(path: str | Path) -> dict:
     return raw
 
 
+def meta_skeleton(path: str | Path) -> nn.Module:
+    """The model a folder's ``config.json`` describes, on the meta device (no weights, no
+    quantized modules), in eval mode: shapes and module paths for checks made before any read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    config = AutoConfig.from_pretrained(path)
+    config.quantization_config = None
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    with torch.device("meta"):
+        return auto.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32).eval()
+
+
+def plan_target_of(path: str | Path) -> PlanTarget:
+    """What the model at ``path`` offers a plan (from its config alone), to check plans against."""
+    from ..modules.convert import plan_target
+
+    raw = read_config(path)
+    get_adapter(raw.get("model_type"))
+    return plan_target(meta_skeleton(path))
+
+
 def load_source(path: str | Path) -> nn.Module:
     """Load a full-precision MoE checkpoint (in its stored dtype) for quantization, in eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     require_full_precision(path)
+    shard_files(path)  # the shard index stays inside the folder; headers are sound; no pickle-only folder
     config = AutoConfig.from_pretrained(path)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     try:

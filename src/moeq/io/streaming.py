@@ -76,7 +76,7 @@ def _block_tensors(lazy: LazyModel, plan: BitPlan, path: str) -> dict[str, torch
 def _quantize_linear_lazily(lazy: LazyModel, name: str, spec, scale_dtype: torch.dtype):
     linear = lazy.skeleton.get_submodule(name)
     bias = lazy.read_tensor(f"{name}.bias") if linear.bias is not None else None
-    return quantize_linear(linear, lazy.read_tensor(f"{name}.weight"), bias, spec, scale_dtype)
+    return quantize_linear(linear, lazy.read_tensor(f"{name}.weight"), bias, spec, scale_dtype, name=name)
 
 
 @torch.no_grad()

@@ -14,40 +14,38 @@ import torch
 from torch import nn
 
 from ..models import MoEAdapter, MoELayer, moe_layers_or_error
-from ..plan import BitPlan, PlanError, TensorSpec
+from ..plan import BitPlan, PlanTarget, TensorSpec
 from ..quant.rtn import quantize_rtn
 from ..quant.tensor import QuantizedTensor
 from .experts import QuantizedExperts
 from .linear import QuantizedLinear
 
-__all__ = ["validate_plan", "prepare_model", "prepare_block", "quantize_model", "quantize_experts", "quantize_linear", "Quantizer"]
+__all__ = ["plan_target", "validate_plan", "prepare_model", "prepare_block", "quantize_model", "quantize_experts", "quantize_linear", "Quantizer"]
 
-Quantizer = Callable[[torch.Tensor, TensorSpec, torch.dtype], QuantizedTensor]
+# (weight, spec, scale_dtype, name=...) -> packed weight; ``name`` says which weight, for errors.
+Quantizer = Callable[..., QuantizedTensor]
 
 
-def rtn_quantizer(weight: torch.Tensor, spec: TensorSpec, scale_dtype: torch.dtype) -> QuantizedTensor:
-    return quantize_rtn(weight, spec.bits, spec.scheme, spec.group_size, spec.clip_search, scale_dtype)
+def rtn_quantizer(weight: torch.Tensor, spec: TensorSpec, scale_dtype: torch.dtype, name: str = "weight") -> QuantizedTensor:
+    return quantize_rtn(weight, spec.bits, spec.scheme, spec.group_size, spec.clip_search, scale_dtype, name)
+
+
+def plan_target(model: nn.Module) -> PlanTarget:
+    """What ``model`` (a meta skeleton is enough) offers a plan, for :meth:`BitPlan.from_json`."""
+    adapter, layers = moe_layers_or_error(model)
+    return PlanTarget(
+        model_type=model.config.model_type,
+        layers=tuple(layer.path for layer in layers),
+        num_experts=tuple(layer.num_experts for layer in layers),
+        projections=tuple(tuple(layer.projections) for layer in layers),
+        linears=frozenset(adapter.linear_roles(model)),
+    )
 
 
 def validate_plan(model: nn.Module, plan: BitPlan) -> tuple[MoEAdapter, list[MoELayer]]:
     """Check that ``plan`` fits ``model``; errors name the mismatch."""
     adapter, layers = moe_layers_or_error(model)
-    if plan.model_type != model.config.model_type:
-        raise PlanError(f"the plan is for a {plan.model_type} model, this model is {model.config.model_type}")
-    paths = [layer.path for layer in layers]
-    if plan.layers != paths:
-        raise PlanError(f"the plan's MoE layers {plan.layers[:3]}... do not match the model's {paths[:3]}...")
-    for entry in plan.experts:
-        layer = layers[entry.layer]
-        if not 0 <= entry.expert < layer.num_experts or entry.projection not in layer.projections:
-            raise PlanError(
-                f"layer {entry.layer} has experts 0..{layer.num_experts - 1} with projections "
-                f"{', '.join(layer.projections)}; the plan names expert {entry.expert} {entry.projection}"
-            )
-    roles = adapter.linear_roles(model)
-    for name in plan.linears:
-        if name not in roles:
-            raise PlanError(f"the plan quantizes {name!r}, which is not a linear layer outside the experts of this model")
+    plan.check_fits(plan_target(model))
     return adapter, layers
 
 
@@ -98,17 +96,20 @@ def quantize_experts(
     quantized: QuantizedExperts = adapter.quantized_experts(layer, specs, scale_dtype)
     for (expert, projection), spec in specs.items():
         weight = layer.expert_weight(expert, projection)
-        quantized.expert(expert)[projection].load_quantized(quantizer(weight, spec, scale_dtype))
+        name = f"expert {expert} {projection} of {layer.experts_path}"
+        quantized.expert(expert)[projection].load_quantized(quantizer(weight, spec, scale_dtype, name=name))
     return quantized
 
 
 def quantize_linear(
     linear: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, spec: TensorSpec, scale_dtype: torch.dtype,
     quantizer: Quantizer = rtn_quantizer,
+    name: str = "weight",
 ) -> QuantizedLinear:
-    """The packed replacement of ``linear`` (its shape and dtype; ``weight``/``bias`` its values)."""
+    """The packed replacement of ``linear`` (its shape and dtype; ``weight``/``bias`` its values);
+    ``name`` (its module path) is what errors call it."""
     replacement = _empty_linear(linear, spec, scale_dtype)
-    replacement.load_quantized(quantizer(weight, spec, scale_dtype))
+    replacement.load_quantized(quantizer(weight, spec, scale_dtype, name=name))
     if bias is not None:
         replacement.bias = nn.Parameter(bias.detach().clone())
     return replacement
@@ -132,7 +133,7 @@ def quantize_model(
             progress(layer.path)
     for name, spec in plan.linears.items():
         linear = model.get_submodule(name)
-        _replace(model, name, quantize_linear(linear, linear.weight, linear.bias, spec, scale_dtype, quantizer))
+        _replace(model, name, quantize_linear(linear, linear.weight, linear.bias, spec, scale_dtype, quantizer, name))
         if progress:
             progress(name)
     return model

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .pack import pack_codes
-from .rtn import round_scales, search_clip, resolve_group_size
+from .rtn import resolve_group_size, round_scales, search_clip, split_groups
 from .schemes import Scheme, check_scheme_bits, decode, encode, fit_scales
 from .tensor import QuantizedTensor
 
@@ -86,10 +86,12 @@ def gptq_quantize_batch(
         if hessian.shape != (cols, cols):
             raise HessianError(f"Hessian of {name} has shape {tuple(hessian.shape)}, expected ({cols}, {cols})")
         if not torch.isfinite(weight).all():
-            raise ValueError(f"{name} holds NaN or infinite values")
+            raise ValueError(f"{name} holds NaN or infinite values; quantizing it would hide the problem: check the source")
         if not torch.isfinite(hessian).all():
             raise HessianError(f"the calibration Hessian of {name} holds NaN or infinite values; check the calibration inputs")
     group = resolve_group_size(cols, group_size)
+    for weight, name in zip(weights, names):  # a scale the storage dtype cannot hold, named before any work
+        round_scales(fit_scales(split_groups(weight, group), scheme, bits)[0], scale_dtype, name)
     groups_per_row = cols // group
     w = torch.stack([x.detach().to(torch.float32) for x in weights])
     h = torch.stack([x.detach().to(torch.float32) for x in hessians])

@@ -41,17 +41,26 @@ def split_groups(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     return weight.detach().to(torch.float32).reshape(rows, cols // group_size, group_size)
 
 
-def round_scales(scales: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+def round_scales(scales: torch.Tensor, scale_dtype: torch.dtype, name: str = "weight") -> torch.Tensor:
+    """``scales`` in their storage dtype; a scale the dtype cannot hold is refused, naming ``name``
+    (float16 tops out at 65504: stored, it would become inf and the row would decode to NaN)."""
+    largest = torch.finfo(scale_dtype).max
+    if scales.numel() and scales.max() > largest:
+        dtype = str(scale_dtype).removeprefix("torch.")
+        raise ValueError(
+            f"{name} needs a scale of {scales.max().item():.3g}, more than {dtype} holds ({largest:.6g}); weights that large "
+            'are almost surely corrupt: check the source (if they are genuine, use a plan whose "scale_dtype" is "float32")'
+        )
     # Codes are chosen against the scale as stored, so encode and decode agree exactly.
     return scales.clamp(min=torch.finfo(scale_dtype).tiny).to(scale_dtype)
 
 
-def search_clip(groups: torch.Tensor, scheme: Scheme, bits: int, scale_dtype: torch.dtype) -> torch.Tensor:
+def search_clip(groups: torch.Tensor, scheme: Scheme, bits: int, scale_dtype: torch.dtype, name: str = "weight") -> torch.Tensor:
     best_err = torch.full(groups.shape[:2], float("inf"))
     best_clip = torch.ones(groups.shape[:2])
     for ratio in CLIP_RATIOS:
         scales, zeros = fit_scales(groups, scheme, bits, ratio)
-        scales = round_scales(scales, scale_dtype).to(torch.float32)
+        scales = round_scales(scales, scale_dtype, name).to(torch.float32)
         recon = decode(encode(groups, scales, zeros, scheme, bits), scales, zeros, scheme, bits)
         err = (recon - groups).abs().pow(CLIP_NORM).sum(dim=-1)
         better = err < best_err
@@ -67,6 +76,7 @@ def quantize_rtn(
     group_size: int | None = None,
     clip_search: bool = False,
     scale_dtype: torch.dtype = torch.float16,
+    name: str = "weight",
 ) -> QuantizedTensor:
     """Quantize a 2-D weight ``[out, in]`` by rounding to the nearest code.
 
@@ -77,19 +87,20 @@ def quantize_rtn(
         group_size: inputs per scale along the input dimension; ``None`` = one per output channel.
         clip_search: search a clipping ratio per group (not for ``sign``).
         scale_dtype: storage dtype of the scales.
+        name: what the weight is, for errors (a non-finite weight, a scale the dtype cannot hold).
     """
     scheme = check_scheme_bits(scheme, bits)
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
     if not torch.isfinite(weight).all():
-        raise ValueError("weight holds NaN or infinite values; quantizing it would hide the problem")
+        raise ValueError(f"{name} holds NaN or infinite values; quantizing it would hide the problem: check the source")
     if clip_search and scheme is Scheme.SIGN:
         raise ValueError("the clipping search does not apply to 'sign' (its mean|w| scale is already optimal)")
     group = resolve_group_size(weight.shape[1], group_size)
     groups = split_groups(weight, group)
-    clip = search_clip(groups, scheme, bits, scale_dtype) if clip_search else 1.0
+    clip = search_clip(groups, scheme, bits, scale_dtype, name) if clip_search else 1.0
     scales, zeros = fit_scales(groups, scheme, bits, clip)
-    scales = round_scales(scales, scale_dtype)
+    scales = round_scales(scales, scale_dtype, name)
     codes = encode(groups, scales.to(torch.float32), zeros, scheme, bits)
     return QuantizedTensor(
         codes=pack_codes(codes, bits),
