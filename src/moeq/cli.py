@@ -20,7 +20,7 @@ from rich.table import Table
 
 from .api import plan_for
 from .config import FULL_PRECISION_BITS, QuantConfig
-from .io.atomic import OutputBusyError, OutputExistsError, OutputNotWritableError, ensure_output_free
+from .io.atomic import OutputBusyError, OutputExistsError, OutputNotWritableError, OutputWriteError, ensure_output_free
 from .io.checkpoint import CheckpointError
 from .io.inspect import CheckpointReport, inspect_checkpoint
 from .io.lazy import open_lazy
@@ -46,7 +46,8 @@ console = Console()
 err_console = Console(stderr=True)
 
 USER_ERRORS = (
-    AdapterError, CheckpointError, OutputExistsError, OutputBusyError, OutputNotWritableError, PlanError, ValueError, FileNotFoundError,
+    AdapterError, CheckpointError, OutputExistsError, OutputBusyError, OutputNotWritableError, OutputWriteError, PlanError,
+    ValueError, FileNotFoundError,
 )
 
 

@@ -16,9 +16,11 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 __all__ = [
     "atomic_write_text", "atomic_directory", "ensure_output_free", "OutputExistsError", "OutputLock",
-    "OutputBusyError", "OutputNotWritableError", "OverlapsInputError", "publish",
+    "OutputBusyError", "OutputNotWritableError", "OutputWriteError", "write_failure", "OverlapsInputError", "publish",
 ]
 
 
@@ -32,6 +34,18 @@ class OverlapsInputError(ValueError):
 
 class OutputBusyError(RuntimeError):
     """Another live moeq process is writing the same output."""
+
+
+class OutputWriteError(RuntimeError):
+    """Writing an output failed (a full disk, an I/O error); what was finished is said in the message."""
+
+
+def write_failure(err: Exception) -> str:
+    """The cause of a failed write in a few words ("the disk is full", or the system's own)."""
+    text = str(err)
+    if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in text or "os error 28" in text:
+        return "the disk is full"
+    return getattr(err, "strerror", None) or (text.splitlines()[0] if text.strip() else type(err).__name__)
 
 
 class OutputNotWritableError(PermissionError):
@@ -110,9 +124,12 @@ class OutputLock:
         self._fd: int | None = None
 
     def acquire(self) -> OutputLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise OutputWriteError(f"cannot create {self.path}: {write_failure(err)}; choose another output location") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -173,10 +190,17 @@ def atomic_directory(target: Path, overwrite: bool = False, inputs: Iterable[str
     ensure_output_free(target, overwrite, inputs)
     with OutputLock(target):
         ensure_output_free(target, overwrite, inputs)  # again, now that no other run can create it
-        work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
+        try:
+            work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
+        except OSError as err:
+            raise OutputWriteError(f"cannot create a folder beside {target}: {write_failure(err)}; choose another output location") from None
         try:
             yield work
             publish(work, target)
+        except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
+            shutil.rmtree(work, ignore_errors=True)
+            kept = f"{target} is as it was" if target.exists() else f"nothing was written to {target}"
+            raise OutputWriteError(f"writing {target} failed: {write_failure(err)}; {kept}: fix it and rerun") from None
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise

@@ -16,7 +16,6 @@ reading back a model-sized output would cost as much as writing it.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -29,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from .atomic import OutputLock, atomic_write_text, ensure_output_free, publish
+from .atomic import OutputLock, OutputWriteError, atomic_write_text, ensure_output_free, publish, write_failure
 from .checkpoint import CheckpointError
 
 __all__ = ["ResumableOutput", "OutputWriteError", "ResumeError", "fingerprint_inputs", "work_folder_of"]
@@ -37,10 +36,6 @@ __all__ = ["ResumableOutput", "OutputWriteError", "ResumeError", "fingerprint_in
 MANIFEST = "progress.json"
 MANIFEST_FORMAT = "moeq.progress"
 MANIFEST_VERSION = 1
-
-
-class OutputWriteError(CheckpointError):
-    """Writing the output failed (e.g. the disk is full); finished units are kept for ``--resume``."""
 
 
 class ResumeError(CheckpointError):
@@ -194,11 +189,8 @@ class ResumableOutput:
             raise self._write_error(f"writing {final}", err) from None
 
     def _write_error(self, doing: str, err: Exception) -> OutputWriteError:
-        code = getattr(err, "errno", None)
-        full = code == errno.ENOSPC or "No space left" in str(err) or "os error 28" in str(err)
-        cause = "the disk is full" if full else (getattr(err, "strerror", None) or str(err).splitlines()[0])
         kept = f"{len(self.units)} finished units are kept in {self.work}"
-        return OutputWriteError(f"{doing} failed: {cause}; {kept}: fix it and rerun the same command with --resume")
+        return OutputWriteError(f"{doing} failed: {write_failure(err)}; {kept}: fix it and rerun the same command with --resume")
 
     def complete(self, write_metadata: Callable[[Path], None]) -> Path:
         """Write the shard index and ``write_metadata(work)`` (config, tokenizer...), then publish.
