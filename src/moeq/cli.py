@@ -51,6 +51,13 @@ USER_ERRORS = (
 )
 
 
+def _require_positive(**options: int | float | None) -> None:
+    """Refuse a count option below 1 (``calib_tokens=-100`` -> "--calib-tokens must be ...")."""
+    for name, value in options.items():
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
 def _fail(err: Exception) -> None:
     message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
@@ -94,6 +101,7 @@ def quantize_command(
     finish), so its size is not limited by memory; a killed run continues with --resume.
     """
     try:
+        _require_positive(calib_tokens=calib_tokens, seq_len=seq_len)
         allocating = avg_bits is not None or max_gb is not None
         if sum([bits is not None, plan_path is not None, allocating]) != 1:
             raise ValueError("give exactly one of --bits B, --plan PLAN.json, or --avg-bits / --max-gb with --strategy")
@@ -126,7 +134,13 @@ def quantize_command(
                 plan = plan_for(open_lazy(model_path).skeleton, config)
                 plan.method["seed"] = seed
             _quantize_streaming(model_path, plan, out, overwrite, resume)
+    except (OutputWriteError, OutputBusyError) as err:
+        _fail(err)
     except USER_ERRORS as err:
+        work = work_folder_of(out)
+        if work.is_dir() and any(work.iterdir()):  # finished blocks survive a bad weight, like a crash
+            _fail(ValueError(f"{str(err).strip().splitlines()[0]}; the blocks finished before it are kept in {work}: "
+                             "rerun with --resume once the input is fixed, or delete that folder"))
         _fail(err)
     except KeyboardInterrupt:
         err_console.print(f"[yellow]interrupted[/]: finished blocks are kept in {work_folder_of(out)}; "
@@ -362,6 +376,7 @@ def allocate_command(
     from .allocate import allocate
 
     try:
+        _require_positive(calib_tokens=calib_tokens, seq_len=seq_len)
         ensure_output_free(out, overwrite, inputs=(model_path, reference, calib))
         if heatmap:
             ensure_output_free(heatmap, overwrite, inputs=(model_path, reference, calib, out))
@@ -470,6 +485,7 @@ def qat_command(
     from .train.qat import QATConfig, run_qat
 
     try:
+        _require_positive(steps=steps)
         ensure_output_free(out, overwrite, inputs=(model_path, plan_path, data))
         require_full_precision(model_path)
         folder = run_qat(model_path, BitPlan.load(plan_path, plan_target_of(model_path)), out, QATConfig(steps=steps, lr=lr, objective=objective), data, overwrite=overwrite)
@@ -492,6 +508,7 @@ def train_router_command(
     from .train.router import RouterTuneConfig, train_router
 
     try:
+        _require_positive(steps=steps)
         ensure_output_free(out, overwrite, inputs=(model_path, calib))
         if calib is not None and not calib.is_file():
             raise FileNotFoundError(f"calibration text {calib} does not exist; pass an existing file with --calib")
@@ -522,6 +539,7 @@ def eval_command(
     from .eval.harness import HarnessNotInstalled, run_harness
 
     try:
+        _require_positive(seq_len=seq_len, stride=stride, max_tokens=max_tokens, limit=limit)
         if json_out:  # checked before the evaluation, which may take long
             ensure_output_free(json_out, True, inputs=(model_path, reference, data))
         if tasks is None and (limit is not None or include_path is not None):
@@ -610,6 +628,7 @@ def analyze_command(
     from .analysis.report import analyze, format_rho
 
     try:
+        _require_positive(calib_tokens=calib_tokens)
         report = analyze(model_path, out, calib, reference, calib_tokens=calib_tokens, overwrite=overwrite)
     except USER_ERRORS as err:
         _fail(err)

@@ -63,6 +63,8 @@ def tokenize_calibration(model_folder: str | Path, text_file: str | Path, num_to
     """Token ids ``[num_sequences, seq_len]`` from a plain text file, with the model's tokenizer."""
     from transformers import AutoTokenizer
 
+    if num_tokens < 1 or seq_len < 1:
+        raise ValueError(f"calibration needs at least one token and a sequence length of at least 1 (got {num_tokens} tokens, length {seq_len})")
     text_path = Path(text_file)
     if not text_path.is_file():
         raise FileNotFoundError(f"calibration text {text_path} does not exist")

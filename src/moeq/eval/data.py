@@ -22,9 +22,25 @@ def evaluation_tokens(model_folder: str | Path, data: str | Path | None, max_tok
         raise FileNotFoundError(f"evaluation text {data} does not exist")
     text = Path(data).read_text(errors="replace") if data is not None else read_split("test")
     folder = Path(model_folder)
-    source = folder if (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file() else DATA_DIR / "tokenizer"
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    own = (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(folder if own else DATA_DIR / "tokenizer")
     ids = tokenizer(text[: max_tokens * 16], add_special_tokens=False)["input_ids"][:max_tokens]
     if len(ids) < 2:
         raise ValueError("the evaluation text gives fewer than two tokens")
+    vocab = _vocab_size(folder)
+    if vocab is not None and max(ids) >= vocab:
+        if own:
+            raise ValueError(f"the tokenizer in {folder} gives token {max(ids)}, beyond the model's vocabulary of {vocab}; the folder's tokenizer does not belong to its model")
+        raise ValueError(
+            f"{folder} has no tokenizer, and moeq's own ({len(tokenizer)} tokens) does not fit the model's vocabulary of {vocab}: "
+            "copy the model's tokenizer files (tokenizer.json, tokenizer_config.json) into the folder"
+        )
     return torch.tensor(ids, dtype=torch.long)
+
+
+def _vocab_size(folder: Path) -> int | None:
+    from ..io.source import read_config
+
+    raw = read_config(folder)
+    size = raw.get("vocab_size") or (raw.get("text_config") or {}).get("vocab_size")
+    return size if isinstance(size, int) else None
