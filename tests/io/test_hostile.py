@@ -265,8 +265,10 @@ def test_a_source_tensor_of_the_wrong_shape_is_refused_before_reading(tmp_path: 
     tiny_model("mixtral").save_pretrained(source)
     _rewrite(source / "model.safetensors", lambda t: t.update({"model.norm.weight": torch.ones(shape)}))
     line = one_line_error(_quantize(source, "--out", tmp_path / "q", "--bits", "3"))
-    assert f"tensor model.norm.weight in model.safetensors has shape {list(shape)}, but the model's config.json implies [64]" in line
-    assert _leftovers(tmp_path, "q") == []
+    expected = f"tensor model.norm.weight in model.safetensors has shape {list(shape)}, but the model's config.json implies [64]"
+    assert expected in line and _leftovers(tmp_path, "q") == []
+    add_tokenizer(source)  # evaluation loads the whole model through transformers: checked first, the same way
+    assert expected in one_line_error(runner.invoke(app, ["eval", str(source), "--max-tokens", "64"]))
 
 
 def test_a_header_claiming_more_bytes_than_the_file_holds_is_refused(tmp_path: Path) -> None:

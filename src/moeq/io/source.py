@@ -15,7 +15,6 @@ from torch import nn
 from ..models import get_adapter, moe_layers_or_error
 from ..plan import PlanTarget
 from .checkpoint import CheckpointError
-from .shards import shard_files
 
 __all__ = ["load_any", "load_source", "meta_skeleton", "read_config", "require_full_precision", "plan_target_of"]
 
@@ -69,8 +68,12 @@ def load_source(path: str | Path) -> nn.Module:
     """Load a full-precision MoE checkpoint (in its stored dtype) for quantization, in eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    from .lazy import open_lazy
+
     require_full_precision(path)
-    shard_files(path)  # the shard index stays inside the folder; headers are sound; no pickle-only folder
+    # Before transformers reads anything: the shard index stays inside the folder, headers are
+    # sound, no pickle-only folder, and every tensor has the shape the config implies.
+    open_lazy(path).check_tensors()
     config = AutoConfig.from_pretrained(path)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     try:

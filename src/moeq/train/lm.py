@@ -91,8 +91,10 @@ class FinetuneConfig:
 def load_causal_lm(model_path: Path, text: str) -> tuple[transformers.PreTrainedModel, object, torch.dtype, torch.Tensor]:
     """A causal LM folder ready to fine-tune: ``(model in float32, tokenizer, the dtype it was saved
     in, the token ids of text)``."""
+    from ..io.source import load_source
+
+    model = load_source(model_path)  # a stranger's folder is checked before anything is read
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_path)
     dtype = next(model.parameters()).dtype
     model = model.float()
     CausalLM().ready(model)
