@@ -236,3 +236,58 @@ def test_the_guard_prices_a_data_free_plan_beside_auto(tmp_path: Path) -> None:
     assert plan["method"]["levels"] == [4, 3, 2, 1] and plan["budget"]["avg_expert_bits"] <= 2.5 + 1e-9
     assert plan["budget"]["predicted_damage"] > 0 and plan["scores"]["predicted_damage"]["sensitivity"]
     assert "the chosen plan has the least predicted damage" in auto.output
+
+
+def test_data_free_allocation_reads_no_text_even_beside_a_tokenizer(tmp_path: Path) -> None:
+    from tests.conftest import add_tokenizer
+
+    source = tmp_path / "src"
+    tiny_model("mixtral").save_pretrained(source)
+    add_tokenizer(source)  # the folder could be calibrated on the default corpus: it must not be, unasked
+    for strategy in ("router-maxvar", "router", "variance", "random", "uniform"):
+        bits = "2" if strategy == "uniform" else "2.5"
+        result = runner.invoke(app, ["allocate", str(source), "--avg-bits", bits, "--strategy", strategy,
+                                     "--out", str(tmp_path / f"{strategy}.json")], env={"COLUMNS": "220"})
+        assert result.exit_code == 0, result.output
+        assert "predicted damage" not in result.output, strategy
+        assert "calibration" not in json.loads((tmp_path / f"{strategy}.json").read_text())["method"], strategy
+    asked = runner.invoke(app, ["allocate", str(source), "--avg-bits", "2.5", "--calib", "default", "--calib-tokens", "1024",
+                                "--seq-len", "64", "--out", str(tmp_path / "asked.json")], env={"COLUMNS": "220"})
+    assert asked.exit_code == 0, asked.output
+    assert "1,024 tokens of moeq's default corpus" in " ".join(asked.output.split())  # the guard says what it measured on
+
+
+def test_gptq_without_text_is_refused_before_any_allocation(tmp_path: Path) -> None:
+    tiny_model("olmoe").save_pretrained(tmp_path / "src")
+    line = one_line_error(runner.invoke(app, ["quantize", str(tmp_path / "src"), "--out", str(tmp_path / "q"), "--avg-bits", "2.5",
+                                              "--quantizer", "gptq"]))
+    assert "--quantizer gptq needs calibration text" in line
+    line = one_line_error(runner.invoke(app, ["quantize", str(tmp_path / "src"), "--out", str(tmp_path / "q"), "--avg-bits", "2.5",
+                                              "--quantizer", "gptq", "--calib", str(tmp_path / "missing.txt")]))
+    assert "calibration text" in line and "does not exist" in line
+
+
+def test_one_command_calibrates_allocation_guard_and_gptq_on_one_slice(tmp_path: Path, monkeypatch) -> None:
+    from moeq.allocate import damage as damage_module
+    from moeq.allocate import guard as guard_module
+    from tests.conftest import SAMPLE_TEXT, add_tokenizer
+
+    source = tmp_path / "src"
+    tiny_model("mixtral").save_pretrained(source)
+    add_tokenizer(source)
+    (tmp_path / "calib.txt").write_text(SAMPLE_TEXT * 4)
+    tables = []
+    real = damage_module.damage_table
+    monkeypatch.setattr(guard_module, "damage_table", lambda *a, **k: tables.append("guard") or real(*a, **k))
+    result = runner.invoke(app, [
+        "quantize", str(source), "--out", str(tmp_path / "q"), "--avg-bits", "2.5", "--strategy", "auto", "--quantizer", "gptq",
+        "--calib", str(tmp_path / "calib.txt"), "--calib-tokens", "1024", "--seq-len", "64", "--clip-search", "--min-tokens", "4",
+    ], env={"COLUMNS": "220"})
+    assert result.exit_code == 0, result.output
+    plan = moeq.read_plan(tmp_path / "q")
+    calibration = plan.method["calibration"]
+    assert calibration["sequences"] * calibration["sequence_length"] == 1024 and calibration["sequence_length"] == 64
+    assert "1,024 tokens of" in " ".join(result.output.split())  # the guard measured on the same slice...
+    assert tables == []  # ...and priced every plan from the damage table auto had already computed
+    assert plan.method["quantizer"]["calibration_tokens"] == 1024  # GPTQ too
+    assert all(e.spec.clip_search for e in plan.experts if e.spec.bits > 1)  # --clip-search reached the plan

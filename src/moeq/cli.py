@@ -75,7 +75,7 @@ def quantize_command(
     strategy: Annotated[str, typer.Option(help="Allocation strategy with --avg-bits/--max-gb.")] = "router-maxvar",
     levels: Annotated[str | None, typer.Option(help="Candidate widths for allocation, high to low (default 3,2,1; 4,3,2,1 for auto).")] = None,
     reference: Annotated[Path | None, typer.Option(help="Initial or pre-trained checkpoint (or a `moeq train-router` output), for the router-norm change.")] = None,
-    calib: Annotated[Path | None, typer.Option(help="Calibration text (GPTQ and the data-based strategies).")] = None,
+    calib: Annotated[Path | None, typer.Option(help="Calibration text (GPTQ, the data-based strategies, the guard); `default`: moeq's corpus.")] = None,
     quantizer: Annotated[str, typer.Option(help="rtn (round to nearest) or gptq (needs --calib).")] = "rtn",
     calib_tokens: Annotated[int, typer.Option(help="Calibration tokens to use at most.")] = 131072,
     seq_len: Annotated[int, typer.Option(help="Calibration sequence length.")] = 2048,
@@ -105,6 +105,11 @@ def quantize_command(
         allocating = avg_bits is not None or max_gb is not None
         if sum([bits is not None, plan_path is not None, allocating]) != 1:
             raise ValueError("give exactly one of --bits B, --plan PLAN.json, or --avg-bits / --max-gb with --strategy")
+        if quantizer not in ("rtn", "gptq"):
+            raise ValueError(f"unknown quantizer {quantizer!r}; choose rtn or gptq")
+        if quantizer == "gptq" and calib is None:
+            raise ValueError("--quantizer gptq needs calibration text: pass --calib FILE (or --calib default for moeq's corpus)")
+        _require_calibration_file(calib)
         ensure_output_free(out, overwrite, inputs=(model_path, plan_path, reference, calib))
         require_full_precision(model_path)
         plan = BitPlan.load(plan_path, plan_target_of(model_path)) if plan_path else None
@@ -117,17 +122,16 @@ def quantize_command(
         if allocating:
             others = QuantConfig(bits=FULL_PRECISION_BITS, scheme=scheme, group_size=group_size, attn_bits=attn_bits,
                                  shared_bits=shared_bits, dense_bits=dense_bits, lm_head_bits=lm_head_bits)
-            plan = _allocate(model_path, strategy, avg_bits, max_gb, levels, reference, calib, scheme, group_size, seed, others, quantizer)
+            plan = _allocate(model_path, strategy, avg_bits, max_gb, levels, reference, calib, scheme, group_size, clip_search,
+                             seed, others, quantizer, calib_tokens, seq_len)
             render_plan(plan)
-            _guard(model_path, plan, calib, quantizer, calib_tokens, 256, guard)
+            _guard(model_path, plan, calib, quantizer, calib_tokens, seq_len, guard)
         if quantizer == "gptq":
             report, plan = _quantize_calibrated(
                 model_path, out, plan, config, seed, calib, calib_tokens, seq_len, overwrite,
                 CalibrationConfig(quantizer="gptq", min_tokens=min_tokens, rare_fallback=rare_fallback, damp=damp, act_order=act_order),
                 resume,
             )
-        elif quantizer != "rtn":
-            raise ValueError(f"unknown quantizer {quantizer!r}; choose rtn or gptq")
         else:
             report = None
             if plan is None:
@@ -223,16 +227,26 @@ def _parse_levels(levels: str | None) -> tuple[int, ...] | None:
         raise ValueError(f"--levels takes comma-separated whole bit widths like 3,2,1, got {levels!r}") from None
 
 
-def _allocate(model_path, strategy, avg_bits, max_gb, levels, reference, calib, scheme, group_size, seed, others, quantizer) -> BitPlan:
+def _allocate(model_path, strategy, avg_bits, max_gb, levels, reference, calib, scheme, group_size, clip_search, seed, others,
+              quantizer, calib_tokens, seq_len) -> BitPlan:
     from .allocate import allocate
 
     if avg_bits is not None and max_gb is not None:
         raise ValueError("give one budget: --avg-bits or --max-gb")
+    # The same calibration slice (tokens, sequence length) as the guard and GPTQ after it.
     return allocate(
         model_path, strategy, avg_bits=avg_bits, max_bytes=None if max_gb is None else int(max_gb * 1e9),
-        levels=_parse_levels(levels), reference=reference, calibration=calib, scheme=scheme, group_size=group_size, seed=seed,
-        other_linears=others, damage_quantizer=quantizer,
+        levels=_parse_levels(levels), reference=reference, calibration=calib, scheme=scheme, group_size=group_size,
+        clip_search=clip_search, seed=seed, other_linears=others, damage_quantizer=quantizer, calib_tokens=calib_tokens,
+        seq_len=seq_len,
     )
+
+
+def _require_calibration_file(calib: Path | None) -> None:
+    from .calibrate.routing import is_default_corpus
+
+    if calib is not None and not is_default_corpus(calib) and not calib.is_file():
+        raise FileNotFoundError(f"calibration text {calib} does not exist; pass an existing file with --calib (or --calib default)")
 
 
 def _bits_label(bits: dict[str, int]) -> str:
@@ -355,7 +369,7 @@ def allocate_command(
     strategy: Annotated[str, typer.Option(help="router-maxvar | router | variance | frequency | routing-weight | random | uniform | pmq | error-ilp | auto")] = "router-maxvar",
     levels: Annotated[str | None, typer.Option(help="Candidate widths, e.g. 3,2,1 (the default; 4,3,2,1 for auto).")] = None,
     reference: Annotated[Path | None, typer.Option(help="Initial or pre-trained checkpoint (or a `moeq train-router` output), for the router-norm change.")] = None,
-    calib: Annotated[Path | None, typer.Option(help="Calibration text (frequency, routing-weight, pmq).")] = None,
+    calib: Annotated[Path | None, typer.Option(help="Calibration text (frequency, routing-weight, pmq, auto, the guard); `default`: moeq's corpus.")] = None,
     calib_tokens: Annotated[int, typer.Option(help="Calibration tokens to use at most.")] = 16384,
     seq_len: Annotated[int, typer.Option(help="Calibration sequence length.")] = 256,
     weighted_error: Annotated[bool, typer.Option(help="Weight quantization errors by calibration inputs (pmq, error-ilp).")] = False,
@@ -377,6 +391,7 @@ def allocate_command(
 
     try:
         _require_positive(calib_tokens=calib_tokens, seq_len=seq_len)
+        _require_calibration_file(calib)
         ensure_output_free(out, overwrite, inputs=(model_path, reference, calib))
         if heatmap:
             ensure_output_free(heatmap, overwrite, inputs=(model_path, reference, calib, out))
@@ -416,8 +431,7 @@ def _guard(model_path: Path, plan: BitPlan, calib: Path | None, quantizer: str, 
         console.print("[yellow]note:[/] experts were ranked by the final router norm (no initial routers were found), the "
                       "paper's proxy for the router-norm change, which did worst in moeq's measurements; run `moeq train-router` "
                       "and pass its folder as --reference, or, with calibration text, prefer --strategy auto")
-    has_text = calib is not None or (model_path / "tokenizer.json").is_file()
-    if not enabled or not has_text or not plan.experts:
+    if not enabled or calib is None or not plan.experts:  # data-free stays data-free: no text, no guard
         return
     try:
         report = compare_plan(model_path, plan, calib, quantizer, calib_tokens, seq_len)
@@ -430,7 +444,7 @@ def _guard(model_path: Path, plan: BitPlan, calib: Path | None, quantizer: str, 
 def render_guard(report) -> None:
     """Predicted damage per layer and in total, the chosen plan first, then the verdict."""
     layers = max(len(row.layers) for row in report.rows)
-    table = Table(title=f"predicted damage ({report.quantizer}; relative change of each layer's output on calibration text)",
+    table = Table(title=f"predicted damage ({report.quantizer}; relative change of each layer's output on {report.calibration})",
                   title_justify="left")
     for column in ("plan", "bits", "MiB", *(f"L{i}" for i in range(min(layers, 16))), "total", "note"):
         table.add_column(column, justify="left" if column in ("plan", "note") else "right")
@@ -619,7 +633,7 @@ def generate_command(
 def analyze_command(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Hugging Face model folder (read one tensor at a time).")],
     out: Annotated[Path, typer.Option("--out", help="Report folder (report.md, analysis.json, PNG plots).")],
-    calib: Annotated[Path | None, typer.Option(help="Calibration text for activation frequency (default: the project corpus).")] = None,
+    calib: Annotated[Path | None, typer.Option(help="Calibration text for activation frequency; `default`: moeq's corpus (none: weights only).")] = None,
     reference: Annotated[Path | None, typer.Option(help="Initial or pre-trained checkpoint (or a `moeq train-router` output), for the router-norm change.")] = None,
     calib_tokens: Annotated[int, typer.Option(help="Calibration tokens to use at most.")] = 16384,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,

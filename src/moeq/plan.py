@@ -162,6 +162,71 @@ class BitPlan:
         """``{(expert, projection): spec}`` for one MoE layer (empty: the layer stays full precision)."""
         return {(e.expert, e.projection): e.spec for e in self.experts if e.layer == layer}
 
+    def to_json(self) -> dict[str, Any]:
+        return {"bits": self.bits, "scheme": self.scheme.value, "group_size": self.group_size,
+                "clip_search": self.clip_search}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str) -> TensorSpec:
+        unknown = set(data) - set(SPEC_FIELDS)
+        if unknown or "bits" not in data:
+            raise PlanError(f"{where}: expected keys bits, scheme, group_size, clip_search; got {sorted(data)}")
+        try:
+            return cls(
+                bits=data["bits"],
+                scheme=data.get("scheme", Scheme.ASYM.value),
+                group_size=data.get("group_size"),
+                clip_search=bool(data.get("clip_search", False)),
+            )
+        except PlanError as err:
+            raise PlanError(f"{where}: {err}") from None
+
+
+@dataclass(frozen=True)
+class ExpertEntry:
+    """One routed expert projection of one MoE layer and its spec."""
+
+    layer: int
+    expert: int
+    projection: str
+    spec: TensorSpec
+
+
+@dataclass
+class BitPlan:
+    """Bits, scheme and group size for every quantized weight of one model."""
+
+    model_type: str
+    layers: list[str]
+    experts: list[ExpertEntry] = field(default_factory=list)
+    linears: dict[str, TensorSpec] = field(default_factory=dict)
+    scale_dtype: str = "float16"
+    method: dict[str, Any] = field(default_factory=dict)
+    budget: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, Any] = field(default_factory=dict)  # per-layer lists behind the choice
+
+    def __post_init__(self) -> None:
+        seen: set[tuple[int, int, str]] = set()
+        for entry in self.experts:
+            if not 0 <= entry.layer < len(self.layers):
+                raise PlanError(f"expert entry names layer {entry.layer}, the plan has {len(self.layers)} MoE layers")
+            key = (entry.layer, entry.expert, entry.projection)
+            if key in seen:
+                raise PlanError(f"expert {entry.expert} projection {entry.projection} of layer {entry.layer} is listed twice")
+            seen.add(key)
+        if self.scale_dtype not in ("float16", "bfloat16", "float32"):
+            raise PlanError(f"scale_dtype must be float16, bfloat16 or float32, got {self.scale_dtype!r}")
+
+    def check_fits(self, target: PlanTarget) -> None:
+        """Refuse this plan unless it fits ``target`` (the same rules :meth:`from_json` applies)."""
+        target.check_header(self.model_type, self.layers, list(self.linears))
+        for i, row in enumerate(self._expert_rows()):
+            target.check_row(row["layer"], row["projection"], row["experts"], f"experts[{i}]")
+
+    def expert_specs(self, layer: int) -> dict[tuple[int, str], TensorSpec]:
+        """``{(expert, projection): spec}`` for one MoE layer (empty: the layer stays full precision)."""
+        return {(e.expert, e.projection): e.spec for e in self.experts if e.layer == layer}
+
     @property
     def average_expert_bits(self) -> float | None:
         """Mean bit width over the planned expert projections (unweighted by size), or None."""

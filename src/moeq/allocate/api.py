@@ -102,11 +102,12 @@ def _reference_routers(reference: nn.Module | str | Path, layers: list[MoELayer]
     return routers
 
 
-def _one_bit_aware_spec(bits: int, scheme: str, group_size: int | None) -> TensorSpec:
-    # The paper's 1-bit experts are sign codes with a mean-|w| scale; other widths use ``scheme``.
+def _one_bit_aware_spec(bits: int, scheme: str, group_size: int | None, clip_search: bool = False) -> TensorSpec:
+    # The paper's 1-bit experts are sign codes with a mean-|w| scale (no clipping search applies);
+    # other widths use ``scheme``.
     if bits == 1:
         return TensorSpec(1, "sign", group_size)
-    return TensorSpec(bits, "asym" if scheme == "sign" else scheme, group_size)
+    return TensorSpec(bits, "asym" if scheme == "sign" else scheme, group_size, clip_search)
 
 
 def allocate(
@@ -120,6 +121,7 @@ def allocate(
     calibration: torch.Tensor | str | Path | None = None,
     scheme: str = "asym",
     group_size: int | None = None,
+    clip_search: bool = False,
     zeta: float = ZETA,
     maxvar_variant: str = "paper",
     seed: int = 0,
@@ -144,10 +146,12 @@ def allocate(
             (4,3,2,1 for ``auto``).
         reference: the initial or pre-trained checkpoint (folder or model) for Λ; without it the
             final router norm stands in, and the plan records which was used.
-        calibration: token ids ``[sequences, length]`` or a text file (tokenized with the
-            model's tokenizer) for the calibration-based strategies and ``weighted_error``;
-            default: the project's corpus (calibration split) when the folder has a tokenizer.
-        scheme / group_size: how the chosen widths will be quantized (1-bit experts use sign).
+        calibration: token ids ``[sequences, length]``, a text file (tokenized with the model's
+            tokenizer), or ``"default"`` for the project's corpus (calibration split), for the
+            calibration-based strategies and ``weighted_error``. Never used unless given: the
+            data-free strategies stay data-free.
+        scheme / group_size / clip_search: how the chosen widths will be quantized (1-bit experts
+            use sign, without the clipping search).
         zeta / maxvar_variant: the promotion threshold and MaxVar definition (``paper`` or
             ``authors``).
         seed: for ``random``.
@@ -162,6 +166,9 @@ def allocate(
         raise PlanError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
     if (avg_bits is None) == (max_bytes is None):
         raise PlanError("give exactly one budget: avg_bits (--avg-bits) or max_bytes (--max-bytes / --max-gb)")
+    if (strategy in CALIBRATED_STRATEGIES or weighted_error) and calibration is None and damage is None:
+        raise PlanError(f"--strategy {strategy}{' with --weighted-error' if weighted_error else ''} needs calibration text: "
+                        "pass --calib FILE (or --calib default for moeq's Shakespeare corpus)")
     if levels is None:
         levels = AUTO_LEVELS if strategy == "auto" else DEFAULT_LEVELS
     source = _open(model_or_path)
@@ -172,12 +179,12 @@ def allocate(
         validate_levels(tuple(levels), num_experts, avg_bits, counted=strategy in (*ORDER_STRATEGIES, "pmq"))
     scores: dict[str, object] = {}
     method: dict[str, object] = {
-        "strategy": strategy, "levels": list(widths), "scheme": scheme, "group_size": group_size,
+        "strategy": strategy, "levels": list(widths), "scheme": scheme, "group_size": group_size, "clip_search": clip_search,
         "one_bit_scheme": "sign", "avg_bits_requested": avg_bits, "max_bytes_requested": max_bytes,
     }
 
     def spec(bits: int) -> TensorSpec:
-        return _one_bit_aware_spec(bits, scheme, group_size)
+        return _one_bit_aware_spec(bits, scheme, group_size, clip_search)
 
     linears = linear_specs(source.budget_model, other_linears) if other_linears is not None else {}
 
@@ -413,16 +420,12 @@ def _calibrate(source: _Source, model_or_path, calibration, calib_tokens: int, s
 
 def _calibration_ids(source: _Source, calibration, calib_tokens: int, seq_len: int, method: dict) -> torch.Tensor:
     """Calibration token ids from ``calibration`` (ids, or a text file, or the default corpus)."""
-    from ..calibrate.routing import tokenize_calibration
+    from ..calibrate.routing import is_default_corpus, tokenize_calibration
 
-    if calibration is None and source.folder is not None and any(
-        (source.folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")
-    ):
-        from ..train.corpus import DATA_DIR
-
-        calibration = DATA_DIR / "calibration.txt"  # the project's default corpus
     if calibration is None:
-        raise PlanError("this strategy needs calibration text: pass --calib FILE (or token ids to moeq.allocate)")
+        raise PlanError("this strategy needs calibration text: pass --calib FILE (or --calib default for moeq's "
+                        "Shakespeare corpus, or token ids to moeq.allocate)")
+    default = is_default_corpus(calibration)
     if isinstance(calibration, torch.Tensor):
         token_ids = calibration
         method["calibration"] = {"source": "token ids"}
@@ -430,6 +433,6 @@ def _calibration_ids(source: _Source, calibration, calib_tokens: int, seq_len: i
         if source.folder is None:
             raise PlanError("calibration text needs a tokenizer: pass the model folder, or token ids with an in-memory model")
         token_ids = tokenize_calibration(source.folder, calibration, calib_tokens, seq_len)
-        method["calibration"] = {"source": str(calibration)}
+        method["calibration"] = {"source": "moeq's default corpus (--calib default)" if default else str(calibration)}
     method["calibration"].update(sequences=int(token_ids.shape[0]), sequence_length=int(token_ids.shape[1]))
     return token_ids

@@ -77,6 +77,10 @@ class DamageTable:
         return {"widths": list(self.widths), "quantizer": self.quantizer, "damage": self.damage,
                 "tokens": self.tokens, "prior": self.prior, "sensitivity": self.sensitivity}
 
+    @classmethod
+    def from_json(cls, data: dict) -> DamageTable:
+        return cls(tuple(data["widths"]), data["damage"], data["tokens"], data["prior"], data["quantizer"], data.get("sensitivity"))
+
     def calibrate(self, sensitivity: list[list[float]]) -> None:
         """Scale every layer's and width's damage by its measured KL per unit damage."""
         self.damage = [[[d * sensitivity[i][j] for j, d in enumerate(row)] for row in layer] for i, layer in enumerate(self.damage)]

@@ -39,6 +39,7 @@ class GuardReport:
     rows: list[GuardRow]  # the chosen plan first
     quantizer: str
     verdict: str
+    calibration: str = ""  # what the predictions were measured on
 
 
 def uses_proxy(plan: BitPlan) -> bool:
@@ -71,21 +72,25 @@ def compare_plan(
     """
     source = _open(model_path)
     levels = tuple(sorted(set(AUTO_LEVELS) | {b for row in _widths(plan) for b in row}, reverse=True))
-    token_ids = _calibration_ids(source, calibration, calib_tokens, seq_len, {})
-    scheme = plan.experts[0].spec.scheme.value if plan.experts else "asym"
-    scheme = "asym" if scheme == "sign" else scheme
-    group_size = plan.experts[0].spec.group_size if plan.experts else None
+    described: dict = {}
+    token_ids = _calibration_ids(source, calibration, calib_tokens, seq_len, described)
+    wide = next((e.spec for e in plan.experts if e.spec.bits > 1), plan.experts[0].spec if plan.experts else None)
+    scheme = "asym" if wide is None or wide.scheme.value == "sign" else wide.scheme.value
+    group_size = wide.group_size if wide else None
+    clip_search = wide.clip_search if wide else False
 
     def spec(bits: int):
-        return _one_bit_aware_spec(bits, scheme, group_size)
+        return _one_bit_aware_spec(bits, scheme, group_size, clip_search)
 
-    change = _router_signal(source, source.layers, None, {}, {})
-    orders = [router_maxvar_order(c, v)[0] for c, v in zip(change, _maxvars(source.layers, "paper"))]
-    positions = [[order.index(e) for e in range(len(order))] for order in orders]
-    table = damage_table(source.lazy, token_ids, levels, spec, positions, quantizer)
+    table = _reusable_table(plan, levels, quantizer, int(token_ids.numel()))
+    if table is None:
+        change = _router_signal(source, source.layers, None, {}, {})
+        orders = [router_maxvar_order(c, v)[0] for c, v in zip(change, _maxvars(source.layers, "paper"))]
+        positions = [[order.index(e) for e in range(len(order))] for order in orders]
+        table = damage_table(source.lazy, token_ids, levels, spec, positions, quantizer)
     budget = plan.budget["avg_expert_bits"]
     rows = [_row("chosen: " + plan.method.get("strategy", "plan"), plan, table)]
-    common = {"calibration": token_ids, "scheme": scheme, "group_size": group_size}
+    common = {"calibration": token_ids, "scheme": scheme, "group_size": group_size, "clip_search": clip_search}
     for strategy in COMPARED:
         try:
             if strategy == "uniform":
@@ -102,7 +107,20 @@ def compare_plan(
             rows.append(GuardRow(strategy, budget, 0, math.nan, [], f"not possible: {err}"))
             continue
         rows.append(_row(strategy, other, table, note))
-    return GuardReport(rows, quantizer, _verdict(rows))
+    used = f"{int(token_ids.numel()):,} tokens of {described['calibration']['source']}"
+    return GuardReport(rows, quantizer, _verdict(rows), used)
+
+
+def _reusable_table(plan: BitPlan, levels: tuple[int, ...], quantizer: str, tokens: int) -> DamageTable | None:
+    """The damage table ``auto`` computed for ``plan`` when it covers the same widths, quantizer and
+    calibration tokens: the guard then prices every plan from it instead of measuring again."""
+    data = plan.scores.get("predicted_damage")
+    calibration = plan.method.get("calibration") or {}
+    if not data or tuple(data["widths"]) != levels or data["quantizer"] != quantizer:
+        return None
+    if calibration.get("sequences", 0) * calibration.get("sequence_length", 0) != tokens:
+        return None
+    return DamageTable.from_json(data)
 
 
 def _row(name: str, plan: BitPlan, table: DamageTable, note: str = "") -> GuardRow:

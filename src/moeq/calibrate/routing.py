@@ -17,7 +17,7 @@ from torch import nn
 from ..models import MoELayer, moe_layers_or_error
 from .collector import ExpertStatistics
 
-__all__ = ["RoutingStats", "collect_routing", "tokenize_calibration"]
+__all__ = ["DEFAULT_CORPUS", "RoutingStats", "collect_routing", "is_default_corpus", "tokenize_calibration"]
 
 
 @dataclass
@@ -59,9 +59,23 @@ class RoutingStats:
         return self.statistics.second_moment(layer, expert, stage)
 
 
+DEFAULT_CORPUS = "default"  # --calib default: the project's own calibration text, used only when asked for
+
+
+def is_default_corpus(calibration: object) -> bool:
+    """Whether ``calibration`` asks for moeq's own corpus (``"default"``) rather than naming a file."""
+    return isinstance(calibration, (str, Path)) and str(calibration) == DEFAULT_CORPUS
+
+
 def tokenize_calibration(model_folder: str | Path, text_file: str | Path, num_tokens: int, seq_len: int) -> torch.Tensor:
-    """Token ids ``[num_sequences, seq_len]`` from a plain text file, with the model's tokenizer."""
+    """Token ids ``[num_sequences, seq_len]`` from a plain text file (or ``"default"``: moeq's
+    corpus), with the model's tokenizer."""
     from transformers import AutoTokenizer
+
+    if is_default_corpus(text_file):
+        from ..train.corpus import DATA_DIR
+
+        text_file = DATA_DIR / "calibration.txt"
 
     if num_tokens < 1 or seq_len < 1:
         raise ValueError(f"calibration needs at least one token and a sequence length of at least 1 (got {num_tokens} tokens, length {seq_len})")
