@@ -17,6 +17,10 @@ from torch import nn  # noqa: E402
 
 from moeq.models.tiny import TINY_FAMILIES, tiny_model  # noqa: E402
 
+# Tiny models: one intra-op thread, as the command line picks for them (moeq.threads). Two threads
+# gain little here and lose 2-3x when another process holds a core.
+torch.set_num_threads(1)
+
 
 def logits(model: nn.Module, seed: int = 0) -> torch.Tensor:
     """Logits of a fixed batch of token ids; encoder-decoders get a fixed decoder prefix too."""

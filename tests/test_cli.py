@@ -291,3 +291,21 @@ def test_one_command_calibrates_allocation_guard_and_gptq_on_one_slice(tmp_path:
     assert tables == []  # ...and priced every plan from the damage table auto had already computed
     assert plan.method["quantizer"]["calibration_tokens"] == 1024  # GPTQ too
     assert all(e.spec.clip_search for e in plan.experts if e.spec.bits > 1)  # --clip-search reached the plan
+
+
+def test_small_models_run_on_one_thread_unless_told(tmp_path: Path) -> None:
+    from moeq.threads import SMALL_MODEL_BYTES, threads_for
+
+    assert threads_for(10**6) == 1 and threads_for(SMALL_MODEL_BYTES) is None and threads_for(10**6, requested=3) == 3
+    tiny_model("olmoe").save_pretrained(tmp_path / "src")
+    before = torch.get_num_threads()
+    try:
+        for prefix, expected in (([], 1), (["--threads", "2"], 2)):
+            result = runner.invoke(app, [*prefix, "allocate", str(tmp_path / "src"), "--avg-bits", "2.5",
+                                         "--out", str(tmp_path / f"p{expected}.json")])
+            assert result.exit_code == 0, result.output
+            assert torch.get_num_threads() == expected
+        assert "--threads must be at least 1" in one_line_error(runner.invoke(app, ["--threads", "0", "allocate", str(tmp_path / "src"),
+                                                                                    "--avg-bits", "2.5", "--out", str(tmp_path / "p.json")]))
+    finally:
+        torch.set_num_threads(before)

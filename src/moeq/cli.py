@@ -33,13 +33,26 @@ from .plan import BitPlan, PlanError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Expert-wise mixed-precision quantization of MoE models.")
 
 
+_REQUESTED_THREADS: list[int | None] = [None]
+
+
 @app.callback()
-def _quiet_transformers() -> None:
+def _setup(
+    threads: Annotated[int | None, typer.Option("--threads", envvar="MOEQ_THREADS", help="Intra-op CPU threads (default: 1 for models under 2 GB, else all cores).")] = None,
+) -> None:
     """moeq draws its own progress; transformers' per-load bars would interleave with it."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    _REQUESTED_THREADS[0] = threads
+
+
+def _threads(model_path: Path | None) -> None:
+    """Threads for this command's model (see moeq.threads): one for small models, unless told."""
+    from .threads import use_threads
+
+    use_threads(model_path, _REQUESTED_THREADS[0])
 
 
 console = Console()
@@ -101,6 +114,7 @@ def quantize_command(
     finish), so its size is not limited by memory; a killed run continues with --resume.
     """
     try:
+        _threads(model_path)
         _require_positive(calib_tokens=calib_tokens, seq_len=seq_len)
         allocating = avg_bits is not None or max_gb is not None
         if sum([bits is not None, plan_path is not None, allocating]) != 1:
@@ -297,9 +311,10 @@ def demo_command(
     eval_tokens: Annotated[int, typer.Option(help="Tokens of the test split to evaluate on.")] = 8192,
 ) -> None:
     """The main job: the default model quantized by every strategy at 3, 2.5 and 2 bits, measured."""
-    from .demo import run_demo
+    from .demo import DEFAULT_MODEL, run_demo
 
     try:
+        _threads(DEFAULT_MODEL)
         ensure_output_free(out, overwrite)
         with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=err_console, transient=True) as bar:
@@ -390,6 +405,7 @@ def allocate_command(
     from .allocate import allocate
 
     try:
+        _threads(model_path)
         _require_positive(calib_tokens=calib_tokens, seq_len=seq_len)
         _require_calibration_file(calib)
         ensure_output_free(out, overwrite, inputs=(model_path, reference, calib))
@@ -472,6 +488,7 @@ def train_command(
 
     families = {"mixtral": (TrainConfig, CausalLM), "switch": (DenoiseConfig, Denoising)}
     try:
+        _threads(None)
         if family not in families:
             raise ValueError(f"unknown --family {family!r}; choose one of {', '.join(families)}")
         config_class, objective = families[family]
@@ -499,6 +516,7 @@ def qat_command(
     from .train.qat import QATConfig, run_qat
 
     try:
+        _threads(model_path)
         _require_positive(steps=steps)
         ensure_output_free(out, overwrite, inputs=(model_path, plan_path, data))
         require_full_precision(model_path)
@@ -522,6 +540,7 @@ def train_router_command(
     from .train.router import RouterTuneConfig, train_router
 
     try:
+        _threads(model_path)
         _require_positive(steps=steps)
         ensure_output_free(out, overwrite, inputs=(model_path, calib))
         if calib is not None and not calib.is_file():
@@ -553,6 +572,7 @@ def eval_command(
     from .eval.harness import HarnessNotInstalled, run_harness
 
     try:
+        _threads(model_path)
         _require_positive(seq_len=seq_len, stride=stride, max_tokens=max_tokens, limit=limit)
         if json_out:  # checked before the evaluation, which may take long
             ensure_output_free(json_out, True, inputs=(model_path, reference, data))
@@ -620,6 +640,7 @@ def generate_command(
     from .eval.generate import generate_text
 
     try:
+        _threads(model_path)
         result = generate_text(model_path, prompt, max_new_tokens=max_new_tokens, backend=backend, temperature=temperature, seed=seed)
     except USER_ERRORS as err:
         _fail(err)
@@ -642,6 +663,7 @@ def analyze_command(
     from .analysis.report import analyze, format_rho
 
     try:
+        _threads(model_path)
         _require_positive(calib_tokens=calib_tokens)
         report = analyze(model_path, out, calib, reference, calib_tokens=calib_tokens, overwrite=overwrite)
     except USER_ERRORS as err:
