@@ -39,7 +39,7 @@ from moeq.calibrate.runner import CalibrationConfig, quantize_calibrated
 from moeq.demo import DEFAULT_MODEL
 from moeq.eval import evaluate
 from moeq.eval.data import evaluation_tokens
-from moeq.io.atomic import atomic_write_text
+from moeq.atomic import atomic_write_text
 from moeq.io.source import load_source
 from moeq.plan import PlanError
 from moeq.train.corpus import DATA_DIR

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from .api import plan_for
 from .config import FULL_PRECISION_BITS, QuantConfig
-from .io.atomic import OutputBusyError, OutputExistsError, OutputNotWritableError, OutputWriteError, ensure_output_free
+from .atomic import OutputBusyError, OutputExistsError, OutputNotWritableError, OutputWriteError, ensure_output_free
 from .io.checkpoint import CheckpointError
 from .io.inspect import CheckpointReport, inspect_checkpoint
 from .io.lazy import open_lazy
@@ -587,7 +587,7 @@ def eval_command(
             ids = evaluation_tokens(model_path, data, max_tokens)
             report = evaluate(model_path, ids, reference=reference, seq_len=seq_len, stride=stride, backend=backend)
         if json_out:
-            from .io.atomic import atomic_write_text
+            from .atomic import atomic_write_text
             import json
 
 

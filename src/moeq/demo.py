@@ -26,7 +26,7 @@ from .allocate import allocate
 from .api import quantize
 from .eval import evaluate
 from .eval.data import evaluation_tokens
-from .io.atomic import atomic_directory
+from .atomic import atomic_directory
 from .io.source import load_source
 from .train.corpus import DATA_DIR, read_split
 

@@ -300,7 +300,7 @@ class BitPlan:
 
     def save(self, path: str | Path) -> None:
         """Write the plan as JSON (atomically: a temporary file, then a rename)."""
-        from .io.atomic import atomic_write_text
+        from .atomic import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_json(), indent=1) + "\n")
 

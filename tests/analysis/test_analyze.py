@@ -16,7 +16,7 @@ from moeq.analysis import weights
 from moeq.analysis.report import analyze
 from moeq.analysis.weights import HISTOGRAM_EDGES, tensor_stats
 from moeq.cli import app
-from moeq.io.atomic import OutputExistsError
+from moeq.atomic import OutputExistsError
 from moeq.io.lazy import open_lazy
 from moeq.models.tiny import tiny_model
 

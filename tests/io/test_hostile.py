@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 import moeq
 from moeq.cli import app
 from moeq.config import QuantConfig, uniform_plan
-from moeq.io.atomic import OutputLock
+from moeq.atomic import OutputLock
 from moeq.io.checkpoint import CheckpointError
 from moeq.models.tiny import tiny_model
 from tests.conftest import add_tokenizer, one_line_error
@@ -355,7 +355,7 @@ def test_a_second_run_to_the_same_output_is_refused_while_the_first_lives(tmp_pa
     tiny_model("olmoe").save_pretrained(tmp_path / "src")
     out = tmp_path / "q"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from moeq.io.atomic import OutputLock; "
+        [sys.executable, "-c", "import sys, time; from moeq.atomic import OutputLock; "
          f"OutputLock({str(out)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )

@@ -10,7 +10,7 @@ import transformers
 from safetensors import safe_open
 
 import moeq
-from moeq.io.atomic import OutputExistsError, OutputWriteError
+from moeq.atomic import OutputExistsError, OutputWriteError
 from moeq.io.checkpoint import CheckpointError
 from moeq.models import moe_layers_or_error
 from moeq.models.tiny import tiny_model

@@ -8,7 +8,8 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from moeq.allocate.scores import INITIAL_ROUTER_FILE, router_norms
+from moeq.allocate.scores import router_norms
+from moeq.files import INITIAL_ROUTER_FILE
 from moeq.models import moe_layers_or_error
 from moeq.train.lm import TrainConfig, default_model_config
 from moeq.train.router import RouterTuneConfig, train_router, tune_routers

@@ -41,9 +41,10 @@ from .counts import CountError, level_counts, validate_levels
 from .damage import DamageTable, damage_table
 from .ilp import error_ilp, pmq_layer
 from .ranking import ZETA, ascending_order, descending_order, random_order, router_maxvar_order, widths_from_order
-from .scores import INITIAL_ROUTER_FILE, ROUTER_TUNE_FILE, max_var, quantization_error, router_norm_change
+from ..files import INITIAL_ROUTER_FILE, ROUTER_TUNE_FILE
+from .scores import max_var, quantization_error, router_norm_change
 
-__all__ = ["AUTO_LEVELS", "CALIBRATED_STRATEGIES", "DEFAULT_LEVELS", "STRATEGIES", "allocate"]
+__all__ = ["AUTO_LEVELS", "CALIBRATED_STRATEGIES", "DEFAULT_LEVELS", "STRATEGIES", "allocate", "open_source", "router_signal", "routing_statistics"]
 
 ORDER_STRATEGIES = ("router-maxvar", "router", "variance", "frequency", "routing-weight", "random")
 STRATEGIES = (*ORDER_STRATEGIES, "uniform", "pmq", "error-ilp", "auto")
@@ -65,7 +66,8 @@ class _Source:
         return self.reader_bytes()
 
 
-def _open(model_or_path: nn.Module | str | Path) -> _Source:
+def open_source(model_or_path: nn.Module | str | Path) -> _Source:
+    """A model, or a checkpoint folder opened lazily, as the statistics below read it."""
     if isinstance(model_or_path, nn.Module):
         _, layers = moe_layers_or_error(model_or_path)
         return _Source(layers, model_or_path, None, model_or_path, lambda: 0)
@@ -171,7 +173,7 @@ def allocate(
                         "pass --calib FILE (or --calib default for moeq's Shakespeare corpus)")
     if levels is None:
         levels = AUTO_LEVELS if strategy == "auto" else DEFAULT_LEVELS
-    source = _open(model_or_path)
+    source = open_source(model_or_path)
     layers = source.layers
     num_experts = min(layer.num_experts for layer in layers)
     widths = tuple(sorted({int(b) for b in levels}, reverse=True))
@@ -190,14 +192,14 @@ def allocate(
 
     stats = None
     if (strategy in CALIBRATED_STRATEGIES and strategy != "auto") or weighted_error:
-        stats = _calibrate(source, model_or_path, calibration, calib_tokens, seq_len, weighted_error, method)
+        stats = routing_statistics(source, model_or_path, calibration, calib_tokens, seq_len, weighted_error, method)
         layers = source.layers  # in memory now, if the checkpoint had to be loaded
         scores["frequency"] = stats.frequency.tolist()
         scores["mean_routing_weight"] = stats.mean_weight.tolist()
 
     orders: list[list[int]] | None = None
     if strategy in ("router-maxvar", "router", "auto"):
-        change = _router_signal(source, layers, reference, scores, method)
+        change = router_signal(source, layers, reference, scores, method)
         if strategy == "router":
             orders = [ascending_order(c) for c in change]
         else:
@@ -291,7 +293,7 @@ def allocate(
     return plan
 
 
-def _router_signal(source: _Source, layers: list[MoELayer], reference, scores: dict, method: dict) -> list[list[float]]:
+def router_signal(source: _Source, layers: list[MoELayer], reference, scores: dict, method: dict) -> list[list[float]]:
     """Λ per layer and expert (or the final-norm proxy), recorded in ``scores`` and ``method``."""
     if reference is None and source.folder is not None and (source.folder / INITIAL_ROUTER_FILE).is_file():
         reference = source.folder / INITIAL_ROUTER_FILE  # the checkpoint ships its initial routers
@@ -401,7 +403,7 @@ def _fit_bytes(build, widths_at, widths, max_bytes: int, integer: bool) -> BitPl
     return top if top.budget["model_bytes"] <= max_bytes else best
 
 
-def _calibrate(source: _Source, model_or_path, calibration, calib_tokens: int, seq_len: int, moments: bool, method: dict):
+def routing_statistics(source: _Source, model_or_path, calibration, calib_tokens: int, seq_len: int, moments: bool, method: dict):
     """Routing statistics: block by block from a checkpoint folder (one block in memory), or one
     pass through a model already in memory."""
     from ..calibrate.routing import collect_routing

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..plan import BitPlan
-from .api import AUTO_LEVELS, PROXY_SIGNAL, _calibration_ids, _maxvars, _one_bit_aware_spec, _open, _router_signal, allocate
+from .api import AUTO_LEVELS, PROXY_SIGNAL, _calibration_ids, _maxvars, _one_bit_aware_spec, allocate, open_source, router_signal
 from .counts import CountError
 from .damage import DamageTable, damage_table
 from .ranking import router_maxvar_order
@@ -70,7 +70,7 @@ def compare_plan(
     fits it (marked when that is below the budget). Experts with projections at different widths
     are priced at their widest projection.
     """
-    source = _open(model_path)
+    source = open_source(model_path)
     levels = tuple(sorted(set(AUTO_LEVELS) | {b for row in _widths(plan) for b in row}, reverse=True))
     described: dict = {}
     token_ids = _calibration_ids(source, calibration, calib_tokens, seq_len, described)
@@ -84,7 +84,7 @@ def compare_plan(
 
     table = _reusable_table(plan, levels, quantizer, int(token_ids.numel()))
     if table is None:
-        change = _router_signal(source, source.layers, None, {}, {})
+        change = router_signal(source, source.layers, None, {}, {})
         orders = [router_maxvar_order(c, v)[0] for c, v in zip(change, _maxvars(source.layers, "paper"))]
         positions = [[order.index(e) for e in range(len(order))] for order in orders]
         table = damage_table(source.lazy, token_ids, levels, spec, positions, quantizer)

@@ -19,15 +19,9 @@ import torch
 from ..plan import TensorSpec
 from ..quant.rtn import quantize_rtn
 
-__all__ = ["router_norms", "router_norm_change", "max_var", "quantization_error", "MAXVAR_VARIANTS", "INITIAL_ROUTER_FILE",
-           "ROUTER_TUNE_FILE"]
+__all__ = ["router_norms", "router_norm_change", "max_var", "quantization_error", "MAXVAR_VARIANTS"]
 
 MAXVAR_VARIANTS = ("paper", "authors")
-# Beside a checkpoint: its routers from before training or fine-tuning (Λ's "before").
-INITIAL_ROUTER_FILE = "initial_router.safetensors"
-# In a ``moeq train-router`` output: marks the folder as a router-only fine-tune of another model,
-# whose routers are then Λ's "after" for that model.
-ROUTER_TUNE_FILE = "router_tune.json"
 
 
 def router_norms(router_weight: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from scipy.stats import spearmanr
 
-from ..io.atomic import atomic_directory
+from ..atomic import atomic_directory
 from .weights import HISTOGRAM_EDGES, RoleSummary, TensorStats, weight_statistics
 
 __all__ = ["AnalysisReport", "analyze", "format_rho"]
@@ -59,23 +59,23 @@ def analyze(
     overwrite: bool = False,
 ) -> AnalysisReport:
     """Analyse the checkpoint at ``model_path`` and write the report folder ``out``."""
-    from ..allocate.api import _calibrate, _open, _router_signal
-    from ..io.atomic import ensure_output_free
+    from ..allocate.api import open_source, router_signal, routing_statistics
+    from ..atomic import ensure_output_free
     from ..plan import PlanError
 
     inputs = [p for p in (model_path, reference, calibration) if isinstance(p, (str, Path))]
     ensure_output_free(Path(out), overwrite, inputs)
     if calib_tokens < seq_len:
         raise ValueError(f"--calib-tokens {calib_tokens} is less than one sequence of {seq_len} tokens; pass at least {seq_len}")
-    source = _open(model_path)
+    source = open_source(model_path)
     tensors, roles = weight_statistics(source.lazy)
     scores: dict = {}
-    change = _router_signal(source, source.layers, reference, scores, {})
+    change = router_signal(source, source.layers, reference, scores, {})
     signal = next(iter(scores))
     frequency, rho, tokens = None, None, 0
     try:
         method: dict = {}
-        stats = _calibrate(source, model_path, calibration, calib_tokens, seq_len, False, method)
+        stats = routing_statistics(source, model_path, calibration, calib_tokens, seq_len, False, method)
         frequency = stats.frequency.tolist()
         tokens = stats.tokens
         rho = [_spearman(c, f[: len(c)]) for c, f in zip(change, frequency)]

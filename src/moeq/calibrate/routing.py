@@ -73,7 +73,7 @@ def tokenize_calibration(model_folder: str | Path, text_file: str | Path, num_to
     from transformers import AutoTokenizer
 
     if is_default_corpus(text_file):
-        from ..train.corpus import DATA_DIR
+        from ..files import DATA_DIR
 
         text_file = DATA_DIR / "calibration.txt"
 

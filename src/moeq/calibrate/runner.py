@@ -47,6 +47,7 @@ from ..io.source import require_full_precision
 from ..io.streaming import REST_UNIT, block_paths, metadata_writer, rest_tensors
 from ..models import MoELayer
 from ..modules.convert import prepare_block, quantize_linear, validate_plan
+from ..modules.experts import quantized_experts_for
 from ..plan import BitPlan, TensorSpec
 from ..quant.gptq import gptq_quantize, gptq_quantize_batch
 from ..quant.rtn import quantize_rtn
@@ -365,7 +366,7 @@ def _quantize_experts(adapter, module, path, bound, experts, specs, starved, inp
         for expert in all_tokens:
             stats.forget((index, expert, "in"))
         _run(module, inputs, [(experts, stats.hook(adapter, bound, ("in",), only=all_tokens))])
-    quantized = adapter.quantized_experts(bound, specs, scale_dtype)
+    quantized = quantized_experts_for(adapter, bound, specs, scale_dtype)
     *first, down = bound.projections
     for expert in range(bound.num_experts):
         report.methods[index][expert] = _expert_method(config, expert in starved)

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..plan import BitPlan, PlanTarget
-from .atomic import atomic_directory
+from ..atomic import atomic_directory
 from .hf import QUANT_METHOD, MoeqConfig
 
 __all__ = ["save", "load", "read_plan", "moeq_quantization_config", "CheckpointError", "TOKENIZER_FILES"]

@@ -20,6 +20,7 @@ from torch import nn
 from ..models import MoEAdapter, MoELayer, moe_layers_or_error
 from ..models.base import TensorSource
 from .checkpoint import CheckpointError
+from ..files import INITIAL_ROUTER_FILE
 from .shards import shard_files
 from .source import meta_skeleton, read_config
 
@@ -39,7 +40,7 @@ class LazyCheckpoint:
         self.bytes_read = 0
         # Only the model's weights: a folder may also hold other safetensors files (such as the
         # initial routers a trained checkpoint ships for the router-norm change).
-        self._tensors = shard_files(self.folder, exclude=("initial_router.safetensors",))
+        self._tensors = shard_files(self.folder, exclude=(INITIAL_ROUTER_FILE,))
 
     def __contains__(self, key: str) -> bool:
         return key in self._tensors

@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from .atomic import OutputLock, OutputWriteError, atomic_write_text, ensure_output_free, publish, write_failure
+from ..atomic import OutputLock, OutputWriteError, atomic_write_text, ensure_output_free, publish, write_failure
 from .checkpoint import CheckpointError
 
 __all__ = ["ResumableOutput", "OutputWriteError", "ResumeError", "fingerprint_inputs", "work_folder_of"]
@@ -90,7 +90,7 @@ class ResumableOutput:
         resume: continue the units a previous run with the same fingerprint finished.
         inputs: the paths the run reads (the source model...), which ``target`` may not overlap.
 
-    Use it as a context manager: it holds the output's :class:`~moeq.io.atomic.OutputLock` from
+    Use it as a context manager: it holds the output's :class:`~moeq.atomic.OutputLock` from
     the start to the end of the run, so a second run writing the same ``target`` is refused.
 
     Raises:

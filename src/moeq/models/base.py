@@ -15,12 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from ..modules.experts import QuantizedExperts
 
 __all__ = [
     "AdapterError",
@@ -48,6 +47,18 @@ class LinearRole:
     ROUTER = "router"
     LM_HEAD = "lm_head"
     ALL = (ATTENTION, SHARED, DENSE, ROUTER, LM_HEAD)
+
+
+@runtime_checkable
+class PackedExperts(Protocol):
+    """What adapters need of an already quantized experts module (moeq.modules' QuantizedExperts):
+    adapters describe models and never import the modules that pack them."""
+
+    num_experts: int
+    projections: tuple[str, ...]
+    gated: bool
+
+    def expert(self, index: int) -> nn.ModuleDict: ...
 
 
 @dataclass
@@ -104,7 +115,7 @@ class MoEAdapter:
     attention_markers: ClassVar[tuple[str, ...]] = ("self_attn",)
     shared_markers: ClassVar[tuple[str, ...]] = ()
     router_markers: ClassVar[tuple[str, ...]] = ("gate",)  # last path component of a router linear
-    experts_class: ClassVar[type[QuantizedExperts]] = QuantizedExperts
+    expert_child_name: ClassVar[str] = "{}"  # how expert i's module is named inside the experts module
     # On-disk spellings that differ from the in-memory module paths: (in memory, on disk) pairs.
     disk_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
 
@@ -164,22 +175,10 @@ class MoEAdapter:
 
     def quantized_path(self, layer: MoELayer, expert: int, projection: str) -> str:
         """Module path of one expert projection once quantized (its tensors are ``<path>.codes`` etc.)."""
-        return f"{layer.experts_path}.{self.experts_class.child_name.format(expert)}.{projection}"
+        return f"{layer.experts_path}.{self.expert_child_name.format(expert)}.{projection}"
 
     def moe_layers(self, model: nn.Module) -> list[MoELayer]:
         raise NotImplementedError
-
-    def quantized_experts(self, layer: MoELayer, specs: dict, scale_dtype: torch.dtype) -> QuantizedExperts:
-        """An empty quantized replacement of the layer's experts module whose buffers match ``specs``."""
-        return self.experts_class(
-            num_experts=layer.num_experts,
-            shapes=layer.shapes,
-            specs=specs,
-            act_fn=layer.act_fn,
-            gated=layer.gated,
-            scale_dtype=scale_dtype,
-            dtype=layer.dtype,
-        )
 
     def linear_roles(self, model: nn.Module) -> dict[str, str]:
         """``{module path: role}`` for every ``nn.Linear`` outside the routed experts."""
@@ -217,7 +216,7 @@ class FusedExpertsAdapter(MoEAdapter):
         for path, block in model.named_modules():
             experts = getattr(block, "experts", None)
             router = getattr(block, "gate", None)
-            if router is not None and isinstance(experts, QuantizedExperts):
+            if router is not None and isinstance(experts, PackedExperts):
                 layers.append(quantized_layer(len(layers), path, experts, router.weight))
                 continue
             if experts is None or router is None or not hasattr(experts, "gate_up_proj"):
@@ -268,7 +267,7 @@ class FusedExpertsAdapter(MoEAdapter):
             experts.down_proj[e].copy_(layer.expert_weight(e, "down_proj"))
 
 
-def quantized_layer(index: int, path: str, experts: QuantizedExperts, router_weight: torch.Tensor, shared=()) -> MoELayer:
+def quantized_layer(index: int, path: str, experts: PackedExperts, router_weight: torch.Tensor, shared=()) -> MoELayer:
     """The MoELayer view of an already quantized layer (expert weights come back dequantized)."""
     first = experts.expert(0)
     return MoELayer(

@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..modules.experts import QuantizedExperts
-from .base import LayerStack, MoEAdapter, MoELayer, TensorSource, quantized_layer, register_adapter
+from .base import LayerStack, MoEAdapter, MoELayer, PackedExperts, TensorSource, quantized_layer, register_adapter
 
 
 def dispatch_to_top_k(dispatch_mask: torch.Tensor, routing_weights: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,20 +23,6 @@ def dispatch_to_top_k(dispatch_mask: torch.Tensor, routing_weights: torch.Tensor
     return index[:, None], routing_weights.reshape(-1, 1)
 
 
-class SwitchQuantizedExperts(QuantizedExperts):
-    """QuantizedExperts called with Switch's dispatch mask instead of top-k indices.
-
-    Experts keep Switch's names (``experts.expert_3.wi``), so code that indexes
-    ``experts["expert_3"]``, such as transformers' weight initialisation, still works.
-    """
-
-    child_name = "expert_{}"
-
-    def forward(self, hidden_states: torch.Tensor, dispatch_mask: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
-        index, weights = dispatch_to_top_k(dispatch_mask, routing_weights, self.num_experts)
-        return super().forward(hidden_states, index, weights)
-
-
 @register_adapter
 class SwitchAdapter(MoEAdapter):
     family = "switch_transformers"
@@ -45,7 +30,7 @@ class SwitchAdapter(MoEAdapter):
     projections = ("wi", "wo")
     attention_markers = ("SelfAttention", "EncDecAttention")
     router_markers = ("classifier",)
-    experts_class = SwitchQuantizedExperts
+    expert_child_name = "expert_{}"  # Switch's own names (experts.expert_3.wi)
 
     def moe_layers(self, model: nn.Module) -> list[MoELayer]:
         layers = []
@@ -54,7 +39,7 @@ class SwitchAdapter(MoEAdapter):
             experts = getattr(block, "experts", None)
             if router is None or experts is None or not hasattr(router, "classifier"):
                 continue
-            if isinstance(experts, QuantizedExperts):
+            if isinstance(experts, PackedExperts):
                 layers.append(quantized_layer(len(layers), path, experts, router.classifier.weight))
                 continue
             layers.append(
@@ -117,4 +102,4 @@ class SwitchAdapter(MoEAdapter):
         return [TensorSource(f"{layer.path}.router.classifier.weight")]
 
 
-__all__ = ["SwitchAdapter", "SwitchQuantizedExperts", "dispatch_to_top_k"]
+__all__ = ["SwitchAdapter", "dispatch_to_top_k"]

@@ -17,7 +17,7 @@ from ..models import MoEAdapter, MoELayer, moe_layers_or_error
 from ..plan import BitPlan, PlanTarget, TensorSpec
 from ..quant.rtn import quantize_rtn
 from ..quant.tensor import QuantizedTensor
-from .experts import QuantizedExperts
+from .experts import QuantizedExperts, quantized_experts_for
 from .linear import QuantizedLinear
 
 __all__ = ["plan_target", "validate_plan", "prepare_model", "prepare_block", "quantize_model", "quantize_experts", "quantize_linear", "Quantizer"]
@@ -83,7 +83,7 @@ def _prepare(root: nn.Module, adapter: MoEAdapter, layers: list[MoELayer], plan:
     for layer in layers:
         specs = plan.expert_specs(layer.index)
         if specs:
-            _replace(root, layer.experts_path, adapter.quantized_experts(layer, specs, scale_dtype))
+            _replace(root, layer.experts_path, quantized_experts_for(adapter, layer, specs, scale_dtype))
     for name, spec in linears.items():
         _replace(root, name, _empty_linear(root.get_submodule(name), spec, scale_dtype))
 
@@ -93,7 +93,7 @@ def quantize_experts(
     quantizer: Quantizer = rtn_quantizer,
 ) -> QuantizedExperts:
     """The packed experts of ``layer``, read one weight at a time through ``layer.expert_weight``."""
-    quantized: QuantizedExperts = adapter.quantized_experts(layer, specs, scale_dtype)
+    quantized: QuantizedExperts = quantized_experts_for(adapter, layer, specs, scale_dtype)
     for (expert, projection), spec in specs.items():
         weight = layer.expert_weight(expert, projection)
         name = f"expert {expert} {projection} of {layer.experts_path}"

@@ -32,9 +32,9 @@ class QuantizedExperts(nn.Module):
         act_fn: the experts' activation.
         gated: ``down(act(gate x) * up x)`` if True, else ``down(act(up x))``.
         scale_dtype: storage dtype of the scales; dtype: the original weights' dtype.
+        child_name: how expert i's submodule is named (a family may keep its own, e.g. ``expert_{}``).
     """
 
-    child_name = "{}"  # how expert i's submodule is named; a family may keep its own convention
     backend = "auto"  # see moeq.kernels.moe_experts_forward; "reference" runs the torch ground truth
 
     def __init__(
@@ -46,9 +46,10 @@ class QuantizedExperts(nn.Module):
         gated: bool,
         scale_dtype: torch.dtype = torch.float16,
         dtype: torch.dtype | None = None,
+        child_name: str = "{}",
     ) -> None:
         super().__init__()
-        self.num_experts, self.gated, self.act_fn = num_experts, gated, act_fn
+        self.num_experts, self.gated, self.act_fn, self.child_name = num_experts, gated, act_fn, child_name
         self.projections = tuple(shapes)
         missing = [(e, p) for e in range(num_experts) for p in self.projections if (e, p) not in specs]
         if missing:
@@ -96,3 +97,30 @@ def use_backend(model: nn.Module, backend: str) -> int:
     for layer in layers:
         layer.backend = backend
     return len(layers)
+
+
+class SwitchQuantizedExperts(QuantizedExperts):
+    """QuantizedExperts called with Switch's dispatch mask instead of top-k indices.
+
+    Experts keep Switch's names (``experts.expert_3.wi``), so code that indexes
+    ``experts["expert_3"]``, such as transformers' weight initialisation, still works.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, dispatch_mask: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        from ..models.switch import dispatch_to_top_k
+
+        index, weights = dispatch_to_top_k(dispatch_mask, routing_weights, self.num_experts)
+        return super().forward(hidden_states, index, weights)
+
+
+# Families whose experts module is called differently from transformers 5's fused experts.
+EXPERTS_CLASSES: dict[str, type[QuantizedExperts]] = {"switch_transformers": SwitchQuantizedExperts}
+
+
+def quantized_experts_for(adapter, layer, specs: dict, scale_dtype: torch.dtype) -> QuantizedExperts:
+    """An empty quantized replacement of ``layer``'s experts module (as ``adapter`` describes it)
+    whose buffers match ``specs``, named as the family names its experts."""
+    return EXPERTS_CLASSES.get(adapter.family, QuantizedExperts)(
+        num_experts=layer.num_experts, shapes=layer.shapes, specs=specs, act_fn=layer.act_fn, gated=layer.gated,
+        scale_dtype=scale_dtype, dtype=layer.dtype, child_name=adapter.expert_child_name,
+    )

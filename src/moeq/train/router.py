@@ -23,8 +23,8 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from ..allocate.scores import INITIAL_ROUTER_FILE, ROUTER_TUNE_FILE
-from ..io.atomic import atomic_directory
+from ..files import INITIAL_ROUTER_FILE, ROUTER_TUNE_FILE
+from ..atomic import atomic_directory
 from .lm import CausalLM, FinetuneConfig, load_causal_lm, short_finetune
 
 __all__ = ["RouterTuneConfig", "router_parameters", "tune_routers", "train_router"]
