@@ -133,18 +133,17 @@ def quantize_command(
         )
         torch.manual_seed(seed)
         started = time.perf_counter()
+        calibration = CalibrationConfig(quantizer="gptq", min_tokens=min_tokens, rare_fallback=rare_fallback, damp=damp, act_order=act_order)
         if allocating:
             others = QuantConfig(bits=FULL_PRECISION_BITS, scheme=scheme, group_size=group_size, attn_bits=attn_bits,
                                  shared_bits=shared_bits, dense_bits=dense_bits, lm_head_bits=lm_head_bits)
             plan = _allocate(model_path, strategy, avg_bits, max_gb, levels, reference, calib, scheme, group_size, clip_search,
-                             seed, others, quantizer, calib_tokens, seq_len)
+                             seed, others, quantizer, calib_tokens, seq_len, calibration)
             render_plan(plan)
-            _guard(model_path, plan, calib, quantizer, calib_tokens, seq_len, guard)
+            _guard(model_path, plan, calib, quantizer, calib_tokens, seq_len, guard, calibration)
         if quantizer == "gptq":
             report, plan = _quantize_calibrated(
-                model_path, out, plan, config, seed, calib, calib_tokens, seq_len, overwrite,
-                CalibrationConfig(quantizer="gptq", min_tokens=min_tokens, rare_fallback=rare_fallback, damp=damp, act_order=act_order),
-                resume,
+                model_path, out, plan, config, seed, calib, calib_tokens, seq_len, overwrite, calibration, resume,
             )
         else:
             report = None
@@ -242,7 +241,7 @@ def _parse_levels(levels: str | None) -> tuple[int, ...] | None:
 
 
 def _allocate(model_path, strategy, avg_bits, max_gb, levels, reference, calib, scheme, group_size, clip_search, seed, others,
-              quantizer, calib_tokens, seq_len) -> BitPlan:
+              quantizer, calib_tokens, seq_len, calibration: CalibrationConfig) -> BitPlan:
     from .allocate import allocate
 
     if avg_bits is not None and max_gb is not None:
@@ -252,7 +251,7 @@ def _allocate(model_path, strategy, avg_bits, max_gb, levels, reference, calib, 
         model_path, strategy, avg_bits=avg_bits, max_bytes=None if max_gb is None else int(max_gb * 1e9),
         levels=_parse_levels(levels), reference=reference, calibration=calib, scheme=scheme, group_size=group_size,
         clip_search=clip_search, seed=seed, other_linears=others, damage_quantizer=quantizer, calib_tokens=calib_tokens,
-        seq_len=seq_len,
+        seq_len=seq_len, gptq=calibration,
     )
 
 
@@ -437,7 +436,8 @@ def allocate_command(
     console.print(f"[green]wrote[/] {out}" + (f" and {heatmap}" if heatmap else "") + f" in {plan.method['seconds']:.2f} s")
 
 
-def _guard(model_path: Path, plan: BitPlan, calib: Path | None, quantizer: str, calib_tokens: int, seq_len: int, enabled: bool) -> None:
+def _guard(model_path: Path, plan: BitPlan, calib: Path | None, quantizer: str, calib_tokens: int, seq_len: int, enabled: bool,
+           calibration: CalibrationConfig | None = None) -> None:
     """Inform, never block: the proxy warning, and predicted damage beside the alternatives."""
     from .allocate.guard import compare_plan, uses_proxy
 
@@ -450,7 +450,7 @@ def _guard(model_path: Path, plan: BitPlan, calib: Path | None, quantizer: str, 
     if not enabled or calib is None or not plan.experts:  # data-free stays data-free: no text, no guard
         return
     try:
-        report = compare_plan(model_path, plan, calib, quantizer, calib_tokens, seq_len)
+        report = compare_plan(model_path, plan, calib, quantizer, calib_tokens, seq_len, calibration)
     except USER_ERRORS as err:
         console.print(f"[yellow]guard skipped:[/] {str(err).splitlines()[0]}")
         return

@@ -136,3 +136,27 @@ def test_gptq_table_is_calibrated_by_rounding_probes_over_rounding_damage() -> N
     for i, layer in enumerate(uncalibrated.damage):
         for e, row in enumerate(layer):
             assert table.damage[i][e] == pytest.approx([d * table.sensitivity[i][j] for j, d in enumerate(row)], rel=1e-12)
+
+
+def test_gptq_damage_is_priced_with_the_settings_that_will_run() -> None:
+    """The damage model quantizes through the runner's recipe, with the run's damping and column
+    order: different GPTQ settings give a different table (they were ignored before)."""
+    from moeq.calibrate.recipe import GPTQOptions
+
+    model = tiny_model("mixtral").eval()
+    adapter, layers = moe_layers_or_error(model)
+    layer = layers[0]
+    routed = RoutedInputs(adapter, layer, max_rows=10**6)
+    handle = model.get_submodule(layer.experts_path).register_forward_pre_hook(routed)
+    with torch.no_grad():
+        model(input_ids=tokens(8, 32))
+    handle.remove()
+    order = list(range(layer.num_experts))
+    runs = {
+        options: layer_damage(layer, routed, (3, 2), spec, order, "gptq", min_tokens=1, options=options)[0]
+        for options in (GPTQOptions(), GPTQOptions(damp=0.5), GPTQOptions(act_order=True))
+    }
+    default, damped, ordered = runs.values()
+    assert default != damped and default != ordered
+    again = layer_damage(layer, routed, (3, 2), spec, order, "gptq", min_tokens=1)[0]
+    assert again == default  # the default settings are the runner's defaults, and deterministic

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..calibrate.runner import CalibrationConfig
 from ..config import QuantConfig, linear_specs, plan_budget
 from ..models import MoELayer, moe_layers_or_error
 from ..plan import BitPlan, ExpertEntry, PlanError, TensorSpec
@@ -135,6 +136,7 @@ def allocate(
     other_linears: QuantConfig | None = None,
     damage_quantizer: str = "rtn",
     damage: DamageTable | None = None,
+    gptq: CalibrationConfig | None = None,
 ) -> BitPlan:
     """Choose a width for every routed expert of every MoE layer and return the BitPlan.
 
@@ -163,6 +165,8 @@ def allocate(
             ``attn_bits`` etc.); the routed experts are what this function allocates.
         damage_quantizer: ``rtn`` or ``gptq``, the quantizer whose damage ``auto`` predicts (the
             one that will run). ``damage``: a table already computed for these widths (reused).
+            ``gptq``: the GPTQ settings that will run (damping, column order, token minimum), so
+            the damage of ``damage_quantizer="gptq"`` is priced with them.
     """
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
@@ -228,8 +232,10 @@ def allocate(
         if damage is None:
             token_ids = _calibration_ids(source, calibration, calib_tokens, seq_len, method)
             positions = [[order.index(e) for e in range(len(order))] for order in prior_orders]
+            settings = gptq or CalibrationConfig()
             damage = damage_table(
-                source.model if source.model is not None else source.lazy, token_ids, widths, spec, positions, damage_quantizer
+                source.model if source.model is not None else source.lazy, token_ids, widths, spec, positions, damage_quantizer,
+                options=settings.gptq_options, min_tokens=settings.min_tokens,
             )
         elif tuple(damage.widths) != widths:
             raise PlanError(f"the damage table covers widths {list(damage.widths)}, the levels are {list(widths)}")

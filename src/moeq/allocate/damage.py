@@ -41,10 +41,9 @@ import torch
 from torch import nn
 
 from ..calibrate.hessian import HessianSum
+from ..calibrate.recipe import GPTQOptions, expert_method, quantize_weight
 from ..models import MoEAdapter, MoELayer
 from ..plan import TensorSpec
-from ..quant.gptq import gptq_quantize
-from ..quant.rtn import quantize_rtn
 
 __all__ = ["DAMAGE_QUANTIZERS", "DamageTable", "RoutedInputs", "layer_damage", "damage_table", "layer_sensitivity", "predicted_damage"]
 
@@ -131,27 +130,24 @@ def _expert_output(layer: MoELayer, weights: list[torch.Tensor], x: torch.Tensor
 
 
 def _quantized_weights(
-    layer: MoELayer, originals: list[torch.Tensor], spec: TensorSpec, quantizer: str, x: torch.Tensor, starved: bool
+    layer: MoELayer, originals: list[torch.Tensor], spec: TensorSpec, method: str, x: torch.Tensor,
+    hessian: HessianSum | None, options: GPTQOptions,
 ) -> list[torch.Tensor]:
-    """Every projection of one expert quantized at ``spec``, dequantized in float32."""
-    if quantizer == "rtn" or starved:
-        clip = spec.clip_search or (quantizer == "gptq" and spec.scheme.value != "sign")  # the runner's rare fallback
-        return [quantize_rtn(w, spec.bits, spec.scheme, spec.group_size, clip).dequantize(torch.float32) for w in originals]
+    """Every projection of one expert quantized at ``spec`` as the runner would (the shared
+    recipe), dequantized in float32; ``hessian``: of the routed inputs ``x``, for gate/up."""
+    def quantized(weight: torch.Tensor, matrix: HessianSum | None) -> torch.Tensor:
+        return quantize_weight(weight, spec, torch.float16, method=method, hessian=matrix, options=options).dequantize(torch.float32)
+
+    if method != "gptq":
+        return [quantized(w, None) for w in originals]
     *first, down = originals
-    hessian = HessianSum(x.shape[1])
-    hessian.add(x)
-
-    def gptq(weight: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-        q = gptq_quantize(weight, matrix, spec.bits, spec.scheme, spec.group_size, spec.clip_search)
-        return q.dequantize(torch.float32)
-
-    quantized = [gptq(w, hessian.matrix) for w in first]
-    h = layer.act_fn(x @ quantized[0].T)
+    upstream = [quantized(w, hessian) for w in first]
+    h = layer.act_fn(x @ upstream[0].T)
     if layer.gated:
-        h = h * (x @ quantized[1].T)
-    down_hessian = HessianSum(h.shape[1])
+        h = h * (x @ upstream[1].T)
+    down_hessian = HessianSum(h.shape[1])  # the down projection sees the quantized gate/up outputs
     down_hessian.add(h)
-    return [*quantized, gptq(down, down_hessian.matrix)]
+    return [*upstream, quantized(down, down_hessian)]
 
 
 @torch.no_grad()
@@ -164,6 +160,7 @@ def layer_damage(
     quantizer: str = "rtn",
     min_tokens: int = 16,
     normalize: bool = True,
+    options: GPTQOptions = GPTQOptions(),
 ) -> tuple[list[list[float]], list[bool]]:
     """``[expert][width index]`` predicted damage of one layer, and which experts got the prior.
 
@@ -184,9 +181,13 @@ def layer_damage(
         reference = _expert_output(layer, originals, x) if x.shape[0] else None
         if reference is not None:
             energy += scale * float((reference.pow(2).sum(-1) * g.pow(2)).sum(dtype=torch.float64))
+        method = expert_method(quantizer, routed.counts[e] < max(min_tokens, 1))
+        hessian = None
+        if method == "gptq":  # one Hessian of the routed inputs for every width of this expert
+            hessian = HessianSum(x.shape[1])
+            hessian.add(x)
         for j, bits in enumerate(widths):
-            starved = routed.counts[e] < max(min_tokens, 1)
-            quantized = _quantized_weights(layer, originals, spec(bits), quantizer, x, starved)
+            quantized = _quantized_weights(layer, originals, spec(bits), method, x, hessian, options)
             weight_error[e][j] = sum(float((w - q).pow(2).sum(dtype=torch.float64)) for w, q in zip(originals, quantized))
             if reference is not None:
                 error = (_expert_output(layer, quantized, x) - reference).pow(2).sum(-1)
@@ -217,6 +218,7 @@ def predicted_damage(
     min_tokens: int = 16,
     normalize: bool = True,
     batch_size: int = 8,
+    options: GPTQOptions = GPTQOptions(),
 ) -> DamageTable:
     """The :class:`DamageTable` of every MoE layer of ``source`` (a loaded model, or a
     :class:`~moeq.io.lazy.LazyModel` walked one block at a time) on ``token_ids``."""
@@ -226,7 +228,7 @@ def predicted_damage(
     results: dict[int, tuple] = {}
 
     def finish(layer: MoELayer, routed: RoutedInputs) -> None:
-        damage, prior = layer_damage(layer, routed, widths, spec, prior_positions[layer.index], quantizer, min_tokens, normalize)
+        damage, prior = layer_damage(layer, routed, widths, spec, prior_positions[layer.index], quantizer, min_tokens, normalize, options)
         results[layer.index] = (damage, list(routed.counts), prior)
 
     if isinstance(source, nn.Module):
@@ -318,11 +320,13 @@ def damage_table(
     prior_positions: list[list[int]],
     quantizer: str = "rtn",
     sensitivity_max_bytes: int = SENSITIVITY_MAX_BYTES,
+    options: GPTQOptions = GPTQOptions(),
+    min_tokens: int = 16,
 ) -> DamageTable:
     """:func:`predicted_damage`, then calibrated by :func:`layer_sensitivity` when the model is in
     memory or its checkpoint is at most ``sensitivity_max_bytes`` (else left per-layer relative;
     ``table.sensitivity`` is None then)."""
-    table = predicted_damage(source, token_ids, widths, spec, prior_positions, quantizer)
+    table = predicted_damage(source, token_ids, widths, spec, prior_positions, quantizer, min_tokens=min_tokens, options=options)
     model = source if isinstance(source, nn.Module) else None
     if model is None and sum(f.stat().st_size for f in source.folder.glob("*.safetensors")) <= sensitivity_max_bytes:
         from ..io.source import load_source

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..calibrate.runner import CalibrationConfig
 from ..plan import BitPlan
 from .api import AUTO_LEVELS, PROXY_SIGNAL, _calibration_ids, _maxvars, _one_bit_aware_spec, allocate, open_source, router_signal
 from .counts import CountError
@@ -63,6 +64,7 @@ def compare_plan(
     quantizer: str = "rtn",
     calib_tokens: int = 16384,
     seq_len: int = 256,
+    gptq: CalibrationConfig | None = None,
 ) -> GuardReport:
     """Predicted damage of ``plan`` and of the compared strategies at the same budget.
 
@@ -87,7 +89,9 @@ def compare_plan(
         change = router_signal(source, source.layers, None, {}, {})
         orders = [router_maxvar_order(c, v)[0] for c, v in zip(change, _maxvars(source.layers, "paper"))]
         positions = [[order.index(e) for e in range(len(order))] for order in orders]
-        table = damage_table(source.lazy, token_ids, levels, spec, positions, quantizer)
+        settings = gptq or CalibrationConfig()
+        table = damage_table(source.lazy, token_ids, levels, spec, positions, quantizer,
+                             options=settings.gptq_options, min_tokens=settings.min_tokens)
     budget = plan.budget["avg_expert_bits"]
     rows = [_row("chosen: " + plan.method.get("strategy", "plan"), plan, table)]
     common = {"calibration": token_ids, "scheme": scheme, "group_size": group_size, "clip_search": clip_search}

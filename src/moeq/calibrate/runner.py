@@ -49,11 +49,11 @@ from ..models import MoELayer
 from ..modules.convert import prepare_block, quantize_linear, validate_plan
 from ..modules.experts import quantized_experts_for
 from ..plan import BitPlan, TensorSpec
-from ..quant.gptq import gptq_quantize, gptq_quantize_batch
-from ..quant.rtn import quantize_rtn
+from ..quant.gptq import gptq_quantize_batch
 from ..quant.tensor import QuantizedTensor
 from .collector import ExpertStatistics
 from .hessian import HessianSum
+from .recipe import GPTQOptions, expert_method, quantize_weight
 from .routing import RoutingStats
 
 __all__ = ["RARE_FALLBACKS", "CalibrationConfig", "CalibrationReport", "collect_routing_streaming", "quantize_calibrated", "visit_moe_layers"]
@@ -80,6 +80,10 @@ class CalibrationConfig:
             raise ValueError(f"unknown rare-expert fallback {self.rare_fallback!r}; choose one of: {', '.join(RARE_FALLBACKS)}")
         if self.min_tokens < 0 or not 0 <= self.damp < 1:
             raise ValueError("min_tokens must be >= 0 and damp in [0, 1)")
+
+    @property
+    def gptq_options(self) -> GPTQOptions:
+        return GPTQOptions(damp=self.damp, act_order=self.act_order, block_size=self.block_size)
 
 
 @dataclass
@@ -388,8 +392,8 @@ def _quantize_experts(adapter, module, path, bound, experts, specs, starved, inp
             results = gptq_quantize_batch(
                 [bound.expert_weight(e, projection) for e in experts_in_batch],
                 [stats.hessians[(index, e, stage)].matrix for e in experts_in_batch],
-                spec.bits, spec.scheme, spec.group_size, spec.clip_search, damp=config.damp,
-                block_size=config.block_size, act_order=config.act_order, scale_dtype=scale_dtype,
+                spec.bits, spec.scheme, spec.group_size, spec.clip_search, damp=config.gptq_options.damp,
+                block_size=config.gptq_options.block_size, act_order=config.gptq_options.act_order, scale_dtype=scale_dtype,
                 names=[f"{path}.{bound.path}.experts.{e}.{projection}" for e in experts_in_batch],
             )
             for expert, result in zip(experts_in_batch, results):
@@ -411,11 +415,7 @@ def _quantize_experts(adapter, module, path, bound, experts, specs, starved, inp
 
 
 def _expert_method(config: CalibrationConfig, starved: bool) -> str:
-    if config.quantizer == "rtn":
-        return "rtn"
-    if not starved:
-        return "gptq"
-    return "gptq-all-tokens" if config.rare_fallback == "all-tokens" else "rtn-clip"
+    return expert_method(config.quantizer, starved, config.rare_fallback)
 
 
 def _quantize_as(weight, spec, scale_dtype, *, hessian, method, config, name) -> QuantizedTensor:
@@ -424,13 +424,7 @@ def _quantize_as(weight, spec, scale_dtype, *, hessian, method, config, name) ->
 
 
 def _quantize(weight, spec: TensorSpec, hessian: HessianSum | None, method: str, config, scale_dtype, name: str) -> QuantizedTensor:
-    if method in ("gptq", "gptq-all-tokens") and hessian is not None and hessian.rows > 0:
-        return gptq_quantize(
-            weight, hessian.matrix, spec.bits, spec.scheme, spec.group_size, spec.clip_search,
-            damp=config.damp, block_size=config.block_size, act_order=config.act_order, scale_dtype=scale_dtype, name=name,
-        )
-    clip = spec.clip_search or (method == "rtn-clip" and spec.scheme.value != "sign")
-    return quantize_rtn(weight, spec.bits, spec.scheme, spec.group_size, clip, scale_dtype, name)
+    return quantize_weight(weight, spec, scale_dtype, method=method, hessian=hessian, options=config.gptq_options, name=name)
 
 
 def _set(module: nn.Module, relative: str, replacement: nn.Module) -> None:
