@@ -10,7 +10,7 @@ import torch
 
 from moeq.allocate import allocate
 from moeq.allocate.api import _one_bit_aware_spec
-from moeq.allocate.damage import PROBE_SEQUENCES, DamageTable, RoutedInputs, damage_table, layer_damage, layer_sensitivity, predicted_damage
+from moeq.allocate.damage import DamageTable, RoutedInputs, damage_table, layer_damage, layer_sensitivity, predicted_damage, probe_ids
 from moeq.models import moe_layers_or_error
 from moeq.models.tiny import tiny_model
 from moeq.quant.rtn import quantize_rtn
@@ -131,7 +131,7 @@ def test_gptq_table_is_calibrated_by_rounding_probes_over_rounding_damage() -> N
     positions = [list(range(layer.num_experts)) for layer in moe_layers_or_error(model)[1]]
     table = damage_table(model, ids, widths, spec, positions, "gptq")
     rounding = predicted_damage(model, ids, widths, spec, positions, "rtn")
-    assert table.sensitivity == layer_sensitivity(model, ids[:PROBE_SEQUENCES], rounding, spec)
+    assert table.sensitivity == layer_sensitivity(model, probe_ids(ids), rounding, spec)
     uncalibrated = predicted_damage(model, ids, widths, spec, positions, "gptq")
     for i, layer in enumerate(uncalibrated.damage):
         for e, row in enumerate(layer):
@@ -160,3 +160,14 @@ def test_gptq_damage_is_priced_with_the_settings_that_will_run() -> None:
     assert default != damped and default != ordered
     again = layer_damage(layer, routed, (3, 2), spec, order, "gptq", min_tokens=1)[0]
     assert again == default  # the default settings are the runner's defaults, and deterministic
+
+
+def test_probes_cost_the_same_whatever_the_calibration_sequence_length() -> None:
+    """The probes take the first 16 x 256 tokens as windows of 256: GPTQ's 2048-token sequences
+    made every probe 8x dearer (the largest cost of `auto` + GPTQ, 119 of 264 s)."""
+    long = torch.arange(64 * 2048).view(64, 2048)
+    assert probe_ids(long).shape == (16, 256) and torch.equal(probe_ids(long).reshape(-1), long.reshape(-1)[:4096])
+    short = torch.arange(40 * 256).view(40, 256)
+    assert torch.equal(probe_ids(short), short[:16])  # the allocate command's slice: as before
+    tiny = torch.arange(8 * 32).view(8, 32)
+    assert torch.equal(probe_ids(tiny), tiny)

@@ -45,7 +45,7 @@ from ..calibrate.recipe import GPTQOptions, expert_method, quantize_weight
 from ..models import MoEAdapter, MoELayer
 from ..plan import TensorSpec
 
-__all__ = ["DAMAGE_QUANTIZERS", "DamageTable", "RoutedInputs", "layer_damage", "damage_table", "layer_sensitivity", "predicted_damage"]
+__all__ = ["DAMAGE_QUANTIZERS", "DamageTable", "RoutedInputs", "layer_damage", "damage_table", "layer_sensitivity", "predicted_damage", "probe_ids"]
 
 DAMAGE_QUANTIZERS = ("rtn", "gptq")
 
@@ -219,17 +219,22 @@ def predicted_damage(
     normalize: bool = True,
     batch_size: int = 8,
     options: GPTQOptions = GPTQOptions(),
-) -> DamageTable:
+    also: tuple[str, ...] = (),
+) -> DamageTable | tuple[DamageTable, ...]:
     """The :class:`DamageTable` of every MoE layer of ``source`` (a loaded model, or a
-    :class:`~moeq.io.lazy.LazyModel` walked one block at a time) on ``token_ids``."""
+    :class:`~moeq.io.lazy.LazyModel` walked one block at a time) on ``token_ids``; with ``also``
+    (other quantizers), their tables too, from the same walk: ``(table, *others)``."""
     from ..calibrate.runner import visit_moe_layers
 
-    table = DamageTable(widths=tuple(widths), quantizer=quantizer)
-    results: dict[int, tuple] = {}
+    quantizers = (quantizer, *also)
+    tables = [DamageTable(widths=tuple(widths), quantizer=q) for q in quantizers]
+    results: dict[int, list[tuple]] = {}
 
     def finish(layer: MoELayer, routed: RoutedInputs) -> None:
-        damage, prior = layer_damage(layer, routed, widths, spec, prior_positions[layer.index], quantizer, min_tokens, normalize, options)
-        results[layer.index] = (damage, list(routed.counts), prior)
+        results[layer.index] = []
+        for q in quantizers:
+            damage, prior = layer_damage(layer, routed, widths, spec, prior_positions[layer.index], q, min_tokens, normalize, options)
+            results[layer.index].append((damage, list(routed.counts), prior))
 
     if isinstance(source, nn.Module):
         from ..models import moe_layers_or_error
@@ -254,11 +259,11 @@ def predicted_damage(
 
         visit_moe_layers(source, token_ids, visit, batch_size)
     for index in sorted(results):
-        damage, tokens, prior = results[index]
-        table.damage.append(damage)
-        table.tokens.append(tokens)
-        table.prior.append(prior)
-    return table
+        for table, (damage, tokens, prior) in zip(tables, results[index]):
+            table.damage.append(damage)
+            table.tokens.append(tokens)
+            table.prior.append(prior)
+    return tuple(tables) if also else tables[0]
 
 
 def _log_probs(model: nn.Module, token_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -286,6 +291,7 @@ def layer_sensitivity(
 
     adapter, layers = moe_layers_or_error(model)
     reference = _log_probs(model, token_ids, batch_size)
+    reference_probs = reference.exp()
     probed = table.widths[1:] if len(table.widths) > 1 else table.widths
     sensitivity = []
     for layer in layers:
@@ -300,7 +306,7 @@ def layer_sensitivity(
                 probe = _log_probs(model, token_ids, batch_size)
             finally:
                 setattr(owner, child, original)
-            kl = float((reference.exp() * (reference - probe)).sum(-1).mean())
+            kl = float((reference_probs * (reference - probe)).sum(-1).mean())
             j = table.widths.index(bits)
             damage = sum(row[j] for row in table.damage[layer.index])
             ratios[bits] = kl / damage if damage > 0 else 0.0
@@ -310,6 +316,16 @@ def layer_sensitivity(
 
 SENSITIVITY_MAX_BYTES = 8 * 2**30  # probes need the model in memory; larger checkpoints skip them
 PROBE_SEQUENCES = 16
+PROBE_LENGTH = 256  # probes run PROBE_SEQUENCES windows of this length, whatever the calibration's
+
+
+def probe_ids(token_ids: torch.Tensor) -> torch.Tensor:
+    """The probes' tokens: the first ``PROBE_SEQUENCES x PROBE_LENGTH`` calibration tokens, as
+    windows of ``PROBE_LENGTH`` (shorter calibration sequences are kept as they are), so a probe
+    costs the same whatever the sequence length GPTQ calibrates with."""
+    length = min(token_ids.shape[1], PROBE_LENGTH)
+    flat = token_ids.reshape(-1)[: PROBE_SEQUENCES * PROBE_LENGTH]
+    return flat[: flat.numel() // length * length].view(-1, length)
 
 
 def damage_table(
@@ -326,7 +342,10 @@ def damage_table(
     """:func:`predicted_damage`, then calibrated by :func:`layer_sensitivity` when the model is in
     memory or its checkpoint is at most ``sensitivity_max_bytes`` (else left per-layer relative;
     ``table.sensitivity`` is None then)."""
-    table = predicted_damage(source, token_ids, widths, spec, prior_positions, quantizer, min_tokens=min_tokens, options=options)
+    # The probes' ratios are over rounding's own damage; with GPTQ that table comes from the same walk.
+    also = ("rtn",) if quantizer != "rtn" else ()
+    tables = predicted_damage(source, token_ids, widths, spec, prior_positions, quantizer, min_tokens=min_tokens, options=options, also=also)
+    table, rounding = (tables, tables) if not also else tables
     model = source if isinstance(source, nn.Module) else None
     if model is None and sum(f.stat().st_size for f in source.folder.glob("*.safetensors")) <= sensitivity_max_bytes:
         from ..io.source import load_source
@@ -335,6 +354,5 @@ def damage_table(
     if model is not None:
         # The probes round, so their KL is divided by rounding's own predicted damage: KL per unit of
         # output change is a property of the layer and width, which the GPTQ table then inherits.
-        rounding = table if quantizer == "rtn" else predicted_damage(source, token_ids, widths, spec, prior_positions, "rtn")
-        table.calibrate(layer_sensitivity(model, token_ids[:PROBE_SEQUENCES], rounding, spec))
+        table.calibrate(layer_sensitivity(model, probe_ids(token_ids), rounding, spec))
     return table
