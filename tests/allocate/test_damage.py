@@ -141,7 +141,7 @@ def test_gptq_table_is_calibrated_by_rounding_probes_over_rounding_damage() -> N
 def test_gptq_damage_is_priced_with_the_settings_that_will_run() -> None:
     """The damage model quantizes through the runner's recipe, with the run's damping and column
     order: different GPTQ settings give a different table (they were ignored before)."""
-    from moeq.calibrate.recipe import GPTQOptions
+    from moeq.modules.recipe import GPTQOptions
 
     model = tiny_model("mixtral").eval()
     adapter, layers = moe_layers_or_error(model)

@@ -85,3 +85,24 @@ def test_truncated_shard_names_file_and_tensor(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=rf"{victim}: tensor \S+ claims .* truncated or corrupt"):
         quantize_checkpoint(source, plan, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_same_bytes_from_a_process_pool(tmp_path: Path) -> None:
+    """Each unit is a pure job (UnitJob -> tensors): a pool of two processes writes the very bytes
+    the serial road writes."""
+    import hashlib
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    source = tmp_path / "source"
+    model = tiny_model("deepseek_v3")
+    model.save_pretrained(source, max_shard_size="100KB")
+    plan = uniform_plan(model, QuantConfig(bits=3, attn_bits=4))
+    quantize_checkpoint(source, plan, tmp_path / "serial")
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        quantize_checkpoint(source, plan, tmp_path / "pool", executor=pool.map)
+
+    def digests(folder: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+    assert digests(tmp_path / "serial") == digests(tmp_path / "pool")

@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 from ..calibrate.hessian import HessianSum
-from ..calibrate.recipe import GPTQOptions, expert_method, quantize_weight
 from ..models import MoEAdapter, MoELayer
+from ..modules.recipe import GPTQOptions, expert_method, quantize_weight
 from ..plan import TensorSpec
 
 __all__ = ["DAMAGE_QUANTIZERS", "DamageTable", "RoutedInputs", "layer_damage", "damage_table", "layer_sensitivity", "predicted_damage", "probe_ids"]
@@ -135,7 +135,8 @@ def _quantized_weights(
 ) -> list[torch.Tensor]:
     """Every projection of one expert quantized at ``spec`` as the runner would (the shared
     recipe), dequantized in float32; ``hessian``: of the routed inputs ``x``, for gate/up."""
-    def quantized(weight: torch.Tensor, matrix: HessianSum | None) -> torch.Tensor:
+    def quantized(weight: torch.Tensor, inputs: HessianSum | None) -> torch.Tensor:
+        matrix = inputs.matrix if inputs is not None and inputs.rows > 0 else None
         return quantize_weight(weight, spec, torch.float16, method=method, hessian=matrix, options=options).dequantize(torch.float32)
 
     if method != "gptq":

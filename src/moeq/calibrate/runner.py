@@ -48,12 +48,12 @@ from ..io.streaming import REST_UNIT, block_paths, metadata_writer, rest_tensors
 from ..models import MoELayer
 from ..modules.convert import prepare_block, quantize_linear, validate_plan
 from ..modules.experts import quantized_experts_for
+from ..modules.recipe import GPTQOptions, expert_method, quantize_weight
 from ..plan import BitPlan, TensorSpec
 from ..quant.gptq import gptq_quantize_batch
 from ..quant.tensor import QuantizedTensor
 from .collector import ExpertStatistics
 from .hessian import HessianSum
-from .recipe import GPTQOptions, expert_method, quantize_weight
 from .routing import RoutingStats
 
 __all__ = ["RARE_FALLBACKS", "CalibrationConfig", "CalibrationReport", "collect_routing_streaming", "quantize_calibrated", "visit_moe_layers"]
@@ -424,7 +424,8 @@ def _quantize_as(weight, spec, scale_dtype, *, hessian, method, config, name) ->
 
 
 def _quantize(weight, spec: TensorSpec, hessian: HessianSum | None, method: str, config, scale_dtype, name: str) -> QuantizedTensor:
-    return quantize_weight(weight, spec, scale_dtype, method=method, hessian=hessian, options=config.gptq_options, name=name)
+    matrix = hessian.matrix if hessian is not None and hessian.rows > 0 else None
+    return quantize_weight(weight, spec, scale_dtype, method=method, hessian=matrix, options=config.gptq_options, name=name)
 
 
 def _set(module: nn.Module, relative: str, replacement: nn.Module) -> None:

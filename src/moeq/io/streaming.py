@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import copy
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,7 +33,7 @@ from .lazy import LazyModel, open_lazy
 from .resumable import ResumableOutput, fingerprint_inputs
 from .source import require_full_precision
 
-__all__ = ["quantize_checkpoint", "block_paths", "rest_tensors", "metadata_writer", "REST_UNIT"]
+__all__ = ["quantize_checkpoint", "block_paths", "rest_tensors", "metadata_writer", "run_unit", "UnitJob", "Executor", "REST_UNIT"]
 
 REST_UNIT = "rest"  # the unit (and shard) of every tensor outside the decoder blocks
 
@@ -115,6 +117,40 @@ def metadata_writer(lazy: LazyModel, plan: BitPlan) -> Callable[[Path], None]:
     return write
 
 
+@dataclass(frozen=True)
+class UnitJob:
+    """One unit of a rounding run (a decoder block, or :data:`REST_UNIT`) as plain, picklable data:
+    the source folder, the unit and the plan. :func:`run_unit` maps it to the unit's tensors."""
+
+    folder: str
+    unit: str
+    plan: dict[str, Any]  # BitPlan JSON
+
+
+# The lazy view of the folder being quantized, per process: set by quantize_checkpoint for its run
+# (and inherited by forked workers); a worker that starts fresh opens its own on its first job.
+_OPEN: dict[str, LazyModel] = {}
+
+
+def _opened(folder: str) -> LazyModel:
+    if folder not in _OPEN:
+        _OPEN[folder] = open_lazy(folder)
+    return _OPEN[folder]
+
+
+def run_unit(job: UnitJob) -> dict[str, torch.Tensor]:
+    """The output tensors of one unit: packed where the plan says, copied otherwise. A pure function
+    of the job (the source is only read), so any executor can run it and the bytes are the same."""
+    lazy = _opened(job.folder)
+    plan = BitPlan.from_json(job.plan)
+    return rest_tensors(lazy, plan) if job.unit == REST_UNIT else _block_tensors(lazy, plan, job.unit)
+
+
+# An executor maps run_unit over jobs and yields the results in the jobs' order (builtin map: in
+# this process; a process pool's map, or Ray, elsewhere).
+Executor = Callable[[Callable[[UnitJob], dict[str, torch.Tensor]], Iterable[UnitJob]], Iterable[dict[str, torch.Tensor]]]
+
+
 def quantize_checkpoint(
     folder: str | Path,
     plan: BitPlan,
@@ -122,11 +158,14 @@ def quantize_checkpoint(
     overwrite: bool = False,
     resume: bool = False,
     progress: Callable[[str], None] | None = None,
+    executor: Executor = map,
 ) -> Path:
     """Quantize the checkpoint at ``folder`` by ``plan`` with rounding, writing ``out`` block by block.
 
     With ``resume`` a run killed before it finished continues after its last finished block (the
     inputs must be unchanged); ``progress(unit)`` is called as each block is done (or found done).
+    ``executor`` runs the units' :func:`run_unit` jobs (default: here, one after another); results
+    are written in the units' order whatever the executor, so the output's bytes do not depend on it.
     """
     require_full_precision(folder)
     lazy = open_lazy(folder)
@@ -134,9 +173,17 @@ def quantize_checkpoint(
     lazy.check_tensors()
     fingerprint = fingerprint_inputs(folder, kind="rtn", plan=plan.to_json())
     with ResumableOutput(out, fingerprint, overwrite=overwrite, resume=resume, inputs=(folder,)) as output:
-        for path in [*block_paths(lazy), REST_UNIT]:
-            if not output.finished(path):
-                output.write(path, rest_tensors(lazy, plan) if path == REST_UNIT else _block_tensors(lazy, plan, path))
-            if progress:
-                progress(path)
+        units = [*block_paths(lazy), REST_UNIT]
+        key = str(Path(folder).resolve())
+        todo = [UnitJob(key, unit, plan.to_json()) for unit in units if not output.finished(unit)]
+        _OPEN[key] = lazy
+        try:
+            results = iter(executor(run_unit, todo))
+            for unit in units:
+                if not output.finished(unit):
+                    output.write(unit, next(results))
+                if progress:
+                    progress(unit)
+        finally:
+            _OPEN.pop(key, None)
         return output.complete(metadata_writer(lazy, plan))

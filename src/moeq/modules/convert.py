@@ -15,10 +15,10 @@ from torch import nn
 
 from ..models import MoEAdapter, MoELayer, moe_layers_or_error
 from ..plan import BitPlan, PlanTarget, TensorSpec
-from ..quant.rtn import quantize_rtn
 from ..quant.tensor import QuantizedTensor
 from .experts import QuantizedExperts, quantized_experts_for
 from .linear import QuantizedLinear
+from .recipe import quantize_weight
 
 __all__ = ["plan_target", "validate_plan", "prepare_model", "prepare_block", "quantize_model", "quantize_experts", "quantize_linear", "Quantizer"]
 
@@ -27,7 +27,7 @@ Quantizer = Callable[..., QuantizedTensor]
 
 
 def rtn_quantizer(weight: torch.Tensor, spec: TensorSpec, scale_dtype: torch.dtype, name: str = "weight") -> QuantizedTensor:
-    return quantize_rtn(weight, spec.bits, spec.scheme, spec.group_size, spec.clip_search, scale_dtype, name)
+    return quantize_weight(weight, spec, scale_dtype, method="rtn", name=name)
 
 
 def plan_target(model: nn.Module) -> PlanTarget:

@@ -2,7 +2,8 @@
 
 Every weight a :class:`~moeq.plan.BitPlan` names (routed experts, and any linears it lists) is
 replaced in the forward pass by its round trip through the real quantizer,
-``quantize_rtn(w).dequantize()``, so the fake quant is the packed model's weight bit for bit.
+``quantize_weight(w, spec, method="rtn").dequantize()`` (the recipe every road shares), so the
+fake quant is the packed model's weight bit for bit.
 The backward pass is the straight-through estimator: the gradient of the quantized weight is
 applied to the latent full-precision weight unchanged.
 
@@ -37,7 +38,7 @@ from ..api import quantize
 from ..io.checkpoint import save
 from ..modules.convert import validate_plan
 from ..plan import BitPlan, TensorSpec
-from ..quant.rtn import quantize_rtn
+from ..modules.recipe import quantize_weight
 from .corpus import fetch_corpus, read_split
 from .lm import FinetuneConfig, load_causal_lm, short_finetune
 
@@ -72,7 +73,7 @@ def distillation_loss(teacher: nn.Module) -> Callable[[nn.Module, torch.Tensor],
 
 def fake_quantize(weight: torch.Tensor, spec: TensorSpec, scale_dtype: torch.dtype, weight_dtype: torch.dtype) -> torch.Tensor:
     """``weight`` (2-D) through the real quantizer and back, as float32 (no gradient)."""
-    packed = quantize_rtn(weight.detach().to(weight_dtype), spec.bits, spec.scheme, spec.group_size, spec.clip_search, scale_dtype)
+    packed = quantize_weight(weight.detach().to(weight_dtype), spec, scale_dtype, method="rtn")
     return packed.dequantize(torch.float32)
 
 

@@ -1,7 +1,7 @@
 """How one expert weight is quantized, given what calibration saw: the recipe every road shares.
 
-The GPTQ runner and the damage model (which predicts what the runner will do) both ask here, so
-the rules live once: GPTQ for an expert its router sent enough tokens; for a rarer one, the
+Every road asks here: rounding while streaming a checkpoint, the GPTQ runner, the damage model
+(which predicts what the runner will do) and QAT's fake quantization, so the rules live once: GPTQ for an expert its router sent enough tokens; for a rarer one, the
 rare-expert fallback (rounding with the clipping search, or GPTQ on every token's statistics);
 plain rounding when no calibration runs; sign codes take no clipping search.
 """
@@ -17,7 +17,6 @@ from ..quant.gptq import gptq_quantize
 from ..quant.rtn import quantize_rtn
 from ..quant.schemes import Scheme
 from ..quant.tensor import QuantizedTensor
-from .hessian import HessianSum
 
 __all__ = ["GPTQOptions", "METHODS", "expert_method", "quantize_weight"]
 
@@ -49,17 +48,17 @@ def quantize_weight(
     scale_dtype: torch.dtype,
     *,
     method: str,
-    hessian: HessianSum | None = None,
+    hessian: torch.Tensor | None = None,
     options: GPTQOptions = GPTQOptions(),
     name: str = "weight",
 ) -> QuantizedTensor:
-    """``weight`` quantized by ``method`` (one of :data:`METHODS`); GPTQ methods need a Hessian
-    with rows, and fall back to rounding without one."""
+    """``weight`` quantized by ``method`` (one of :data:`METHODS`); GPTQ methods need the Hessian
+    ``Σ x xᵀ`` of the weight's inputs (``None`` when no input reached it: they round instead)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
-    if method in ("gptq", "gptq-all-tokens") and hessian is not None and hessian.rows > 0:
+    if method in ("gptq", "gptq-all-tokens") and hessian is not None:
         return gptq_quantize(
-            weight, hessian.matrix, spec.bits, spec.scheme, spec.group_size, spec.clip_search,
+            weight, hessian, spec.bits, spec.scheme, spec.group_size, spec.clip_search,
             damp=options.damp, block_size=options.block_size, act_order=options.act_order, scale_dtype=scale_dtype, name=name,
         )
     clip = spec.clip_search or (method == "rtn-clip" and spec.scheme is not Scheme.SIGN)
