@@ -181,3 +181,9 @@ def test_calibrated_allocation_keeps_tied_weights_counted_once(tmp_path: Path) -
     data_free = allocate(tmp_path / "tied", "router", avg_bits=2.5)
     calibrated = allocate(tmp_path / "tied", "frequency", avg_bits=2.5, calibration=tokens())
     assert calibrated.budget["model_bytes"] == data_free.budget["model_bytes"]
+
+
+def test_every_ranking_strategy_is_one_registered_rule() -> None:
+    from moeq.allocate.api import ORDER_RULES, ORDER_STRATEGIES
+
+    assert tuple(ORDER_RULES) == ORDER_STRATEGIES

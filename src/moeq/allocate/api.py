@@ -202,29 +202,9 @@ def allocate(
         scores["mean_routing_weight"] = stats.mean_weight.tolist()
 
     orders: list[list[int]] | None = None
-    if strategy in ("router-maxvar", "router", "auto"):
-        change = router_signal(source, layers, reference, scores, method)
-        if strategy == "router":
-            orders = [ascending_order(c) for c in change]
-        else:
-            maxvars = _maxvars(layers, maxvar_variant)
-            scores["maxvar"] = maxvars
-            results = [router_maxvar_order(c, v, zeta) for c, v in zip(change, maxvars)]
-            orders = [order for order, _ in results]
-            method.update(zeta=zeta, maxvar_variant=maxvar_variant, promoted=[moved for _, moved in results])
-    elif strategy == "variance":
-        maxvars = _maxvars(layers, maxvar_variant)
-        scores["maxvar"] = maxvars
-        method["maxvar_variant"] = maxvar_variant
-        orders = [ascending_order(v) for v in maxvars]
-    elif strategy == "frequency":
-        orders = [descending_order(stats.frequency[i, : layer.num_experts].tolist()) for i, layer in enumerate(layers)]
-    elif strategy == "routing-weight":
-        orders = [descending_order(stats.mean_weight[i, : layer.num_experts].tolist()) for i, layer in enumerate(layers)]
-    elif strategy == "random":
-        rng = random.Random(seed)
-        orders = [random_order(layer.num_experts, rng) for layer in layers]
-        method["seed"] = seed
+    if strategy in ORDER_RULES or strategy == "auto":  # auto ranks the experts calibration never reaches by the paper's order
+        context = _OrderContext(source, layers, reference, stats, zeta, maxvar_variant, seed, scores, method)
+        orders = ORDER_RULES["router-maxvar" if strategy == "auto" else strategy](context)
 
     errors = None
     if strategy == "auto":
@@ -297,6 +277,68 @@ def allocate(
         chosen = [[plan.expert_specs(layer.index)[(e, layer.projections[0])].bits for e in range(layer.num_experts)] for layer in layers]
         plan.budget["predicted_damage"] = damage.total(chosen)
     return plan
+
+
+@dataclass
+class _OrderContext:
+    """What an order rule may read, and where it records its scores and settings."""
+
+    source: _Source
+    layers: list[MoELayer]
+    reference: object
+    stats: object  # RoutingStats, for the calibration-based rules
+    zeta: float
+    maxvar_variant: str
+    seed: int
+    scores: dict
+    method: dict
+
+
+def _paper_orders(c: _OrderContext) -> list[list[int]]:
+    """router-maxvar: Λ ascending, then one pass of ζ-promotion by MaxVar (PAPERS.md §1)."""
+    change = router_signal(c.source, c.layers, c.reference, c.scores, c.method)
+    maxvars = _maxvars(c.layers, c.maxvar_variant)
+    c.scores["maxvar"] = maxvars
+    results = [router_maxvar_order(ch, v, c.zeta) for ch, v in zip(change, maxvars)]
+    c.method.update(zeta=c.zeta, maxvar_variant=c.maxvar_variant, promoted=[moved for _, moved in results])
+    return [order for order, _ in results]
+
+
+def _router_orders(c: _OrderContext) -> list[list[int]]:
+    return [ascending_order(ch) for ch in router_signal(c.source, c.layers, c.reference, c.scores, c.method)]
+
+
+def _variance_orders(c: _OrderContext) -> list[list[int]]:
+    maxvars = _maxvars(c.layers, c.maxvar_variant)
+    c.scores["maxvar"] = maxvars
+    c.method["maxvar_variant"] = c.maxvar_variant
+    return [ascending_order(v) for v in maxvars]
+
+
+def _frequency_orders(c: _OrderContext) -> list[list[int]]:
+    return [descending_order(c.stats.frequency[i, : layer.num_experts].tolist()) for i, layer in enumerate(c.layers)]
+
+
+def _routing_weight_orders(c: _OrderContext) -> list[list[int]]:
+    return [descending_order(c.stats.mean_weight[i, : layer.num_experts].tolist()) for i, layer in enumerate(c.layers)]
+
+
+def _random_orders(c: _OrderContext) -> list[list[int]]:
+    rng = random.Random(c.seed)
+    c.method["seed"] = c.seed
+    return [random_order(layer.num_experts, rng) for layer in c.layers]
+
+
+# The ranking strategies: each orders every layer's experts (first = most bits); the count rules
+# then give the widths. A new ranking is one entry here.
+ORDER_RULES: dict[str, Callable[[_OrderContext], list[list[int]]]] = {
+    "router-maxvar": _paper_orders,
+    "router": _router_orders,
+    "variance": _variance_orders,
+    "frequency": _frequency_orders,
+    "routing-weight": _routing_weight_orders,
+    "random": _random_orders,
+}
 
 
 def router_signal(source: _Source, layers: list[MoELayer], reference, scores: dict, method: dict) -> list[list[float]]:
