@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from ..calibrate.hessian import HessianSum
+from ..kernels.reference import expert_hidden
 from ..models import MoEAdapter, MoELayer
 from ..modules.recipe import GPTQOptions, expert_method, quantize_weight
 from ..plan import TensorSpec
@@ -122,11 +123,8 @@ class RoutedInputs:
 
 
 def _expert_output(layer: MoELayer, weights: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    if layer.gated:
-        gate, up, down = weights
-        return (layer.act_fn(x @ gate.T) * (x @ up.T)) @ down.T
-    up, down = weights
-    return layer.act_fn(x @ up.T) @ down.T
+    *first, down = weights
+    return expert_hidden([x @ w.T for w in first], layer.act_fn, layer.gated) @ down.T
 
 
 def _quantized_weights(
@@ -143,9 +141,7 @@ def _quantized_weights(
         return [quantized(w, None) for w in originals]
     *first, down = originals
     upstream = [quantized(w, hessian) for w in first]
-    h = layer.act_fn(x @ upstream[0].T)
-    if layer.gated:
-        h = h * (x @ upstream[1].T)
+    h = expert_hidden([x @ w.T for w in upstream], layer.act_fn, layer.gated)
     down_hessian = HessianSum(h.shape[1])  # the down projection sees the quantized gate/up outputs
     down_hessian.add(h)
     return [*upstream, quantized(down, down_hessian)]

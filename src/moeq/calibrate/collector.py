@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..kernels.reference import expert_hidden
 from ..models import MoEAdapter, MoELayer
 from .hessian import HessianSum
 
@@ -108,10 +109,7 @@ class ExpertStatistics:
                 if "in" in stages:
                     self.add_moment((layer.index, expert, "in"), x)
                 if "out" in stages:
-                    w = upstream(expert)
-                    h = layer.act_fn(x @ w[0].T)
-                    if layer.gated:
-                        h = h * (x @ w[1].T)
+                    h = expert_hidden([x @ w.T for w in upstream(expert)], layer.act_fn, layer.gated)
                     self.add_moment((layer.index, expert, "out"), h)
 
         return hook

@@ -113,7 +113,9 @@ def read_plan(path: str | Path, target: PlanTarget | None = None) -> BitPlan:
 def load(path: str | Path, device: str | torch.device = "cpu", backend: str = "auto") -> nn.Module:
     """Load a moeq checkpoint with transformers, packed modules rebuilt, in eval mode; its experts
     run on ``backend`` (:data:`moeq.kernels.BACKENDS`; ``cpu-int4`` trades memory for CPU speed)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoConfig
+
+    from ..models import auto_model_class
 
     from ..kernels.dispatch import check_backend
     from ..modules.experts import use_backend
@@ -121,7 +123,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", backend: str = "a
     check_backend(backend)
     moeq_quantization_config(path)  # a clear error for folders that are not moeq checkpoints
     config = AutoConfig.from_pretrained(path)
-    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    auto = auto_model_class(config)
     model = auto.from_pretrained(path).to(device).eval()
     use_backend(model, backend)
     return model

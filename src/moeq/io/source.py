@@ -12,7 +12,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 from torch import nn
 
-from ..models import get_adapter, moe_layers_or_error
+from ..models import auto_model_class, get_adapter, moe_layers_or_error
 from ..plan import PlanTarget
 from .checkpoint import CheckpointError
 
@@ -46,11 +46,11 @@ def meta_skeleton(path: str | Path) -> nn.Module:
     """The model a folder's ``config.json`` describes, on the meta device (no weights, no
     quantized modules), in eval mode: shapes and module paths for checks made before any read."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path)
     config.quantization_config = None
-    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    auto = auto_model_class(config)
     with torch.device("meta"):
         return auto.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32).eval()
 
@@ -66,7 +66,7 @@ def plan_target_of(path: str | Path) -> PlanTarget:
 
 def load_source(path: str | Path) -> nn.Module:
     """Load a full-precision MoE checkpoint (in its stored dtype) for quantization, in eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoConfig
 
     from .lazy import open_lazy
 
@@ -75,7 +75,7 @@ def load_source(path: str | Path) -> nn.Module:
     # sound, no pickle-only folder, and every tensor has the shape the config implies.
     open_lazy(path).check_tensors()
     config = AutoConfig.from_pretrained(path)
-    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    auto = auto_model_class(config)
     try:
         model = auto.from_pretrained(path, config=config)
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:

@@ -30,6 +30,7 @@ import torch
 from ..quant.pack import unpack_codes
 from ..quant.schemes import Scheme, decode
 from .layout import scales_and_zeros
+from .reference import expert_hidden
 from .routing import group_by_expert
 
 __all__ = ["experts_forward_cpu", "int4_group"]
@@ -134,10 +135,7 @@ def experts_forward_cpu(
         token = groups.token[start : start + count]
         x = hidden_states[token]
         linears = experts.expert(expert)
-        if experts.gated:
-            h = experts.act_fn(project(x, linears[first[0]])) * project(x, linears[first[1]])
-        else:
-            h = experts.act_fn(project(x, linears[first[0]]))
+        h = expert_hidden([project(x, linears[name]) for name in first], experts.act_fn, experts.gated)
         y = project(h, linears[down])
         output.index_add_(0, token, y * groups.weight[start : start + count, None].to(y.dtype))
     return output

@@ -10,7 +10,14 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["experts_forward_reference"]
+__all__ = ["experts_forward_reference", "expert_hidden"]
+
+
+def expert_hidden(first: list[torch.Tensor], act_fn: Callable[[torch.Tensor], torch.Tensor], gated: bool) -> torch.Tensor:
+    """An expert's hidden activation from its first projections' outputs: ``act(gate x) * (up x)``
+    when gated (SwiGLU-style), else ``act(up x)``. Every path computes the products its own way
+    (plain, packed, int4) and combines them here."""
+    return act_fn(first[0]) * first[1] if gated else act_fn(first[0])
 
 
 def experts_forward_reference(
@@ -48,13 +55,8 @@ def experts_forward_reference(
         start += count
         token = flat_token[rows]
         x = hidden_states[token]
-        weights = expert_weights(expert, x.dtype)
-        if gated:
-            gate, up, down = weights
-            h = act_fn(x @ gate.T) * (x @ up.T)
-        else:
-            up, down = weights
-            h = act_fn(x @ up.T)
+        *first, down = expert_weights(expert, x.dtype)
+        h = expert_hidden([x @ w.T for w in first], act_fn, gated)
         y = (h @ down.T) * flat_weight[rows, None].to(h.dtype)
         output.index_add_(0, token, y.to(output.dtype))
     return output

@@ -22,6 +22,7 @@ from torch import nn
 
 
 __all__ = [
+    "auto_model_class",
     "AdapterError",
     "TensorSource",
     "LinearRole",
@@ -47,6 +48,16 @@ class LinearRole:
     ROUTER = "router"
     LM_HEAD = "lm_head"
     ALL = (ATTENTION, SHARED, DENSE, ROUTER, LM_HEAD)
+
+
+def auto_model_class(config) -> type:
+    """The transformers auto class that builds ``config``'s model: encoder-decoders (Switch) are
+    sequence-to-sequence, every other supported family a causal LM."""
+    import transformers
+
+    if getattr(config, "is_encoder_decoder", False):
+        return transformers.AutoModelForSeq2SeqLM
+    return transformers.AutoModelForCausalLM
 
 
 @runtime_checkable

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 import transformers
+
+from .base import auto_model_class
 from torch import nn
 
 __all__ = ["TINY_FAMILIES", "tiny_config", "tiny_model"]
@@ -57,8 +59,4 @@ def tiny_model(family: str, seed: int = 0) -> nn.Module:
     """A randomly initialised tiny model of ``family`` in eval mode, reproducible from ``seed``."""
     config = tiny_config(family)
     torch.manual_seed(seed)
-    if config.is_encoder_decoder:
-        model = transformers.AutoModelForSeq2SeqLM.from_config(config)
-    else:
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    return model.eval()
+    return auto_model_class(config).from_config(config).eval()
