@@ -1,15 +1,32 @@
-"""The public verbs: quantize a model in memory by a QuantConfig or a BitPlan."""
+"""The public verbs: quantize a model in memory, or a checkpoint folder into another, by a
+QuantConfig or a BitPlan."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
 from torch import nn
 
+from .calibrate.runner import CalibrationConfig, CalibrationReport
 from .config import QuantConfig, uniform_plan
 from .io.hf import MoeqConfig
 from .modules.convert import quantize_model
 from .plan import BitPlan
 
-__all__ = ["quantize", "plan_for"]
+__all__ = ["quantize", "quantize_checkpoint", "plan_for", "CheckpointResult"]
+
+
+@dataclass
+class CheckpointResult:
+    """What :func:`quantize_checkpoint` wrote: the folder, the plan it followed (as saved, with the
+    calibration recorded for GPTQ) and, for GPTQ, the tokens and method each expert got."""
+
+    out: Path
+    plan: BitPlan
+    report: CalibrationReport | None = None
 
 
 def plan_for(model: nn.Module, config: QuantConfig | BitPlan) -> BitPlan:
@@ -30,3 +47,57 @@ def quantize(model: nn.Module, config: QuantConfig | BitPlan, progress=None) -> 
     quantize_model(model, plan, progress=progress)
     model.config.quantization_config = MoeqConfig(plan)
     return model
+
+
+def quantize_checkpoint(
+    model_path: str | Path,
+    out: str | Path,
+    config: QuantConfig | BitPlan,
+    *,
+    quantizer: str = "rtn",
+    calibration: torch.Tensor | str | Path | None = None,
+    calibration_config: CalibrationConfig | None = None,
+    calib_tokens: int = 131072,
+    seq_len: int = 2048,
+    overwrite: bool = False,
+    resume: bool = False,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> CheckpointResult:
+    """Quantize the checkpoint folder ``model_path`` into ``out``, one block at a time (models
+    larger than memory), resumable with ``resume``.
+
+    Args:
+        config: uniform widths, or an explicit :class:`BitPlan` (e.g. from :func:`moeq.allocate`).
+        quantizer: ``rtn`` (round to nearest, no data) or ``gptq`` (needs ``calibration``: token
+            ids ``[sequences, length]``, a text file, or ``"default"`` for moeq's corpus, cut to
+            ``calib_tokens`` tokens in sequences of ``seq_len``).
+        calibration_config: GPTQ's settings (token minimum, rare-expert fallback, damping...).
+        seed: recorded in a plan made from ``config``.
+        progress: called with each block's path as it is done (or found done).
+    """
+    from .calibrate.routing import tokenize_calibration
+    from .calibrate.runner import quantize_calibrated
+    from .io.source import meta_skeleton, require_full_precision
+    from .io.streaming import quantize_checkpoint as quantize_streaming
+
+    if quantizer not in ("rtn", "gptq"):
+        raise ValueError(f"unknown quantizer {quantizer!r}; choose rtn or gptq")
+    if quantizer == "gptq" and calibration is None:
+        raise ValueError("--quantizer gptq needs calibration text: pass --calib FILE (or --calib default for moeq's corpus)")
+    require_full_precision(model_path)
+    if isinstance(config, BitPlan):
+        plan = config
+    else:
+        plan = uniform_plan(meta_skeleton(model_path), config)
+        plan.method["seed"] = seed
+    if quantizer == "rtn":
+        quantize_streaming(model_path, plan, out, overwrite=overwrite, resume=resume, progress=progress)
+        return CheckpointResult(Path(out), plan)
+    token_ids = calibration if isinstance(calibration, torch.Tensor) else tokenize_calibration(model_path, calibration, calib_tokens, seq_len)
+    report = quantize_calibrated(
+        model_path, plan, token_ids, out, calibration_config or CalibrationConfig(), overwrite=overwrite, progress=progress, resume=resume
+    )
+    from .io.checkpoint import read_plan
+
+    return CheckpointResult(Path(out), read_plan(out), report)

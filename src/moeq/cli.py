@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .api import plan_for
+from .api import quantize_checkpoint
 from .config import FULL_PRECISION_BITS, QuantConfig
 from .atomic import OutputBusyError, OutputExistsError, OutputNotWritableError, OutputWriteError, ensure_output_free
 from .io.checkpoint import CheckpointError
@@ -141,16 +141,13 @@ def quantize_command(
                              seed, others, quantizer, calib_tokens, seq_len, calibration)
             render_plan(plan)
             _guard(model_path, plan, calib, quantizer, calib_tokens, seq_len, guard, calibration)
-        if quantizer == "gptq":
-            report, plan = _quantize_calibrated(
-                model_path, out, plan, config, seed, calib, calib_tokens, seq_len, overwrite, calibration, resume,
+        bar, advance = _block_progress(model_path, quantizer.upper() if quantizer == "gptq" else "quantizing")
+        with bar:
+            result = quantize_checkpoint(
+                model_path, out, plan or config, quantizer=quantizer, calibration=calib, calibration_config=calibration,
+                calib_tokens=calib_tokens, seq_len=seq_len, overwrite=overwrite, resume=resume, seed=seed, progress=advance,
             )
-        else:
-            report = None
-            if plan is None:
-                plan = plan_for(open_lazy(model_path).skeleton, config)
-                plan.method["seed"] = seed
-            _quantize_streaming(model_path, plan, out, overwrite, resume)
+        report, plan = result.report, result.plan
     except (OutputWriteError, OutputBusyError) as err:
         _fail(err)
     except USER_ERRORS as err:
@@ -184,32 +181,6 @@ def _block_progress(model_path: Path, what: str):
     )
     task = bar.add_task(what, total=len(block_paths(open_lazy(model_path))) + 1)
     return bar, lambda name: bar.update(task, advance=1, description=f"{what} {name}")
-
-
-def _quantize_streaming(model_path: Path, plan: BitPlan, out: Path, overwrite: bool, resume: bool) -> None:
-    from .io.streaming import quantize_checkpoint
-
-    bar, advance = _block_progress(model_path, "quantizing")
-    with bar:
-        quantize_checkpoint(model_path, plan, out, overwrite=overwrite, resume=resume, progress=advance)
-
-
-def _quantize_calibrated(model_path, out, plan, config, seed, calib, calib_tokens, seq_len, overwrite, calibration, resume):
-    from .calibrate.routing import tokenize_calibration
-    from .calibrate.runner import quantize_calibrated
-
-    if calib is None:
-        raise ValueError("--quantizer gptq needs calibration text: pass --calib FILE")
-    if plan is None:
-        plan = plan_for(open_lazy(model_path).skeleton, config)
-        plan.method["seed"] = seed
-    token_ids = tokenize_calibration(model_path, calib, calib_tokens, seq_len)
-    bar, advance = _block_progress(model_path, calibration.quantizer.upper())
-    with bar:
-        report = quantize_calibrated(
-            model_path, plan, token_ids, out, calibration, overwrite=overwrite, progress=advance, resume=resume
-        )
-    return report, plan
 
 
 def render_calibration(report, min_tokens: int) -> None:
