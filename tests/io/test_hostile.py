@@ -382,3 +382,13 @@ def test_the_lock_is_released_when_a_run_fails(tmp_path: Path) -> None:
     with OutputLock(out):
         assert (tmp_path / ".q.lock").read_text() == str(os.getpid())
     assert not (tmp_path / ".q.lock").exists()
+
+
+def test_a_reference_router_of_the_wrong_shape_is_named(tmp_path: Path) -> None:
+    model = tiny_model("mixtral")
+    model.save_pretrained(tmp_path / "src")
+    save_file({"model.layers.0.mlp.gate.weight": torch.zeros(8, 63), "model.layers.1.mlp.gate.weight": torch.zeros(8, 64)},
+              tmp_path / "routers.safetensors")
+    line = one_line_error(runner.invoke(app, ["allocate", str(tmp_path / "src"), "--avg-bits", "2.5", "--reference",
+                                              str(tmp_path / "routers.safetensors"), "--out", str(tmp_path / "p.json")]))
+    assert "router of model.layers.0.mlp has shape [8, 63], the model's [8, 64]" in line

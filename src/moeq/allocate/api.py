@@ -102,6 +102,10 @@ def _reference_routers(reference: nn.Module | str | Path, layers: list[MoELayer]
         routers = [layer.router_weight for layer in open_lazy(reference).layers]
     if len(routers) != len(layers):
         raise ValueError(f"the reference has {len(routers)} MoE layers, the model {len(layers)}; it must be the same architecture")
+    for layer, router in zip(layers, routers):
+        if tuple(router.shape) != tuple(layer.router_weight.shape):
+            raise PlanError(f"the reference's router of {layer.path} has shape {list(router.shape)}, the model's "
+                            f"{list(layer.router_weight.shape)}; the reference must be the same architecture")
     return routers
 
 
