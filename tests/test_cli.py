@@ -204,7 +204,8 @@ def test_an_interrupted_quantize_resumes(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(source, plan, tmp_path / "q", progress=interrupt)
     args = ["quantize", str(source), "--out", str(tmp_path / "q"), "--plan", str(tmp_path / "plan.json")]
-    assert "an interrupted run left" in one_line_error(runner.invoke(app, args))
+    line = one_line_error(runner.invoke(app, args))
+    assert "an interrupted run left" in line and "finished before it" not in line  # that hint is for this run's blocks
     assert "add --resume to continue it" in one_line_error(runner.invoke(app, args))
     result = runner.invoke(app, [*args, "--resume"])
     assert result.exit_code == 0, result.output

@@ -113,6 +113,7 @@ def quantize_command(
     The model is read and written one block at a time (shards of the output appear as blocks
     finish), so its size is not limited by memory; a killed run continues with --resume.
     """
+    began = time.time()
     try:
         _threads(model_path)
         _require_positive(calib_tokens=calib_tokens, seq_len=seq_len)
@@ -151,8 +152,9 @@ def quantize_command(
     except (OutputWriteError, OutputBusyError) as err:
         _fail(err)
     except USER_ERRORS as err:
-        work = work_folder_of(out)
-        if work.is_dir() and any(work.iterdir()):  # finished blocks survive a bad weight, like a crash
+        progress = work_folder_of(out) / "progress.json"
+        if progress.is_file() and progress.stat().st_mtime >= began:  # this run finished blocks: kept, like after a crash
+            work = progress.parent
             _fail(ValueError(f"{str(err).strip().splitlines()[0]}; the blocks finished before it are kept in {work}: "
                              "rerun with --resume once the input is fixed, or delete that folder"))
         _fail(err)
