@@ -16,7 +16,7 @@ from .io.hf import MoeqConfig
 from .modules.convert import quantize_model
 from .plan import BitPlan
 
-__all__ = ["quantize", "quantize_checkpoint", "plan_for", "CheckpointResult"]
+__all__ = ["quantize", "quantize_checkpoint", "check_calibration_file", "check_quantizer", "plan_for", "CheckpointResult"]
 
 
 @dataclass
@@ -47,6 +47,24 @@ def quantize(model: nn.Module, config: QuantConfig | BitPlan, progress=None) -> 
     quantize_model(model, plan, progress=progress)
     model.config.quantization_config = MoeqConfig(plan)
     return model
+
+
+def check_calibration_file(calibration: torch.Tensor | str | Path | None) -> None:
+    """Refuse calibration text named by a path that does not exist (before any pass over the model)."""
+    from .calibrate.routing import is_default_corpus
+
+    if isinstance(calibration, (str, Path)) and not is_default_corpus(calibration) and not Path(calibration).is_file():
+        raise FileNotFoundError(f"calibration text {calibration} does not exist; pass an existing file with --calib (or --calib default)")
+
+
+def check_quantizer(quantizer: str, calibration: torch.Tensor | str | Path | None) -> None:
+    """Refuse an unknown quantizer, GPTQ without calibration text, or missing text: checked
+    before any pass over the model."""
+    if quantizer not in ("rtn", "gptq"):
+        raise ValueError(f"unknown quantizer {quantizer!r}; choose rtn or gptq")
+    if quantizer == "gptq" and calibration is None:
+        raise ValueError("--quantizer gptq needs calibration text: pass --calib FILE (or --calib default for moeq's corpus)")
+    check_calibration_file(calibration)
 
 
 def quantize_checkpoint(
@@ -81,10 +99,7 @@ def quantize_checkpoint(
     from .io.source import meta_skeleton, require_full_precision
     from .io.streaming import quantize_checkpoint as quantize_streaming
 
-    if quantizer not in ("rtn", "gptq"):
-        raise ValueError(f"unknown quantizer {quantizer!r}; choose rtn or gptq")
-    if quantizer == "gptq" and calibration is None:
-        raise ValueError("--quantizer gptq needs calibration text: pass --calib FILE (or --calib default for moeq's corpus)")
+    check_quantizer(quantizer, calibration)
     require_full_precision(model_path)
     if isinstance(config, BitPlan):
         plan = config

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .api import quantize_checkpoint
+from .api import check_calibration_file, check_quantizer, quantize_checkpoint
 from .config import FULL_PRECISION_BITS, QuantConfig
 from .atomic import OutputBusyError, OutputExistsError, OutputNotWritableError, OutputWriteError, ensure_output_free
 from .io.checkpoint import CheckpointError
@@ -120,11 +120,7 @@ def quantize_command(
         allocating = avg_bits is not None or max_gb is not None
         if sum([bits is not None, plan_path is not None, allocating]) != 1:
             raise ValueError("give exactly one of --bits B, --plan PLAN.json, or --avg-bits / --max-gb with --strategy")
-        if quantizer not in ("rtn", "gptq"):
-            raise ValueError(f"unknown quantizer {quantizer!r}; choose rtn or gptq")
-        if quantizer == "gptq" and calib is None:
-            raise ValueError("--quantizer gptq needs calibration text: pass --calib FILE (or --calib default for moeq's corpus)")
-        _require_calibration_file(calib)
+        check_quantizer(quantizer, calib)
         ensure_output_free(out, overwrite, inputs=(model_path, plan_path, reference, calib))
         require_full_precision(model_path)
         plan = BitPlan.load(plan_path, plan_target_of(model_path)) if plan_path else None
@@ -226,13 +222,6 @@ def _allocate(model_path, strategy, avg_bits, max_gb, levels, reference, calib, 
         clip_search=clip_search, seed=seed, other_linears=others, damage_quantizer=quantizer, calib_tokens=calib_tokens,
         seq_len=seq_len, gptq=calibration,
     )
-
-
-def _require_calibration_file(calib: Path | None) -> None:
-    from .calibrate.routing import is_default_corpus
-
-    if calib is not None and not is_default_corpus(calib) and not calib.is_file():
-        raise FileNotFoundError(f"calibration text {calib} does not exist; pass an existing file with --calib (or --calib default)")
 
 
 def _bits_label(bits: dict[str, int]) -> str:
@@ -379,7 +368,7 @@ def allocate_command(
     try:
         _threads(model_path)
         _require_positive(calib_tokens=calib_tokens, seq_len=seq_len)
-        _require_calibration_file(calib)
+        check_calibration_file(calib)
         ensure_output_free(out, overwrite, inputs=(model_path, reference, calib))
         if heatmap:
             ensure_output_free(heatmap, overwrite, inputs=(model_path, reference, calib, out))

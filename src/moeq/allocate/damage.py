@@ -46,7 +46,7 @@ from ..models import MoEAdapter, MoELayer
 from ..modules.recipe import GPTQOptions, expert_method, quantize_weight
 from ..plan import TensorSpec
 
-__all__ = ["DAMAGE_QUANTIZERS", "DamageTable", "RoutedInputs", "layer_damage", "damage_table", "layer_sensitivity", "predicted_damage", "probe_ids"]
+__all__ = ["DAMAGE_QUANTIZERS", "DamageTable", "RoutedInputs", "layer_damage", "damage_table", "layer_sensitivity", "predicted_damage", "predicted_damages", "probe_ids"]
 
 DAMAGE_QUANTIZERS = ("rtn", "gptq")
 
@@ -203,27 +203,31 @@ def layer_damage(
     return damage, prior
 
 
+def predicted_damage(source, token_ids: torch.Tensor, widths: tuple[int, ...], spec: Callable[[int], TensorSpec],
+                     prior_positions: list[list[int]], quantizer: str = "rtn", **settings) -> DamageTable:
+    """The :class:`DamageTable` of ``quantizer`` (see :func:`predicted_damages`)."""
+    return predicted_damages(source, token_ids, widths, spec, prior_positions, (quantizer,), **settings)[0]
+
+
 @torch.no_grad()
-def predicted_damage(
+def predicted_damages(
     source,
     token_ids: torch.Tensor,
     widths: tuple[int, ...],
     spec: Callable[[int], TensorSpec],
     prior_positions: list[list[int]],
-    quantizer: str = "rtn",
+    quantizers: tuple[str, ...] = ("rtn",),
     max_rows: int = 4096,
     min_tokens: int = 16,
     normalize: bool = True,
     batch_size: int = 8,
     options: GPTQOptions = GPTQOptions(),
-    also: tuple[str, ...] = (),
-) -> DamageTable | tuple[DamageTable, ...]:
-    """The :class:`DamageTable` of every MoE layer of ``source`` (a loaded model, or a
-    :class:`~moeq.io.lazy.LazyModel` walked one block at a time) on ``token_ids``; with ``also``
-    (other quantizers), their tables too, from the same walk: ``(table, *others)``."""
+) -> list[DamageTable]:
+    """One :class:`DamageTable` per quantizer in ``quantizers``, of every MoE layer of ``source``
+    (a loaded model, or a :class:`~moeq.io.lazy.LazyModel` walked one block at a time) on
+    ``token_ids``, all from the same walk."""
     from ..calibrate.runner import visit_moe_layers
 
-    quantizers = (quantizer, *also)
     tables = [DamageTable(widths=tuple(widths), quantizer=q) for q in quantizers]
     results: dict[int, list[tuple]] = {}
 
@@ -260,7 +264,7 @@ def predicted_damage(
             table.damage.append(damage)
             table.tokens.append(tokens)
             table.prior.append(prior)
-    return tuple(tables) if also else tables[0]
+    return tables
 
 
 def _log_probs(model: nn.Module, token_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -340,9 +344,9 @@ def damage_table(
     memory or its checkpoint is at most ``sensitivity_max_bytes`` (else left per-layer relative;
     ``table.sensitivity`` is None then)."""
     # The probes' ratios are over rounding's own damage; with GPTQ that table comes from the same walk.
-    also = ("rtn",) if quantizer != "rtn" else ()
-    tables = predicted_damage(source, token_ids, widths, spec, prior_positions, quantizer, min_tokens=min_tokens, options=options, also=also)
-    table, rounding = (tables, tables) if not also else tables
+    quantizers = (quantizer,) if quantizer == "rtn" else (quantizer, "rtn")
+    tables = predicted_damages(source, token_ids, widths, spec, prior_positions, quantizers, min_tokens=min_tokens, options=options)
+    table, rounding = tables[0], tables[-1]
     model = source if isinstance(source, nn.Module) else None
     if model is None and sum(f.stat().st_size for f in source.folder.glob("*.safetensors")) <= sensitivity_max_bytes:
         from ..io.source import load_source

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError
 
-__all__ = ["INDEX_FILE", "TensorHeader", "read_header", "shard_files", "weight_files", "inside_folder"]
+__all__ = ["INDEX_FILE", "TensorHeader", "headers_of", "read_header", "shard_files", "weight_files", "inside_folder"]
 
 INDEX_FILE = "model.safetensors.index.json"
 # Headers of real checkpoints are a few hundred KiB (DeepSeek-V3's largest shard: ~120 KiB).
@@ -123,6 +123,11 @@ def shard_files(folder: str | Path, exclude: tuple[str, ...] = ()) -> dict[str, 
         hint = (f"; it has {', '.join(sorted(pickles)[:3])}, a pickle format moeq does not read (pickles can run code): "
                 "convert it to safetensors with the tool you trust") if pickles else ""
         raise CheckpointError(f"{folder} holds no safetensors weights{hint}")
+    return headers_of(files)
+
+
+def headers_of(files: list[Path]) -> dict[str, tuple[Path, TensorHeader]]:
+    """``{tensor name: (file, header)}`` over ``files``; a tensor stored twice is an error."""
     found: dict[str, tuple[Path, TensorHeader]] = {}
     for file in files:
         for name, header in read_header(file).items():

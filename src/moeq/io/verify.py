@@ -18,7 +18,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .checkpoint import CheckpointError
-from .shards import DTYPE_BYTES, TensorHeader, inside_folder, read_header
+from .shards import DTYPE_BYTES, TensorHeader, headers_of, inside_folder
 
 __all__ = ["verify_checkpoint"]
 
@@ -30,16 +30,10 @@ _FLOAT_DTYPES = {name for name in DTYPE_BYTES if name.startswith(("F", "BF"))}
 
 
 def _headers(folder: Path | None, files: list[str]) -> dict[str, tuple[Path, TensorHeader]]:
-    found: dict[str, tuple[Path, TensorHeader]] = {}
-    for name in files:
-        file = Path(name)
-        if folder is not None:  # the index may name only files inside the folder
+    if folder is not None:  # the index may name only files inside the folder
+        for name in files:
             inside_folder(folder, os.path.relpath(os.path.abspath(name), os.path.abspath(folder)))
-        for key, header in read_header(file).items():
-            if key in found:
-                raise CheckpointError(f"tensor {key} is stored in both {found[key][0].name} and {file.name}; the checkpoint is corrupt")
-            found[key] = (file, header)
-    return found
+    return headers_of([Path(name) for name in files])
 
 
 def _check(key: str, expected: torch.Tensor, file: Path, header: TensorHeader, packed: bool) -> None:

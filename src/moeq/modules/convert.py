@@ -30,9 +30,10 @@ def rtn_quantizer(weight: torch.Tensor, spec: TensorSpec, scale_dtype: torch.dty
     return quantize_weight(weight, spec, scale_dtype, method="rtn", name=name)
 
 
-def plan_target(model: nn.Module) -> PlanTarget:
-    """What ``model`` (a meta skeleton is enough) offers a plan, for :meth:`BitPlan.from_json`."""
-    adapter, layers = moe_layers_or_error(model)
+def plan_target(model: nn.Module, found: tuple[MoEAdapter, list[MoELayer]] | None = None) -> PlanTarget:
+    """What ``model`` (a meta skeleton is enough) offers a plan, for :meth:`BitPlan.from_json`
+    (``found``: its adapter and MoE layers, when the caller has them already)."""
+    adapter, layers = found or moe_layers_or_error(model)
     return PlanTarget(
         model_type=model.config.model_type,
         layers=tuple(layer.path for layer in layers),
@@ -45,7 +46,7 @@ def plan_target(model: nn.Module) -> PlanTarget:
 def validate_plan(model: nn.Module, plan: BitPlan) -> tuple[MoEAdapter, list[MoELayer]]:
     """Check that ``plan`` fits ``model``; errors name the mismatch."""
     adapter, layers = moe_layers_or_error(model)
-    plan.check_fits(plan_target(model))
+    plan.check_fits(plan_target(model, (adapter, layers)))
     return adapter, layers
 
 
