@@ -24,7 +24,7 @@ LAYER = {
     "calibrate": 6,
     "allocate": 7,
     "api": 8,
-    "analysis": 9, "eval": 9, "train": 9, "demo": 10,
+    "analysis": 9, "eval": 9, "export": 9, "train": 9, "demo": 10,
     "cli": 11,
     "": 12,  # moeq/__init__.py: the public API's re-exports
 }

@@ -106,7 +106,8 @@ def ensure_output_free(target: Path, overwrite: bool, inputs: Iterable[str | Pat
     target = Path(target)
     _refuse_overlap(target, inputs)
     if target.exists() and not overwrite:
-        raise OutputExistsError(f"output folder {target} already exists; choose another --out or pass --overwrite")
+        kind = "file" if target.is_file() else "folder"
+        raise OutputExistsError(f"output {kind} {target} already exists; choose another --out or pass --overwrite")
     _writable_parent(target)
 
 

@@ -641,3 +641,30 @@ def analyze_command(
         signal = "Λ" if report.router_signal == "router_norm_change" else "final router norm (proxy)"
         console.print(f"Spearman ρ({signal}, frequency) per layer: " + ", ".join(map(format_rho, report.spearman)))
     console.print(f"[green]wrote[/] {out}")
+
+
+EXPORT_FORMATS = ("gguf",)
+
+
+@app.command("export")
+def export_command(
+    checkpoint: Annotated[Path, typer.Argument(metavar="DIR", help="A folder written by `moeq quantize`.")],
+    out: Annotated[Path, typer.Option("--out", help="The file to write (model.gguf).")],
+    format: Annotated[str, typer.Option("--format", help=f"Target format: {', '.join(EXPORT_FORMATS)}.")] = "gguf",
+    float_type: Annotated[str, typer.Option(help="GGML type of what moeq left in full precision: F16, BF16 or F32.")] = "F16",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
+) -> None:
+    """Write a moeq checkpoint in a runtime's own format, codes copied, not quantized again."""
+    from .export import export_gguf
+
+    try:
+        if format not in EXPORT_FORMATS:
+            raise ValueError(f"--format {format!r} is not supported; choose one of: {', '.join(EXPORT_FORMATS)}")
+        _threads(checkpoint)
+        started = time.perf_counter()
+        report = export_gguf(checkpoint, out, overwrite=overwrite, float_type=float_type)
+    except USER_ERRORS as err:
+        _fail(err)
+    types = ", ".join(f"{count} {name}" for name, count in sorted(report.type_counts().items()))
+    console.print(f"[green]wrote[/] {out}: {report.nbytes:,} bytes, tensors {types}; routed experts at "
+                  f"{report.expert_bits_per_weight:.4g} bits per weight, in {time.perf_counter() - started:.1f} s")

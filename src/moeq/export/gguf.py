@@ -1,0 +1,318 @@
+"""``moeq export --format gguf``: a moeq checkpoint as one GGUF file that llama.cpp runs.
+
+Every routed expert projection of a layer becomes one stacked tensor ``[experts, out, in]``
+(``blk.N.ffn_{gate,up,down}_exps``), so all experts of a (layer, projection) must share one GGML
+type: the codes and scales moeq stored are copied into that type's blocks (see
+:mod:`moeq.quant.ggml`), never quantized again. Everything moeq left in full precision is
+written as ``float_type`` (F16 by default). The file is written beside its destination and
+renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..atomic import OutputLock, OutputWriteError, ensure_output_free, write_failure
+from ..plan import BitPlan, TensorSpec
+from ..quant.ggml import EXACT_TYPES, GGMLType, exact_type, float_rows, ggml_blocks
+from ..quant.rtn import resolve_group_size
+from .gguf_arch import GGUFArchitecture, architecture_for, rope_permute_rows
+
+__all__ = ["ExportError", "GGUFReport", "export_gguf", "check_gguf_plan"]
+
+FLOAT_TYPES = ("F16", "BF16", "F32")
+
+
+class ExportError(ValueError):
+    """A checkpoint or plan that cannot become the requested file."""
+
+
+@dataclass
+class GGUFReport:
+    """What an export wrote: the file, its size, and the type of every tensor."""
+
+    path: Path
+    nbytes: int
+    tensor_types: dict[str, str] = field(default_factory=dict)
+    expert_bits_per_weight: float = 0.0  # file bytes of the routed expert tensors per expert weight
+
+    def type_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for name in self.tensor_types.values():
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
+
+def _exact_or_error(spec: TensorSpec, in_features: int, what: str) -> GGMLType:
+    group = resolve_group_size(in_features, spec.group_size)
+    kind = exact_type(spec.scheme, spec.bits, group)
+    if kind is None:
+        exact = ", ".join(f"{s.value} {b}-bit group {g} ({n})" for (s, b, g), n in EXACT_TYPES.items())
+        raise ExportError(
+            f"{what} is {spec.bits}-bit {spec.scheme.value} with groups of {group}, which no GGUF type holds exactly "
+            f"(GGUF holds: {exact}); quantize for GGUF with --target gguf"
+        )
+    return kind
+
+
+def check_gguf_plan(plan: BitPlan, shapes: list[dict[str, tuple[int, int]]]) -> dict[tuple[int, str], GGMLType]:
+    """The GGML type of every (layer, projection) expert stack the plan quantizes, or one line
+    naming the first stack GGUF cannot hold: experts of different specs (GGUF keeps one type per
+    layer's expert tensor) or a spec with no exact GGML type. ``shapes``: per MoE layer,
+    projection -> (out, in)."""
+    rows: dict[tuple[int, str], dict[int, TensorSpec]] = {}
+    for entry in plan.experts:
+        rows.setdefault((entry.layer, entry.projection), {})[entry.expert] = entry.spec
+    types = {}
+    for (layer, projection), specs in sorted(rows.items()):
+        distinct = sorted({(s.bits, s.scheme.value, s.group_size) for s in specs.values()})
+        if len(distinct) > 1:
+            widths = ", ".join(f"{b}-bit {s}" + (f" g{g}" if g else "") for b, s, g in distinct)
+            raise ExportError(
+                f"layer {layer} {projection}: its experts use {widths}, but GGUF holds one type per layer's expert "
+                "tensor; make the plan for llama.cpp with --target gguf"
+            )
+        spec = next(iter(specs.values()))
+        types[(layer, projection)] = _exact_or_error(spec, shapes[layer][projection][1], f"layer {layer} {projection}")
+    return types
+
+
+def _tokenizer_metadata(folder: Path, vocab_size: int) -> dict:
+    """Tokens, types, merges and special ids of a GPT-2-style byte-level BPE tokenizer."""
+    import gguf
+
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise ExportError(f"{folder} has no tokenizer.json; GGUF files carry their tokenizer: copy it into the checkpoint")
+    data = json.loads(path.read_text())
+    pre = data.get("pre_tokenizer") or {}
+    if (data.get("model") or {}).get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
+        raise ExportError(
+            f"{path}: GGUF export supports GPT-2-style byte-level BPE tokenizers so far (tokenizer.ggml.model gpt2, "
+            f"pre gpt-2); this one is a {(data.get('model') or {}).get('type')} model with a {pre.get('type')} pre-tokenizer"
+        )
+    vocab = gguf.vocab.BpeVocab(folder)
+    tokens, types = [], []
+    special = {t["id"] for t in data.get("added_tokens", []) if t.get("special")}
+    for index, (text, _, _) in enumerate(vocab.all_tokens()):
+        tokens.append(text)
+        types.append(gguf.TokenType.CONTROL if index in special else gguf.TokenType.NORMAL)
+    if len(tokens) > vocab_size:
+        raise ExportError(f"{path} has {len(tokens)} tokens, more than the model's vocab_size {vocab_size}")
+    while len(tokens) < vocab_size:  # rows of the embedding no token names (padding), as llama.cpp's converter does
+        tokens.append(f"[PAD{len(tokens)}]")
+        types.append(gguf.TokenType.UNUSED)
+    special_vocab = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
+    return {"tokens": tokens, "types": types, "special": special_vocab}
+
+
+def _permuted(array: np.ndarray, heads: int) -> np.ndarray:
+    return array[rope_permute_rows(array.shape[0], heads)]
+
+
+def export_gguf(
+    checkpoint: str | Path, out: str | Path, *, overwrite: bool = False, float_type: str = "F16", model: nn.Module | None = None
+) -> GGUFReport:
+    """Write the moeq checkpoint folder ``checkpoint`` as the GGUF file ``out``.
+
+    Args:
+        checkpoint: a folder written by ``moeq quantize`` (or :func:`moeq.save`).
+        out: the GGUF file; refused if it exists unless ``overwrite``, or if it lies in the checkpoint.
+        float_type: GGML type of the tensors moeq left in full precision: F16, BF16 or F32.
+        model: the checkpoint already loaded with :func:`moeq.load` (else it is loaded here).
+    """
+    from ..io.checkpoint import load, read_plan
+    from ..io.source import meta_skeleton, read_config
+    from ..models import moe_layers_or_error
+    from ..modules.convert import plan_target
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    if float_type not in FLOAT_TYPES:
+        raise ExportError(f"--float-type must be one of {', '.join(FLOAT_TYPES)}, got {float_type!r}")
+    if out.suffix != ".gguf":
+        raise ExportError(f"{out}: a GGUF file's name ends in .gguf")
+    ensure_output_free(out, overwrite, inputs=[checkpoint])
+    config = read_config(checkpoint)
+    plan = read_plan(checkpoint)  # a folder that is not a moeq checkpoint is refused here
+    arch = architecture_for(str(config.get("model_type")))
+    skeleton = meta_skeleton(checkpoint)
+    plan.check_fits(plan_target(skeleton))
+    expert_types = check_gguf_plan(plan, [layer.shapes for layer in moe_layers_or_error(skeleton)[1]])
+    tokenizer = _tokenizer_metadata(checkpoint, int(config["vocab_size"]))
+    model = model if model is not None else load(checkpoint)
+    layers = moe_layers_or_error(model)[1]
+
+    tensors = _tensor_sources(model, plan, arch, config, layers, expert_types, float_type)
+    with OutputLock(out):
+        partial = out.with_name(f".{out.name}.partial")
+        try:
+            report = _write(partial, arch, config, tokenizer, tensors, plan, layers)
+            os.replace(partial, out)
+        except OSError as err:
+            partial.unlink(missing_ok=True)
+            raise OutputWriteError(write_failure(err)) from err
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+    report.path = out
+    return report
+
+
+@dataclass
+class _Tensor:
+    name: str
+    kind: GGMLType
+    produce: object  # () -> np.ndarray: the tensor's data (blocks as uint8, or floats)
+    shape: tuple[int, ...]  # logical (numpy order)
+    expert: bool = False
+
+
+def _tensor_sources(model, plan, arch: GGUFArchitecture, config, layers, expert_types, float_type) -> list[_Tensor]:
+    """Every tensor of the file, in llama.cpp's order, with a function producing its data."""
+    from ..modules.linear import QuantizedLinear
+
+    heads = {"q": config["num_attention_heads"], "k": config.get("num_key_value_heads", config["num_attention_heads"])}
+    expert_paths = tuple(layer.experts_path + "." for layer in layers)
+    tied = bool(config.get("tie_word_embeddings", False))
+    out: list[_Tensor] = []
+    modules = dict(model.named_modules())
+    seen: set[str] = set()
+    for name, tensor in _named_weights(model, modules):
+        if name.startswith(expert_paths) or name in seen:
+            continue
+        seen.add(name)
+        if tied and name == "lm_head.weight":
+            continue  # llama.cpp reuses the embedding when the file has no output tensor
+        target = arch.gguf_name(name)
+        if target is None:
+            raise ExportError(f"{name}: the {arch.arch} GGUF layout has no tensor for it; this family's export is incomplete")
+        which = arch.permutation(name)
+        if isinstance(tensor, QuantizedLinear):
+            quantized = tensor.quantized
+            kind = _exact_or_error(tensor.spec, tensor.in_features, name)
+            def produce(q=quantized, w=which):
+                blocks = ggml_blocks(q)[1]
+                return _permuted(blocks, heads[w]) if w else blocks
+            out.append(_Tensor(target, kind, produce, quantized.shape))
+        else:
+            kind = float_rows(torch.zeros(1), float_type if tensor.dim() > 1 else "F32")[0]
+            def produce(t=tensor, w=which, k=kind.name):
+                data = float_rows(t, k)[1]
+                return _permuted(data, heads[w]) if w else data
+            out.append(_Tensor(target, kind, produce, tuple(tensor.shape)))
+    for layer in layers:
+        experts = modules[layer.experts_path]
+        bid = _block_index(layer.path)
+        for projection in layer.projections:
+            rows, cols = layer.shapes[projection]
+            name = f"blk.{bid}.{arch.experts[projection]}.weight"
+            kind = expert_types.get((layer.index, projection))
+            if kind is None:  # the plan leaves this layer in full precision
+                kind = float_rows(torch.zeros(1), float_type)[0]
+                def produce(m=experts, p=projection, n=layer.num_experts, k=float_type):
+                    return np.stack([float_rows(_dense_expert(m, e, p), k)[1] for e in range(n)])
+            else:
+                def produce(m=experts, p=projection, n=layer.num_experts):
+                    return np.stack([ggml_blocks(m.expert(e)[p].quantized)[1] for e in range(n)])
+            out.append(_Tensor(name, kind, produce, (layer.num_experts, rows, cols), expert=True))
+    return sorted(out, key=_gguf_order)
+
+
+def _dense_expert(experts: nn.Module, expert: int, projection: str) -> torch.Tensor:
+    """One expert weight of a full-precision experts module (transformers 5's fused 3-D parameters)."""
+    if projection in ("gate_proj", "up_proj") and hasattr(experts, "gate_up_proj"):
+        gate, up = experts.gate_up_proj[expert].chunk(2, dim=0)
+        return gate if projection == "gate_proj" else up
+    return getattr(experts, projection)[expert]
+
+
+def _named_weights(model: nn.Module, modules: dict[str, nn.Module]):
+    """(parameter name, tensor or QuantizedLinear) for everything outside the routed experts."""
+    from ..modules.linear import QuantizedLinear
+
+    quantized = {path for path, m in modules.items() if isinstance(m, QuantizedLinear)}
+    for path in sorted(quantized):
+        yield f"{path}.weight", modules[path]
+    for name, tensor in model.state_dict().items():
+        owner = name.rsplit(".", 1)[0]
+        if any(owner == q or owner.startswith(q + ".") for q in quantized):
+            continue
+        yield name, tensor
+
+
+def _block_index(path: str) -> int:
+    for part in path.split("."):
+        if part.isdigit():
+            return int(part)
+    raise ExportError(f"cannot find the block index in {path}")
+
+
+def _gguf_order(tensor: _Tensor) -> tuple:
+    parts = tensor.name.split(".")
+    if parts[0] == "blk":
+        return (1, int(parts[1]), parts[2])
+    return (0 if parts[0] == "token_embd" else 2, 0, tensor.name)
+
+
+def _write(path: Path, arch: GGUFArchitecture, config: dict, tokenizer: dict, tensors: list[_Tensor], plan: BitPlan, layers) -> GGUFReport:
+    import gguf
+
+    writer = gguf.GGUFWriter(path, arch.arch)
+    writer.add_name(str(config.get("_name_or_path") or config.get("model_type")))
+    for key, value in arch.hparams(config).items():
+        if isinstance(value, float):
+            writer.add_float32(f"{arch.arch}.{key}", value)
+        else:
+            writer.add_uint32(f"{arch.arch}.{key}", int(value))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_file_type(_file_type(tensors))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokenizer["tokens"])
+    writer.add_token_types(tokenizer["types"])
+    tokenizer["special"].add_to_gguf(writer, quiet=True)
+    writer.add_string("moeq.plan.method", json.dumps(plan.method, sort_keys=True, default=str)[:65000])
+
+    types = gguf.GGMLQuantizationType
+    for tensor in tensors:
+        row_bytes = tensor.kind.row_bytes(tensor.shape[-1]) if tensor.kind.block_size > 1 else tensor.shape[-1] * tensor.kind.type_size
+        nbytes = int(np.prod(tensor.shape[:-1])) * row_bytes
+        # Any dtype but uint8 makes add_tensor_info take the shape as logical (not bytes) for raw_dtype.
+        writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(np.float32), nbytes, raw_dtype=types[tensor.kind.name])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    report = GGUFReport(path=path, nbytes=0)
+    expert_bytes = expert_weights = 0
+    for tensor in tensors:
+        data = np.ascontiguousarray(tensor.produce())
+        writer.write_tensor_data(data.view(np.uint8).reshape(-1) if data.dtype != np.uint8 else data.reshape(-1))
+        report.tensor_types[tensor.name] = tensor.kind.name
+        if tensor.expert:
+            expert_bytes += data.nbytes
+            expert_weights += int(np.prod(tensor.shape))
+    writer.close()
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+    report.nbytes = path.stat().st_size
+    report.expert_bits_per_weight = expert_bytes * 8 / expert_weights if expert_weights else 16.0
+    return report
+
+
+def _file_type(tensors: list[_Tensor]) -> int:
+    """general.file_type: the type most expert weights are stored in (llama.cpp only displays it)."""
+    import gguf
+
+    weights: dict[str, int] = {}
+    for tensor in tensors:
+        if tensor.expert:
+            weights[tensor.kind.name] = weights.get(tensor.kind.name, 0) + int(np.prod(tensor.shape))
+    main = max(weights, key=weights.get) if weights else "F16"
+    return int(getattr(gguf.LlamaFileType, f"MOSTLY_{main}", gguf.LlamaFileType.MOSTLY_F16))

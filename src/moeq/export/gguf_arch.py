@@ -1,0 +1,114 @@
+"""How each model family is spelled in a GGUF file: llama.cpp's architecture name, its
+hyper-parameter keys, and which tensor of the Hugging Face model becomes which GGUF tensor.
+
+The names follow llama.cpp's own converter (``convert_hf_to_gguf.py``) and the tensor tables of the
+``gguf`` package; a family is one entry in :data:`ARCHITECTURES`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["GGUFArchitecture", "ARCHITECTURES", "architecture_for", "rope_permute_rows"]
+
+
+@dataclass(frozen=True)
+class GGUFArchitecture:
+    """One family's GGUF spelling.
+
+    ``tensors`` maps a regular expression over the Hugging Face parameter name (``(\\d+)`` = the
+    block index) to the GGUF tensor name (``{bid}`` = that index); ``experts`` maps the adapter's
+    projection names to the GGUF names of the stacked expert tensors; ``permute`` names the
+    tensors whose rows llama.cpp wants in its rotary order (``"q"`` or ``"k"`` head counts).
+    """
+
+    arch: str
+    hparams: Callable[[dict[str, Any]], dict[str, Any]]
+    tensors: dict[str, str]
+    experts: dict[str, str]
+    permute: dict[str, str] = field(default_factory=dict)
+
+    def gguf_name(self, hf_name: str) -> str | None:
+        """The GGUF name of a (non-expert) parameter, or ``None`` if the family has no such tensor."""
+        for pattern, target in self.tensors.items():
+            match = re.fullmatch(pattern, hf_name)
+            if match:
+                return target.format(bid=match.group(1)) if match.groups() else target
+        return None
+
+    def permutation(self, hf_name: str) -> str | None:
+        """``"q"`` or ``"k"`` for a tensor whose rows llama.cpp reorders for its rotary layout."""
+        for pattern, which in self.permute.items():
+            if re.fullmatch(pattern, hf_name):
+                return which
+        return None
+
+
+def _llama_moe_hparams(config: dict[str, Any]) -> dict[str, Any]:
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    rope = config.get("rope_parameters") or {}
+    return {
+        "context_length": config["max_position_embeddings"],
+        "embedding_length": config["hidden_size"],
+        "block_count": config["num_hidden_layers"],
+        "feed_forward_length": config["intermediate_size"],
+        "attention.head_count": heads,
+        "attention.head_count_kv": config.get("num_key_value_heads", heads),
+        "attention.layer_norm_rms_epsilon": float(config["rms_norm_eps"]),
+        "rope.dimension_count": head_dim,
+        "rope.freq_base": float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+        "expert_count": config["num_local_experts"],
+        "expert_used_count": config["num_experts_per_tok"],
+        "vocab_size": config["vocab_size"],
+    }
+
+
+_LAYER = r"model\.layers\.(\d+)\."
+
+MIXTRAL = GGUFArchitecture(
+    # llama.cpp runs Mixtral as its "llama" architecture with expert tensors.
+    arch="llama",
+    hparams=_llama_moe_hparams,
+    tensors={
+        r"model\.embed_tokens\.weight": "token_embd.weight",
+        r"model\.norm\.weight": "output_norm.weight",
+        r"lm_head\.weight": "output.weight",
+        _LAYER + r"input_layernorm\.weight": "blk.{bid}.attn_norm.weight",
+        _LAYER + r"self_attn\.q_proj\.weight": "blk.{bid}.attn_q.weight",
+        _LAYER + r"self_attn\.k_proj\.weight": "blk.{bid}.attn_k.weight",
+        _LAYER + r"self_attn\.v_proj\.weight": "blk.{bid}.attn_v.weight",
+        _LAYER + r"self_attn\.o_proj\.weight": "blk.{bid}.attn_output.weight",
+        _LAYER + r"post_attention_layernorm\.weight": "blk.{bid}.ffn_norm.weight",
+        _LAYER + r"mlp\.gate\.weight": "blk.{bid}.ffn_gate_inp.weight",
+    },
+    experts={"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"},
+    permute={_LAYER + r"self_attn\.q_proj\.weight": "q", _LAYER + r"self_attn\.k_proj\.weight": "k"},
+)
+
+ARCHITECTURES: dict[str, GGUFArchitecture] = {"mixtral": MIXTRAL}
+
+
+def architecture_for(model_type: str) -> GGUFArchitecture:
+    """The GGUF spelling of ``model_type``; one line naming the supported ones otherwise."""
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"GGUF export does not know the {model_type!r} family yet; it exports: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def rope_permute_rows(rows: int, heads: int) -> list[int]:
+    """Row order llama.cpp's rotary embedding wants for a q or k projection of ``heads`` heads:
+    within each head, the two halves that Hugging Face rotates together are interleaved."""
+    head_dim = rows // heads
+    half = head_dim // 2
+    order = []
+    for head in range(heads):
+        base = head * head_dim
+        for i in range(half):
+            order += [base + i, base + half + i]
+    return order

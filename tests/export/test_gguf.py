@@ -1,0 +1,226 @@
+"""GGUF export, proven by readers moeq did not write: the ``gguf`` package's own numpy
+dequantization (every tensor, exactly) and llama.cpp itself (xllamacpp) running the file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+import moeq
+from moeq.cli import app
+from moeq.demo import DEFAULT_MODEL
+from moeq.export import ExportError, export_gguf
+from moeq.export.gguf_arch import rope_permute_rows
+from moeq.io.source import load_source
+from moeq.models import moe_layers_or_error
+from moeq.quant.ggml import ggml_blocks
+from moeq.quant.rtn import quantize_rtn
+from tests.conftest import one_line_error
+
+runner = CliRunner()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    bits=st.sampled_from([4, 5, 8]),
+    rows=st.integers(1, 9),
+    blocks=st.integers(1, 6),
+    magnitude=st.sampled_from([1e-4, 1.0, 300.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_exact_types_dequantize_in_gguf_to_moeqs_weights(bits, rows, blocks, magnitude, seed) -> None:
+    weight = torch.randn(rows, 32 * blocks, generator=torch.Generator().manual_seed(seed)) * magnitude
+    tensor = quantize_rtn(weight, bits, "sym", 32)
+    kind, data = ggml_blocks(tensor)
+    assert data.dtype == np.uint8 and data.shape == (rows, blocks * kind.type_size)
+    theirs = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind.name])
+    assert np.array_equal(theirs, tensor.dequantize(torch.float32).numpy())  # bit for bit, no tolerance
+
+
+def test_rope_permutation_is_llama_cpps() -> None:
+    # llama.cpp's converter: reshape(heads, 2, head_dim / 2, ...) then swap the two middle axes.
+    weight = np.arange(24 * 3).reshape(24, 3)
+    theirs = weight.reshape(4, 2, 3, 3).swapaxes(1, 2).reshape(24, 3)
+    assert np.array_equal(weight[rope_permute_rows(24, 4)], theirs)
+
+
+@pytest.fixture(scope="module")
+def default_q4(tmp_path_factory) -> Path:
+    """The default Mixtral, experts at 4-bit sym codes in groups of 32 (GGUF's Q4_0)."""
+    out = tmp_path_factory.mktemp("gguf") / "q4"
+    source = load_source(DEFAULT_MODEL)
+    moeq.save(moeq.quantize(source, moeq.QuantConfig(bits=4, scheme="sym", group_size=32)), out, source=DEFAULT_MODEL)
+    return out
+
+
+def _reader_tensors(path: Path) -> dict[str, object]:
+    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+
+def test_every_tensor_reads_back_in_gguf_as_moeq_holds_it(default_q4: Path, tmp_path: Path) -> None:
+    report = export_gguf(default_q4, tmp_path / "m.gguf", float_type="F32")
+    model = moeq.load(default_q4)
+    tensors = _reader_tensors(report.path)
+    _, layers = moe_layers_or_error(model)
+    assert report.expert_bits_per_weight == 4.5  # Q4_0: 18 bytes per 32 weights
+    for layer in layers:
+        experts = model.get_submodule(layer.experts_path)
+        for projection, name in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps")):
+            tensor = tensors[f"blk.{layer.index}.{name}.weight"]
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.Q4_0
+            theirs = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            ours = np.stack([experts.expert(e)[projection].weight_for(torch.float32).numpy() for e in range(layer.num_experts)])
+            assert theirs.shape == ours.shape and np.array_equal(theirs, ours)
+    state = model.state_dict()
+    assert np.array_equal(tensors["token_embd.weight"].data, state["model.embed_tokens.weight"].float().numpy())
+    assert np.array_equal(tensors["blk.2.ffn_gate_inp.weight"].data, state["model.layers.2.mlp.gate.weight"].float().numpy())
+    heads = model.config.num_key_value_heads
+    k = state["model.layers.1.self_attn.k_proj.weight"].float().numpy()
+    assert np.array_equal(tensors["blk.1.attn_k.weight"].data, k[rope_permute_rows(k.shape[0], heads)])
+    assert "output.weight" not in tensors  # tied: llama.cpp reuses the embedding
+
+
+def test_metadata_is_what_llama_cpp_reads(default_q4: Path, tmp_path: Path) -> None:
+    path = export_gguf(default_q4, tmp_path / "m.gguf").path
+    reader = gguf.GGUFReader(path)
+    config = json.loads((default_q4 / "config.json").read_text())
+
+    def value(key):
+        return reader.fields[key].contents()
+
+    assert value("general.architecture") == "llama"
+    assert value("llama.expert_count") == config["num_local_experts"]
+    assert value("llama.expert_used_count") == config["num_experts_per_tok"]
+    assert value("llama.block_count") == config["num_hidden_layers"]
+    assert value("llama.attention.head_count_kv") == config["num_key_value_heads"]
+    assert value("tokenizer.ggml.model") == "gpt2" and value("tokenizer.ggml.pre") == "gpt-2"
+    tokens = value("tokenizer.ggml.tokens")
+    vocab = json.loads((default_q4 / "tokenizer.json").read_text())["model"]["vocab"]
+    assert len(tokens) == config["vocab_size"] and all(tokens[i] == t for t, i in vocab.items())
+    assert len(value("tokenizer.ggml.merges")) > 0
+
+
+def _llama_cpp_logprobs(path: Path, prompts: list[list[int]]) -> list[dict[int, float]]:
+    xllamacpp = pytest.importorskip("xllamacpp")
+    params = xllamacpp.CommonParams()
+    params.model.path = str(path)
+    params.n_ctx = 128
+    params.n_parallel = 1
+    params.cpuparams.n_threads = 1
+    server = xllamacpp.Server(params)
+    out = []
+    for prompt in prompts:
+        result = server.handle_completions(
+            {"prompt": prompt, "n_predict": 1, "n_probs": 10, "temperature": 0, "post_sampling_probs": False}
+        )
+        top = result["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        out.append({t["id"]: t["logprob"] for t in top})
+    del server
+    return out
+
+
+def _moeq_logprobs(checkpoint: Path, prompts: list[list[int]]) -> torch.Tensor:
+    model = moeq.load(checkpoint)
+    for parameter in model.parameters():  # float32 throughout, as llama.cpp accumulates
+        parameter.data = parameter.data.float()
+    with torch.no_grad():
+        return torch.stack([torch.log_softmax(model(torch.tensor([p])).logits[0, -1].float(), -1) for p in prompts])
+
+
+PROMPTS = [torch.randint(1, 4096, (12,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(6)]
+
+
+@pytest.mark.parametrize(
+    ("bits", "float_type", "tolerance"),
+    [
+        # Everything in F32: only summation order differs (measured worst 0.0016).
+        (16, "F32", 0.01),
+        # Q4_0 experts, F16 elsewhere: llama.cpp's CPU kernels round activations to 8-bit blocks for
+        # Q4_0 and to float16 for F16 weights (measured worst 0.11 over 8 prompts).
+        (4, "F16", 0.25),
+    ],
+)
+def test_llama_cpp_runs_the_export_like_moeq(tmp_path: Path, bits: int, float_type: str, tolerance: float) -> None:
+    source = load_source(DEFAULT_MODEL)
+    checkpoint = tmp_path / "q"
+    moeq.save(moeq.quantize(source, moeq.QuantConfig(bits=bits, scheme="sym", group_size=32)), checkpoint, source=DEFAULT_MODEL)
+    path = export_gguf(checkpoint, tmp_path / "m.gguf", float_type=float_type).path
+    theirs = _llama_cpp_logprobs(path, PROMPTS)
+    ours = _moeq_logprobs(checkpoint, PROMPTS)
+    worst = max(abs(ours[i, token].item() - logprob) for i, top in enumerate(theirs) for token, logprob in top.items())
+    assert worst <= tolerance
+    assert all(max(top, key=top.get) == ours[i].argmax().item() for i, top in enumerate(theirs))
+
+
+def test_cli_exports_and_refuses_an_existing_file(default_q4: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.gguf"
+    result = runner.invoke(app, ["export", str(default_q4), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "12 Q4_0" in said and "4.5 bits per weight" in said
+    before = out.read_bytes()
+    line = one_line_error(runner.invoke(app, ["export", str(default_q4), "--out", str(out)]))
+    assert "already exists" in line and out.read_bytes() == before
+
+
+def _refused(args: list[str], tmp_path: Path, match: str) -> None:
+    line = one_line_error(runner.invoke(app, ["export", *args]))
+    assert match in line, line
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*partial"))
+
+
+def test_a_folder_that_is_not_a_moeq_checkpoint_is_refused(tmp_path: Path) -> None:
+    _refused([str(DEFAULT_MODEL), "--out", str(tmp_path / "m.gguf")], tmp_path, "is not a moeq checkpoint")
+
+
+def test_per_expert_widths_in_one_tensor_are_refused(tmp_path: Path) -> None:
+    source = load_source(DEFAULT_MODEL)
+    plan = moeq.plan_for(source, moeq.QuantConfig(bits=4, scheme="sym", group_size=32))
+    for entry in plan.experts:
+        if entry.layer == 1 and entry.expert == 3:
+            object.__setattr__(entry, "spec", type(entry.spec)(8, "sym", 32))
+    moeq.save(moeq.quantize(source, plan), tmp_path / "q", source=DEFAULT_MODEL)
+    _refused([str(tmp_path / "q"), "--out", str(tmp_path / "m.gguf")], tmp_path,
+             "layer 1 down_proj: its experts use 4-bit sym g32, 8-bit sym g32, but GGUF holds one type per layer's expert tensor")
+
+
+def test_a_spec_with_no_gguf_type_is_refused(tmp_path: Path) -> None:
+    source = load_source(DEFAULT_MODEL)
+    moeq.save(moeq.quantize(source, moeq.QuantConfig(bits=4, scheme="asym", group_size=64)), tmp_path / "q", source=DEFAULT_MODEL)
+    _refused([str(tmp_path / "q"), "--out", str(tmp_path / "m.gguf")], tmp_path,
+             "layer 0 down_proj is 4-bit asym with groups of 64, which no GGUF type holds exactly")
+
+
+def test_a_family_without_a_gguf_mapping_is_refused(tmp_path: Path) -> None:
+    from moeq.models.tiny import tiny_model
+
+    moeq.save(moeq.quantize(tiny_model("switch_transformers"), moeq.QuantConfig(bits=4, scheme="sym", group_size=32)), tmp_path / "q")
+    _refused([str(tmp_path / "q"), "--out", str(tmp_path / "m.gguf")], tmp_path, "GGUF export does not know the 'switch_transformers' family")
+
+
+def test_an_output_inside_the_checkpoint_and_a_wrong_suffix_are_refused(default_q4: Path, tmp_path: Path) -> None:
+    before = sorted(p.name for p in default_q4.iterdir())
+    _refused([str(default_q4), "--out", str(default_q4 / "m.gguf")], tmp_path, "lies inside the input")
+    _refused([str(default_q4), "--out", str(tmp_path / "m.bin")], tmp_path, "a GGUF file's name ends in .gguf")
+    _refused([str(default_q4), "--out", str(tmp_path / "m.gguf"), "--format", "onnx"], tmp_path, "--format 'onnx' is not supported")
+    assert sorted(p.name for p in default_q4.iterdir()) == before
+
+
+def test_a_failure_while_writing_leaves_nothing(default_q4: Path, tmp_path: Path, monkeypatch) -> None:
+    import moeq.export.gguf as module
+
+    def broken(tensor):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module, "ggml_blocks", broken)
+    with pytest.raises(Exception, match="No space left|disk"):
+        export_gguf(default_q4, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
