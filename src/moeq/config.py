@@ -72,7 +72,7 @@ def uniform_plan(model: nn.Module, config: QuantConfig) -> BitPlan:
         spec = config.spec(config.bits)
         for layer in layers:
             for _, inputs in layer.shapes.values():
-                resolve_group_size(inputs, spec.group_size)
+                resolve_group_size(inputs, spec.group_size, spec.scheme)
             experts += [ExpertEntry(layer.index, e, p, spec) for e in range(layer.num_experts) for p in layer.projections]
     linears = linear_specs(model, config)
     plan = BitPlan(
@@ -118,13 +118,13 @@ def plan_budget(model: nn.Module, plan: BitPlan) -> dict[str, float | int]:
                     expert_bytes += numel * element
                     expert_bits_sum += numel * FULL_PRECISION_BITS
                     continue
-                group = resolve_group_size(shape[1], spec.group_size)
+                group = resolve_group_size(shape[1], spec.group_size, spec.scheme)
                 expert_bytes += storage_nbytes(shape, spec.bits, group, spec.scheme, scale_bytes)
                 expert_bits_sum += numel * spec.bits
     linear_saving = 0
     for name, spec in plan.linears.items():
         weight = model.get_submodule(name).weight
-        group = resolve_group_size(weight.shape[1], spec.group_size)
+        group = resolve_group_size(weight.shape[1], spec.group_size, spec.scheme)
         linear_saving += weight.numel() * weight.element_size()
         linear_saving -= storage_nbytes(tuple(weight.shape), spec.bits, group, spec.scheme, scale_bytes)
     model_fp_bytes = sum(t.numel() * t.element_size() for t in _unique_tensors(model))

@@ -96,6 +96,8 @@ class TensorSpec:
             raise PlanError(str(err)) from None
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
             raise PlanError(f"group_size must be a positive integer or null, got {self.group_size!r}")
+        if self.scheme.is_kquant and self.group_size not in (None, 256):
+            raise PlanError(f"scheme {self.scheme.value} has fixed super-blocks of 256 weights; leave the group size out")
 
     def to_json(self) -> dict[str, Any]:
         return {"bits": self.bits, "scheme": self.scheme.value, "group_size": self.group_size,

@@ -108,7 +108,7 @@ def test_dtype_is_remembered() -> None:
     ("kwargs", "message"),
     [
         ({"bits": 1, "scheme": "sym"}, "'sym' takes 2 to 8 bits"),
-        ({"bits": 3, "scheme": "sign"}, "'sign' takes 1 to 1 bits"),
+        ({"bits": 3, "scheme": "sign"}, "'sign' takes exactly 1 bit"),
         ({"bits": 1, "scheme": "log"}, "use scheme 'sign'"),
         ({"bits": 9, "scheme": "asym"}, "takes 1 to 8 bits"),
         ({"bits": 3, "scheme": "nf4"}, "unknown quantization scheme"),

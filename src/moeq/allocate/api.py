@@ -422,7 +422,7 @@ def _expert_bytes(layer: MoELayer, spec: TensorSpec, plan: BitPlan) -> float:
 
     scale_bytes = torch.empty(0, dtype=getattr(torch, plan.scale_dtype)).element_size()
     return float(sum(
-        storage_nbytes(shape, spec.bits, resolve_group_size(shape[1], spec.group_size), spec.scheme, scale_bytes)
+        storage_nbytes(shape, spec.bits, resolve_group_size(shape[1], spec.group_size, spec.scheme), spec.scheme, scale_bytes)
         for shape in layer.shapes.values()
     ))
 

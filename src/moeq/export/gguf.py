@@ -51,10 +51,10 @@ class GGUFReport:
 
 
 def _exact_or_error(spec: TensorSpec, in_features: int, what: str) -> GGMLType:
-    group = resolve_group_size(in_features, spec.group_size)
+    group = resolve_group_size(in_features, spec.group_size, spec.scheme)
     kind = exact_type(spec.scheme, spec.bits, group)
     if kind is None:
-        exact = ", ".join(f"{s.value} {b}-bit group {g} ({n})" for (s, b, g), n in EXACT_TYPES.items())
+        exact = ", ".join(f"{s.value} {b}-bit group {g} ({n})" for (s, b, g), n in EXACT_TYPES.items()) + ", q2_k ... q6_k"
         raise ExportError(
             f"{what} is {spec.bits}-bit {spec.scheme.value} with groups of {group}, which no GGUF type holds exactly "
             f"(GGUF holds: {exact}); quantize for GGUF with --target gguf"

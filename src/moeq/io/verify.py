@@ -81,15 +81,26 @@ def verify_checkpoint(model: nn.Module, files: list[str], folder: str | Path | N
 
 def _check_values(packed: dict[str, nn.Module], stored: dict[str, tuple[Path, TensorHeader]]) -> None:
     by_file: dict[Path, list[str]] = {}
-    for key in packed:
-        if key.endswith((".scales", ".zeros")):
+    for key, module in packed.items():
+        if key.endswith((".scales", ".zeros")) or (key.endswith(".codes") and module.spec.scheme.is_kquant):
             by_file.setdefault(stored[key][0], []).append(key)
     for file, keys in by_file.items():
         with safe_open(str(file), framework="pt") as handle:
             for key in keys:
                 values = handle.get_tensor(key)
+                if key.endswith(".codes"):  # K-quant blocks carry their float16 super-block scales inside
+                    _check_kquant_scales(file, key, packed[key], values)
+                    continue
                 if key.endswith(".scales") and not (torch.isfinite(values).all() and (values > 0).all()):
                     raise CheckpointError(f"{file.name}: tensor {key} holds non-finite or non-positive scales; the checkpoint is corrupt: re-export it")
                 bits = packed[key].spec.bits
                 if key.endswith(".zeros") and values.numel() and int(values.max()) >= 2**bits:
                     raise CheckpointError(f"{file.name}: tensor {key} holds zero points of {int(values.max())}, beyond {bits} bits; the checkpoint is corrupt: re-export it")
+
+
+def _check_kquant_scales(file: Path, key: str, module: nn.Module, blocks: torch.Tensor) -> None:
+    from ..quant.kquants import super_block_scales
+    from ..quant.schemes import kquant_of
+
+    if not torch.isfinite(super_block_scales(blocks, kquant_of(module.spec.scheme))).all():
+        raise CheckpointError(f"{file.name}: tensor {key} holds non-finite super-block scales; the checkpoint is corrupt: re-export it")

@@ -42,8 +42,11 @@ INT4_MAX_ROWS = 96  # beyond this many tokens per expert, dequantize + bf16 matm
 def _dequantize_into(linear, out: torch.Tensor) -> torch.Tensor:
     """``linear``'s dense weight written into ``out`` (``[out_features, in_features]``, reused)."""
     rows, cols = linear.out_features, linear.in_features
-    codes = unpack_codes(linear.codes, linear.spec.bits, rows * cols).view(rows, -1, linear.group_size)
     scheme = linear.spec.scheme
+    if scheme.is_kquant:  # GGML blocks: their own decode (moeq.quant.kquants)
+        out.copy_(linear.weight_for(out.dtype))
+        return out
+    codes = unpack_codes(linear.codes, linear.spec.bits, rows * cols).view(rows, -1, linear.group_size)
     if scheme is Scheme.LOG:
         out.copy_(decode(codes, linear.scales, None, scheme, linear.spec.bits).view(rows, cols))
         return out
@@ -70,7 +73,7 @@ class _JustInTime:
 
 def int4_group(linear) -> int | None:
     """The CPU int4 kernel's group size for ``linear``, or None when the layout cannot hold it."""
-    if linear.spec.bits > 4 or linear.spec.scheme is Scheme.LOG or linear.out_features % 16:
+    if linear.spec.bits > 4 or linear.spec.scheme is Scheme.LOG or linear.spec.scheme.is_kquant or linear.out_features % 16:
         return None
     return next((g for g in INT4_GROUPS if linear.group_size % g == 0 and linear.in_features % g == 0), None)
 

@@ -10,7 +10,7 @@ from ..plan import TensorSpec
 from ..quant.pack import packed_nbytes
 from ..quant.rtn import resolve_group_size
 from ..quant.schemes import Scheme
-from ..quant.tensor import QuantizedTensor
+from ..quant.tensor import QuantizedTensor, storage_nbytes
 
 __all__ = ["QuantizedLinear"]
 
@@ -38,10 +38,15 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         self.weight_dtype = dtype or torch.get_default_dtype()
-        self.group_size = resolve_group_size(in_features, spec.group_size)
+        self.group_size = resolve_group_size(in_features, spec.group_size, spec.scheme)
         groups = in_features // self.group_size
-        self.register_buffer("codes", torch.empty(packed_nbytes(in_features * out_features, spec.bits), dtype=torch.uint8))
-        self.register_buffer("scales", torch.empty(out_features, groups, dtype=scale_dtype))
+        shape = (out_features, in_features)
+        self.register_buffer("codes", torch.empty(storage_nbytes(shape, spec.bits, self.group_size, spec.scheme, 0) if spec.scheme.is_kquant
+                                                  else packed_nbytes(in_features * out_features, spec.bits), dtype=torch.uint8))
+        if spec.scheme.is_kquant:  # scales live inside the GGML blocks
+            self.scales = None
+        else:
+            self.register_buffer("scales", torch.empty(out_features, groups, dtype=scale_dtype))
         if spec.scheme is Scheme.ASYM:
             self.register_buffer("zeros", torch.empty(out_features, groups, dtype=torch.uint8))
         else:
@@ -69,7 +74,8 @@ class QuantizedLinear(nn.Module):
         if got != expected:
             raise ValueError(f"quantized tensor {got} does not match this layer's spec {expected}")
         self.codes = tensor.codes.clone()
-        self.scales = tensor.scales.to(self.scales.dtype).clone()
+        if self.scales is not None:
+            self.scales = tensor.scales.to(self.scales.dtype).clone()
         if self.zeros is not None:
             self.zeros = tensor.zeros.clone()
 

@@ -14,6 +14,8 @@ Q8_0     ``sym``, 8 bits, group 32        ``d``, then 32 signed bytes, code - 12
 =======  ==============================  ===========================================================
 
 Each decodes ``(code - 2^(b-1)) * d``, which is moeq's ``sym`` decode, in the same float32 product.
+moeq's K-quant schemes (``q2_k`` ... ``q6_k``, :mod:`moeq.quant.kquants`) are stored as the GGML
+blocks themselves: their bytes are copied as they are.
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ GGML_TYPES: dict[str, GGMLType] = {
         GGMLType("Q4_0", 2, 32, 18),
         GGMLType("Q5_0", 6, 32, 22),
         GGMLType("Q8_0", 8, 32, 34),
+        GGMLType("Q2_K", 10, 256, 84),
+        GGMLType("Q3_K", 11, 256, 110),
+        GGMLType("Q4_K", 12, 256, 144),
+        GGMLType("Q5_K", 13, 256, 176),
+        GGMLType("Q6_K", 14, 256, 210),
         GGMLType("BF16", 30, 1, 2),
     )
 }
@@ -72,7 +79,10 @@ EXACT_TYPES: dict[tuple[Scheme, int, int], str] = {
 
 def exact_type(scheme: Scheme, bits: int, group_size: int) -> GGMLType | None:
     """The GGML type that holds these codes bit for bit, or ``None``."""
-    name = EXACT_TYPES.get((Scheme(scheme), bits, group_size))
+    scheme = Scheme(scheme)
+    if scheme.is_kquant:
+        return GGML_TYPES[scheme.value.upper()]
+    name = EXACT_TYPES.get((scheme, bits, group_size))
     return GGML_TYPES[name] if name else None
 
 
@@ -85,6 +95,8 @@ def ggml_blocks(tensor: QuantizedTensor) -> tuple[GGMLType, np.ndarray]:
             f"exact ones: {', '.join(f'{s.value} {b}-bit group {g} ({n})' for (s, b, g), n in EXACT_TYPES.items())}"
         )
     rows, cols = tensor.shape
+    if tensor.scheme.is_kquant:
+        return kind, np.ascontiguousarray(tensor.codes.view(rows, -1).numpy())
     codes = tensor.unpacked_codes().numpy().reshape(rows * cols // 32, 32)
     scales = tensor.scales.to(torch.float16).numpy().reshape(-1, 1).view(np.uint8)
     if kind.name == "Q8_0":

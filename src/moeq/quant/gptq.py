@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 
 from .pack import pack_codes
-from .rtn import resolve_group_size, round_scales, search_clip, split_groups
-from .schemes import Scheme, check_scheme_bits, decode, encode, fit_scales
+from .kquants import SUPER_BLOCK, KParams, decode_values, encode_values, fit_kparams, pack_k, search_clip_k
+from .rtn import CLIP_NORM, CLIP_RATIOS, resolve_group_size, round_scales, search_clip, split_groups
+from .schemes import Scheme, check_scheme_bits, decode, encode, fit_scales, kquant_of
 from .tensor import QuantizedTensor
 
 __all__ = ["gptq_quantize", "gptq_quantize_batch", "HessianError"]
@@ -37,6 +38,56 @@ def _fit(groups: torch.Tensor, scheme: Scheme, bits: int, clip_search: bool, sca
     clip = search_clip(groups, scheme, bits, scale_dtype) if clip_search else 1.0
     scales, zeros = fit_scales(groups, scheme, bits, clip)
     return round_scales(scales, scale_dtype).to(torch.float32), zeros
+
+
+class _KGrid:
+    """A K-quant's grid inside the column loop: super-block scales fitted (on the weights as updated
+    so far, or up front) and each column coded against its sub-block's stored scale."""
+
+    def __init__(self, scheme: Scheme, clip_search: bool, batch: int, rows: int, supers: int, names: list[str]) -> None:
+        self.kind, self.clip_search, self.names = kquant_of(scheme), clip_search, names
+        self.batch, self.rows = batch, rows
+        self.params: list[list[KParams | None]] = [[None] * supers for _ in range(batch)]
+        self.scale = torch.zeros(batch, rows, supers * self.kind.sub_blocks)
+        self.offset = torch.zeros_like(self.scale)
+
+    def fit(self, weights: torch.Tensor, first_super: int) -> None:
+        """Fit super-blocks ``first_super...`` from ``weights [B, rows, n * 256]``."""
+        b, r, cols = weights.shape
+        groups = weights.reshape(b * r, cols // SUPER_BLOCK, SUPER_BLOCK)
+        clip = search_clip_k(groups, self.kind, CLIP_NORM, CLIP_RATIOS) if self.clip_search else 1.0
+        params = fit_kparams(groups, self.kind, clip, ", ".join(self.names))
+        scale, offset = params.affine()
+        n = self.kind.sub_blocks
+        span = slice(first_super * n, (first_super + cols // SUPER_BLOCK) * n)
+        self.scale[:, :, span] = scale.reshape(b, r, -1)
+        if offset is not None:
+            self.offset[:, :, span] = offset.reshape(b, r, -1)
+        for i in range(b):
+            for j in range(cols // SUPER_BLOCK):
+                self.params[i][first_super + j] = KParams(
+                    *(None if t is None else t.reshape(b, r, *t.shape[1:])[i, :, j] for t in (params.d, params.dmin, params.sc, params.m))
+                )
+
+    def quantize(self, column: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes and decoded values of ``values [B, rows]`` in original columns ``column [B]``."""
+        sub = (column // self.kind.sub_block)[:, None, None].expand(self.batch, self.rows, 1)
+        scale = torch.gather(self.scale, 2, sub).squeeze(-1)
+        offset = torch.gather(self.offset, 2, sub).squeeze(-1)
+        codes = encode_values(values, scale, offset, self.kind)
+        return codes, decode_values(codes, scale, offset, self.kind)
+
+    def tensors(self, codes: torch.Tensor, like: list[torch.Tensor], scheme: Scheme) -> list[QuantizedTensor]:
+        rows, cols = codes.shape[1:]
+        out = []
+        for b in range(self.batch):
+            per = self.params[b]
+            params = KParams(*(None if getattr(per[0], f) is None else torch.stack([getattr(p, f) for p in per], dim=1)
+                               for f in ("d", "dmin", "sc", "m")))
+            blocks = pack_k(codes[b].reshape(rows, cols // SUPER_BLOCK, SUPER_BLOCK), params, self.kind)
+            out.append(QuantizedTensor(codes=blocks.reshape(-1), scales=None, zeros=None, bits=self.kind.bits, group_size=SUPER_BLOCK,
+                                       scheme=scheme, shape=(rows, cols), dtype=like[b].dtype))
+        return out
 
 
 def gptq_quantize(
@@ -89,9 +140,12 @@ def gptq_quantize_batch(
             raise ValueError(f"{name} holds NaN or infinite values; quantizing it would hide the problem: check the source")
         if not torch.isfinite(hessian).all():
             raise HessianError(f"the calibration Hessian of {name} holds NaN or infinite values; check the calibration inputs")
-    group = resolve_group_size(cols, group_size)
+    group = resolve_group_size(cols, group_size, scheme)
     for weight, name in zip(weights, names):  # a scale the storage dtype cannot hold, named before any work
-        round_scales(fit_scales(split_groups(weight, group), scheme, bits)[0], scale_dtype, name)
+        if scheme.is_kquant:
+            fit_kparams(split_groups(weight, group), kquant_of(scheme), 1.0, name)
+        else:
+            round_scales(fit_scales(split_groups(weight, group), scheme, bits)[0], scale_dtype, name)
     groups_per_row = cols // group
     w = torch.stack([x.detach().to(torch.float32) for x in weights])
     h = torch.stack([x.detach().to(torch.float32) for x in hessians])
@@ -101,7 +155,12 @@ def gptq_quantize_batch(
     w = w.masked_fill(dead[:, None, :], 0.0)
 
     static = group == cols or act_order
-    if static:  # every group's scale from the (dead-column-zeroed) original weight
+    grid = _KGrid(scheme, clip_search, batch, rows, groups_per_row, names) if scheme.is_kquant else None
+    scales = zeros = None
+    if grid is not None:
+        if static:
+            grid.fit(w, 0)
+    elif static:  # every group's scale from the (dead-column-zeroed) original weight
         s, z = _fit(w.reshape(batch * rows, groups_per_row, group), scheme, bits, clip_search, scale_dtype)
         scales = s.reshape(batch, rows, groups_per_row)
         zeros = None if z is None else z.reshape(batch, rows, groups_per_row)
@@ -137,15 +196,21 @@ def gptq_quantize_batch(
             if not static and (start + i) % group == 0:
                 # Fit this group's scale on the weights as updated so far (columns in order).
                 current = torch.cat([block[:, :, i:], w[:, :, end:]], dim=2)[:, :, :group]
-                s, z = _fit(current.reshape(batch * rows, 1, group), scheme, bits, clip_search, scale_dtype)
-                scales[:, :, (start + i) // group] = s.reshape(batch, rows)
-                if zeros is not None:
-                    zeros[:, :, (start + i) // group] = z.reshape(batch, rows)
-            scale = scales[arange, :, g].reshape(batch * rows, 1)
-            zero = None if zeros is None else zeros[arange, :, g].reshape(batch * rows, 1)
-            x = block[:, :, i].reshape(batch * rows, 1, 1)
-            code = encode(x, scale, zero, scheme, bits)
-            q = decode(code, scale, zero, scheme, bits).reshape(batch, rows)
+                if grid is not None:
+                    grid.fit(current, (start + i) // group)
+                else:
+                    s, z = _fit(current.reshape(batch * rows, 1, group), scheme, bits, clip_search, scale_dtype)
+                    scales[:, :, (start + i) // group] = s.reshape(batch, rows)
+                    if zeros is not None:
+                        zeros[:, :, (start + i) // group] = z.reshape(batch, rows)
+            if grid is not None:
+                code, q = grid.quantize(column, block[:, :, i])
+            else:
+                scale = scales[arange, :, g].reshape(batch * rows, 1)
+                zero = None if zeros is None else zeros[arange, :, g].reshape(batch * rows, 1)
+                x = block[:, :, i].reshape(batch * rows, 1, 1)
+                code = encode(x, scale, zero, scheme, bits)
+                q = decode(code, scale, zero, scheme, bits).reshape(batch, rows)
             codes[:, :, start + i] = code.reshape(batch, rows)
             error = (block[:, :, i] - q) / u[:, i, i][:, None]
             block[:, :, i:] -= error[:, :, None] * u[:, i, i:][:, None, :]
@@ -154,6 +219,8 @@ def gptq_quantize_batch(
 
     inverse = torch.argsort(order, dim=1)
     codes = torch.gather(codes, 2, inverse[:, None, :].expand(batch, rows, cols))
+    if grid is not None:
+        return grid.tensors(codes, weights, scheme)
     return [
         QuantizedTensor(
             codes=pack_codes(codes[b], bits),

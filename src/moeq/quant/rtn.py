@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from .pack import pack_codes
-from .schemes import Scheme, check_scheme_bits, decode, encode, fit_scales
+from .kquants import SUPER_BLOCK, encode_k, fit_kparams, pack_k, search_clip_k
+from .schemes import Scheme, check_scheme_bits, decode, encode, fit_scales, kquant_of
 from .tensor import QuantizedTensor
 
 __all__ = ["quantize_rtn", "CLIP_RATIOS", "CLIP_NORM", "split_groups", "resolve_group_size", "round_scales", "search_clip"]
@@ -23,8 +24,16 @@ CLIP_RATIOS: tuple[float, ...] = tuple(
 CLIP_NORM = 2.4
 
 
-def resolve_group_size(in_features: int, group_size: int | None) -> int:
-    """The group size to use along the input dimension (``None`` or -1: one group per row)."""
+def resolve_group_size(in_features: int, group_size: int | None, scheme: Scheme | str | None = None) -> int:
+    """The group size to use along the input dimension (``None`` or -1: one group per row; a
+    K-quant scheme: its super-block of 256, whatever ``group_size`` says)."""
+    if scheme is not None and Scheme(scheme).is_kquant:
+        if in_features % SUPER_BLOCK:
+            raise ValueError(
+                f"{Scheme(scheme).value} stores rows in super-blocks of {SUPER_BLOCK}; an input dimension of {in_features} "
+                "does not divide (llama.cpp falls back to Q4_0/Q5_0/Q8_0 for such tensors: use scheme sym with group 32)"
+            )
+        return SUPER_BLOCK
     if group_size is None or group_size == -1 or group_size == in_features:
         return in_features
     if group_size <= 0 or in_features % group_size:
@@ -96,8 +105,17 @@ def quantize_rtn(
         raise ValueError(f"{name} holds NaN or infinite values; quantizing it would hide the problem: check the source")
     if clip_search and scheme is Scheme.SIGN:
         raise ValueError("the clipping search does not apply to 'sign' (its mean|w| scale is already optimal)")
-    group = resolve_group_size(weight.shape[1], group_size)
+    group = resolve_group_size(weight.shape[1], group_size, scheme)
     groups = split_groups(weight, group)
+    if scheme.is_kquant:
+        kind = kquant_of(scheme)
+        clip = search_clip_k(groups, kind, CLIP_NORM, CLIP_RATIOS) if clip_search else 1.0
+        params = fit_kparams(groups, kind, clip, name)
+        return QuantizedTensor(
+            codes=pack_k(encode_k(groups, params, kind), params, kind).reshape(-1),
+            scales=None, zeros=None, bits=bits, group_size=group, scheme=scheme,
+            shape=(int(weight.shape[0]), int(weight.shape[1])), dtype=weight.dtype,
+        )
     clip = search_clip(groups, scheme, bits, scale_dtype, name) if clip_search else 1.0
     scales, zeros = fit_scales(groups, scheme, bits, clip)
     scales = round_scales(scales, scale_dtype, name)

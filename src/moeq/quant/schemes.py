@@ -21,6 +21,9 @@ Schemes (``b`` bits, code ``c``, scale ``s``):
   ``m = 0`` for zero or ``k + 1``. Needs b >= 2.
 - ``sign``: 1 bit, ``c = [w >= 0]``, ``w' = (2c - 1) s`` with ``s = mean|w|`` over the group (the
   scale that minimises the squared error of a sign code).
+- ``q2_k`` ... ``q6_k``: llama.cpp's K-quants (2 to 6 bits), whose scales are themselves quantized
+  per super-block of 256 weights; their codes and scales live in GGML blocks, see
+  :mod:`moeq.quant.kquants` (the three functions below do not take them).
 
 A clipping ratio ``p`` (``clip`` below, one per group) scales the range before the scale is set:
 ``max|w|`` becomes ``p·max|w|`` and ``lo, hi`` become ``p·lo, p·hi``.
@@ -32,7 +35,7 @@ from enum import Enum
 
 import torch
 
-__all__ = ["Scheme", "check_scheme_bits", "fit_scales", "encode", "decode"]
+__all__ = ["Scheme", "check_scheme_bits", "fit_scales", "encode", "decode", "kquant_of"]
 
 
 class Scheme(str, Enum):
@@ -42,6 +45,16 @@ class Scheme(str, Enum):
     ASYM = "asym"
     LOG = "log"
     SIGN = "sign"
+    Q2_K = "q2_k"
+    Q3_K = "q3_k"
+    Q4_K = "q4_k"
+    Q5_K = "q5_k"
+    Q6_K = "q6_k"
+
+    @property
+    def is_kquant(self) -> bool:
+        """A llama.cpp K-quant, stored as GGML blocks (:mod:`moeq.quant.kquants`)."""
+        return self.value.endswith("_k")
 
 
 _BIT_RANGE = {
@@ -49,7 +62,19 @@ _BIT_RANGE = {
     Scheme.ASYM: (1, 8),
     Scheme.LOG: (2, 8),
     Scheme.SIGN: (1, 1),
+    Scheme.Q2_K: (2, 2),
+    Scheme.Q3_K: (3, 3),
+    Scheme.Q4_K: (4, 4),
+    Scheme.Q5_K: (5, 5),
+    Scheme.Q6_K: (6, 6),
 }
+
+
+def kquant_of(scheme: Scheme):
+    """The :class:`moeq.quant.kquants.KQuant` of a K-quant scheme."""
+    from .kquants import KQUANTS
+
+    return KQUANTS[scheme.value.upper()]
 
 
 def check_scheme_bits(scheme: Scheme | str, bits: int) -> Scheme:
@@ -62,7 +87,8 @@ def check_scheme_bits(scheme: Scheme | str, bits: int) -> Scheme:
     low, high = _BIT_RANGE[scheme]
     if not isinstance(bits, int) or not low <= bits <= high:
         hint = " (use scheme 'sign' or 'asym' for 1 bit)" if bits == 1 else ""
-        raise ValueError(f"scheme '{scheme.value}' takes {low} to {high} bits, got {bits!r}{hint}")
+        takes = f"exactly {low} bit{'s' if low > 1 else ''}" if low == high else f"{low} to {high} bits"
+        raise ValueError(f"scheme '{scheme.value}' takes {takes}, got {bits!r}{hint}")
     return scheme
 
 
