@@ -138,20 +138,33 @@ def _moeq_logprobs(checkpoint: Path, prompts: list[list[int]]) -> torch.Tensor:
 PROMPTS = [torch.randint(1, 4096, (12,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(6)]
 
 
+def k_plan(source, scheme: str = "q3_k"):
+    """gate/up as a K-quant, down (384 inputs: no K-quant divides it) as Q4_0, as llama.cpp falls back."""
+    from moeq.plan import BitPlan, ExpertEntry, TensorSpec
+
+    plan = moeq.plan_for(source, moeq.QuantConfig(bits=4, scheme="sym", group_size=32))
+    k = TensorSpec(int(scheme[1]), scheme)
+    entries = [ExpertEntry(e.layer, e.expert, e.projection, e.spec if e.projection == "down_proj" else k) for e in plan.experts]
+    return BitPlan(plan.model_type, plan.layers, entries, plan.linears)
+
+
 @pytest.mark.parametrize(
-    ("bits", "float_type", "tolerance"),
+    ("plan", "float_type", "tolerance"),
     [
         # Everything in F32: only summation order differs (measured worst 0.0016).
-        (16, "F32", 0.01),
+        ("f32", "F32", 0.01),
         # Q4_0 experts, F16 elsewhere: llama.cpp's CPU kernels round activations to 8-bit blocks for
         # Q4_0 and to float16 for F16 weights (measured worst 0.11 over 8 prompts).
-        (4, "F16", 0.25),
+        ("q4_0", "F16", 0.25),
+        # Q3_K gate/up and Q4_0 down (measured worst 0.039 over 8 prompts).
+        ("q3_k", "F16", 0.25),
     ],
 )
-def test_llama_cpp_runs_the_export_like_moeq(tmp_path: Path, bits: int, float_type: str, tolerance: float) -> None:
+def test_llama_cpp_runs_the_export_like_moeq(tmp_path: Path, plan: str, float_type: str, tolerance: float) -> None:
     source = load_source(DEFAULT_MODEL)
     checkpoint = tmp_path / "q"
-    moeq.save(moeq.quantize(source, moeq.QuantConfig(bits=bits, scheme="sym", group_size=32)), checkpoint, source=DEFAULT_MODEL)
+    config = k_plan(source) if plan == "q3_k" else moeq.QuantConfig(bits=16 if plan == "f32" else 4, scheme="sym", group_size=32)
+    moeq.save(moeq.quantize(source, config), checkpoint, source=DEFAULT_MODEL)
     path = export_gguf(checkpoint, tmp_path / "m.gguf", float_type=float_type).path
     theirs = _llama_cpp_logprobs(path, PROMPTS)
     ours = _moeq_logprobs(checkpoint, PROMPTS)
@@ -224,3 +237,58 @@ def test_a_failure_while_writing_leaves_nothing(default_q4: Path, tmp_path: Path
     with pytest.raises(Exception, match="No space left|disk"):
         export_gguf(default_q4, tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def default_k(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gguf") / "k"
+    source = load_source(DEFAULT_MODEL)
+    moeq.save(moeq.quantize(source, k_plan(source, "q5_k")), out, source=DEFAULT_MODEL)
+    return out
+
+
+def test_k_quant_experts_are_copied_byte_for_byte(default_k: Path, tmp_path: Path) -> None:
+    report = export_gguf(default_k, tmp_path / "m.gguf")
+    model = moeq.load(default_k)
+    tensors = _reader_tensors(report.path)
+    experts = model.get_submodule("model.layers.3.mlp.experts")
+    stored = tensors["blk.3.ffn_up_exps.weight"]
+    assert stored.tensor_type == gguf.GGMLQuantizationType.Q5_K
+    ours = np.stack([experts.expert(e)["up_proj"].codes.numpy().reshape(384, -1) for e in range(8)])
+    assert np.array_equal(stored.data, ours)
+    assert np.array_equal(gguf.quants.dequantize(stored.data, stored.tensor_type),
+                          np.stack([experts.expert(e)["up_proj"].weight_for(torch.float32).numpy() for e in range(8)]))
+    # bytes as the formats define them: gate/up 5.5 bits per weight, down (Q4_0) 4.5
+    assert report.expert_bits_per_weight == pytest.approx((2 * 5.5 + 4.5) / 3)
+
+
+def test_k_quant_checkpoints_run_in_moeq_on_the_cpu_backend(default_k: Path) -> None:
+    from moeq.modules.experts import use_backend
+
+    model = moeq.load(default_k)
+    for parameter in model.parameters():
+        parameter.data = parameter.data.float()
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        cpu = model(ids).logits
+        use_backend(model, "reference")
+        reference = model(ids).logits
+    # float32; the same decoded weights, summed in a different order (the kernels' own tolerance)
+    torch.testing.assert_close(cpu, reference, atol=1e-4, rtol=0)
+
+
+def test_a_k_quant_block_with_a_broken_scale_is_refused(default_k: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "broken"
+    shutil.copytree(default_k, folder)
+    shard = next(p for p in sorted(folder.glob("*.safetensors")) if "model.layers.0.mlp.experts.0.up_proj.codes" in load_file(p))
+    tensors = load_file(shard)
+    codes = tensors["model.layers.0.mlp.experts.0.up_proj.codes"].clone()
+    codes[0:2] = torch.tensor([0x00, 0x7E], dtype=torch.uint8)  # Q5_K's d (first two bytes) = float16 NaN
+    tensors["model.layers.0.mlp.experts.0.up_proj.codes"] = codes
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(Exception, match="non-finite super-block scales"):
+        moeq.load(folder)
