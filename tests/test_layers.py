@@ -17,7 +17,7 @@ ROOT = Path(moeq.__file__).parent
 LAYER = {
     "quant": 0, "atomic": 0, "files": 0, "threads": 0,
     "plan": 1,
-    "models": 2,
+    "models": 2, "targets": 2,
     "kernels": 3, "config": 3,
     "modules": 4,
     "io": 5,

@@ -29,6 +29,7 @@ from .io.source import plan_target_of, require_full_precision
 from .calibrate.runner import CalibrationConfig
 from .models import AdapterError
 from .plan import BitPlan, PlanError
+from .targets import get_target
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Expert-wise mixed-precision quantization of MoE models.")
 
@@ -107,6 +108,7 @@ def quantize_command(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last finished block.")] = False,
     guard: Annotated[bool, typer.Option(help="When allocating with calibration text, show predicted damage beside the alternatives.")] = True,
+    target: Annotated[str, typer.Option(help="moeq (a width per expert) or gguf (llama.cpp's types, one per layer's expert tensor, for `moeq export --format gguf`).")] = "moeq",
 ) -> None:
     """Quantize the routed experts of MODEL (and optionally other linears) and save to --out.
 
@@ -123,7 +125,13 @@ def quantize_command(
         check_quantizer(quantizer, calib)
         ensure_output_free(out, overwrite, inputs=(model_path, plan_path, reference, calib))
         require_full_precision(model_path)
+        runtime = get_target(target)
         plan = BitPlan.load(plan_path, plan_target_of(model_path)) if plan_path else None
+        if plan is not None:
+            runtime.check_plan(plan, [layer.shapes for layer in open_lazy(model_path).layers])
+        if bits is not None and not runtime.free:  # --bits B --target T: every tensor at T's B-bit type
+            plan = _allocate(model_path, "uniform", float(bits), None, None, None, None, scheme, group_size, clip_search, seed,
+                             None, quantizer, calib_tokens, seq_len, None, runtime.name)
         config = None if plan or allocating else QuantConfig(
             bits=bits, scheme=scheme, group_size=group_size, clip_search=clip_search, attn_bits=attn_bits,
             shared_bits=shared_bits, dense_bits=dense_bits, lm_head_bits=lm_head_bits,
@@ -135,7 +143,7 @@ def quantize_command(
             others = QuantConfig(bits=FULL_PRECISION_BITS, scheme=scheme, group_size=group_size, attn_bits=attn_bits,
                                  shared_bits=shared_bits, dense_bits=dense_bits, lm_head_bits=lm_head_bits)
             plan = _allocate(model_path, strategy, avg_bits, max_gb, levels, reference, calib, scheme, group_size, clip_search,
-                             seed, others, quantizer, calib_tokens, seq_len, calibration)
+                             seed, others, quantizer, calib_tokens, seq_len, calibration, target)
             render_plan(plan)
             _guard(model_path, plan, calib, quantizer, calib_tokens, seq_len, guard, calibration)
         bar, advance = _block_progress(model_path, quantizer.upper() if quantizer == "gptq" else "quantizing")
@@ -210,7 +218,7 @@ def _parse_levels(levels: str | None) -> tuple[int, ...] | None:
 
 
 def _allocate(model_path, strategy, avg_bits, max_gb, levels, reference, calib, scheme, group_size, clip_search, seed, others,
-              quantizer, calib_tokens, seq_len, calibration: CalibrationConfig) -> BitPlan:
+              quantizer, calib_tokens, seq_len, calibration: CalibrationConfig | None, target: str = "moeq") -> BitPlan:
     from .allocate import allocate
 
     if avg_bits is not None and max_gb is not None:
@@ -220,7 +228,7 @@ def _allocate(model_path, strategy, avg_bits, max_gb, levels, reference, calib, 
         model_path, strategy, avg_bits=avg_bits, max_bytes=None if max_gb is None else int(max_gb * 1e9),
         levels=_parse_levels(levels), reference=reference, calibration=calib, scheme=scheme, group_size=group_size,
         clip_search=clip_search, seed=seed, other_linears=others, damage_quantizer=quantizer, calib_tokens=calib_tokens,
-        seq_len=seq_len, gptq=calibration,
+        seq_len=seq_len, gptq=calibration, target=target,
     )
 
 
@@ -360,6 +368,7 @@ def allocate_command(
     heatmap: Annotated[Path | None, typer.Option(help="Also write a layer x expert PNG heatmap here.")] = None,
     quantizer: Annotated[str, typer.Option(help="rtn or gptq: the quantizer that will run (auto and the guard price its damage).")] = "rtn",
     guard: Annotated[bool, typer.Option(help="With calibration text, show the plan's predicted damage beside auto, uniform, router-maxvar, frequency.")] = True,
+    target: Annotated[str, typer.Option(help="moeq (a width per expert) or gguf (llama.cpp's types, one per layer's expert tensor; budgets count the file's bytes).")] = "moeq",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
 ) -> None:
     """Choose a bit width per routed expert and write the plan (no weights are changed)."""
@@ -381,7 +390,7 @@ def allocate_command(
             model_path, strategy, avg_bits=avg_bits, max_bytes=bytes_budget, levels=_parse_levels(levels),
             reference=reference, calibration=calib, scheme=scheme, group_size=group_size,
             maxvar_variant=maxvar_variant, seed=seed, calib_tokens=calib_tokens, seq_len=seq_len,
-            weighted_error=weighted_error, damage_quantizer=quantizer,
+            weighted_error=weighted_error, damage_quantizer=quantizer, target=target,
             other_linears=QuantConfig(bits=FULL_PRECISION_BITS, scheme=scheme, group_size=group_size, attn_bits=attn_bits,
                                       shared_bits=shared_bits, dense_bits=dense_bits, lm_head_bits=lm_head_bits),
         )
@@ -410,6 +419,11 @@ def _guard(model_path: Path, plan: BitPlan, calib: Path | None, quantizer: str, 
                       "paper's proxy for the router-norm change, which did worst in moeq's measurements; run `moeq train-router` "
                       "and pass its folder as --reference, or, with calibration text, prefer --strategy auto")
     if not enabled or calib is None or not plan.experts:  # data-free stays data-free: no text, no guard
+        return
+    target = (plan.method.get("target") or {}).get("name", "moeq")
+    if target != "moeq":
+        console.print(f"[dim]guard: compares plans for moeq's own runtime; not run for --target {target} "
+                      "(the plan's budget shows the predicted damage beside a width per expert)[/]")
         return
     try:
         report = compare_plan(model_path, plan, calib, quantizer, calib_tokens, seq_len, calibration)

@@ -20,7 +20,7 @@ def tokens(n: int = 8, length: int = 32) -> torch.Tensor:
     return torch.randint(0, 256, (n, length), generator=torch.Generator().manual_seed(0))
 
 
-def spec(bits: int):
+def spec(bits: int, in_features: int | None = None):
     return _one_bit_aware_spec(bits, "asym", None)
 
 
@@ -42,7 +42,7 @@ def test_damage_equals_the_change_of_the_layer_output(family: str) -> None:
     handle.remove()
     handle2.remove()
     widths = (3, 2, 1)
-    damage, prior = layer_damage(layer, routed, widths, spec, list(range(layer.num_experts)), normalize=False)
+    damage, prior, _ = layer_damage(layer, routed, widths, spec, list(range(layer.num_experts)), normalize=False)
     reached = [e for e in range(layer.num_experts) if not prior[e]]
     assert len(reached) >= 2
     for expert in (reached[0], reached[-1]):

@@ -38,6 +38,7 @@ from ..calibrate.runner import CalibrationConfig
 from ..config import QuantConfig, linear_specs, plan_budget
 from ..models import MoELayer, moe_layers_or_error
 from ..plan import BitPlan, ExpertEntry, PlanError, TensorSpec
+from ..targets import Target, get_target
 from .counts import CountError, level_counts, validate_levels
 from .damage import DamageTable, damage_table
 from .ilp import error_ilp, pmq_layer
@@ -52,6 +53,8 @@ STRATEGIES = (*ORDER_STRATEGIES, "uniform", "pmq", "error-ilp", "auto")
 CALIBRATED_STRATEGIES = ("frequency", "routing-weight", "pmq", "auto")
 DEFAULT_LEVELS = (3, 2, 1)
 AUTO_LEVELS = (4, 3, 2, 1)
+TARGET_LEVELS = (4, 3, 2)  # the count rules' default for a target with fixed types (no 1-bit type)
+TARGET_AUTO_LEVELS = (6, 5, 4, 3, 2)
 
 
 @dataclass
@@ -141,6 +144,7 @@ def allocate(
     damage_quantizer: str = "rtn",
     damage: DamageTable | None = None,
     gptq: CalibrationConfig | None = None,
+    target: str | Target = "moeq",
 ) -> BitPlan:
     """Choose a width for every routed expert of every MoE layer and return the BitPlan.
 
@@ -171,7 +175,15 @@ def allocate(
             one that will run). ``damage``: a table already computed for these widths (reused).
             ``gptq``: the GPTQ settings that will run (damping, column order, token minimum), so
             the damage of ``damage_quantizer="gptq"`` is priced with them.
+        target: the runtime the plan is for (:mod:`moeq.targets`): ``moeq`` (a width per expert,
+            any scheme) or ``gguf`` (llama.cpp's types, one per (layer, projection) expert stack).
+            For a target other than ``moeq``, widths are its levels, the scheme is its types', and
+            ``avg_bits`` counts the file's true bits per expert weight (Q4_K: 4.5). ``auto`` and
+            ``error-ilp`` choose a level per (layer, projection); the other strategies choose per
+            expert, then each expert stack takes the largest type within its experts' bytes
+            (``method["target"]`` says what that widening cost in mean bits).
     """
+    target = get_target(target)
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
     if (avg_bits is None) == (max_bytes is None):
@@ -180,23 +192,45 @@ def allocate(
         raise PlanError(f"--strategy {strategy}{' with --weighted-error' if weighted_error else ''} needs calibration text: "
                         "pass --calib FILE (or --calib default for moeq's Shakespeare corpus)")
     if levels is None:
-        levels = AUTO_LEVELS if strategy == "auto" else DEFAULT_LEVELS
+        if target.free:
+            levels = AUTO_LEVELS if strategy == "auto" else DEFAULT_LEVELS
+        else:
+            levels = TARGET_AUTO_LEVELS if strategy in ("auto", "error-ilp") else TARGET_LEVELS
+    if not target.free and set(levels) - set(target.widths):
+        raise PlanError(f"--target {target.name} has levels {','.join(map(str, target.widths))}; "
+                        f"{','.join(map(str, sorted(set(levels) - set(target.widths), reverse=True)))} is not one of them")
     source = open_source(model_or_path)
     layers = source.layers
     num_experts = min(layer.num_experts for layer in layers)
     widths = tuple(sorted({int(b) for b in levels}, reverse=True))
     if strategy != "uniform":
-        validate_levels(tuple(levels), num_experts, avg_bits, counted=strategy in (*ORDER_STRATEGIES, "pmq"))
+        validate_levels(tuple(levels), num_experts, avg_bits if target.free else None, counted=strategy in (*ORDER_STRATEGIES, "pmq"))
     scores: dict[str, object] = {}
     method: dict[str, object] = {
         "strategy": strategy, "levels": list(widths), "scheme": scheme, "group_size": group_size, "clip_search": clip_search,
         "one_bit_scheme": "sign", "avg_bits_requested": avg_bits, "max_bytes_requested": max_bytes,
     }
+    if not target.free:
+        method.update(scheme="the target's types", group_size=None, one_bit_scheme=None)
+        method["target"] = {"name": target.name, "granularity": target.granularity, "runtime": target.runtime}
+        if strategy not in ("auto", "error-ilp"):
+            method["target"]["widening"] = ("the strategy's widths per expert, then per (layer, projection) the largest "
+                                            "level whose stack fits the bytes its experts' own widths would take")
 
-    def spec(bits: int) -> TensorSpec:
-        return _one_bit_aware_spec(bits, scheme, group_size, clip_search)
+    def spec(bits: int, in_features: int | None = None) -> TensorSpec:
+        if target.free:
+            return _one_bit_aware_spec(bits, scheme, group_size, clip_search)
+        base = target.spec_at(bits, in_features)
+        return TensorSpec(base.bits, base.scheme, base.group_size, clip_search)
 
     linears = linear_specs(source.budget_model, other_linears) if other_linears is not None else {}
+    if not target.free and avg_bits is not None and strategy != "uniform":
+        # The budget counts the file's true bytes: avg_bits expert bits per weight, plus the rest as is.
+        expert_weights = sum(layer.expert_numel * layer.num_experts for layer in layers)
+        probe = BitPlan(source.budget_model.config.model_type, [layer.path for layer in layers], [], linears)
+        unquantized = plan_budget(source.budget_model, probe)
+        fixed = unquantized["model_bytes"] - unquantized["expert_bytes"]
+        max_bytes, avg_bits = int(fixed + avg_bits * expert_weights / 8), None
 
     stats = None
     if (strategy in CALIBRATED_STRATEGIES and strategy != "auto") or weighted_error:
@@ -236,8 +270,10 @@ def allocate(
             "prior": "median damage per unit weight error of the layer x own weight error x (E - position)/E "
                      "in the router-norm-change/MaxVar order",
         }
+    projection_errors = None
     if strategy in ("pmq", "error-ilp"):
-        errors = _errors(layers, widths, spec, stats if weighted_error else None)
+        projection_errors = _errors(layers, widths, spec, stats if weighted_error else None)
+        errors = [[[sum(parts) for parts in expert] for expert in layer_err] for layer_err in projection_errors]
         scores["error"] = {str(b): [[float(e[j]) for e in layer_err] for layer_err in errors] for j, b in enumerate(widths)}
         method["error"] = "squared Frobenius norm of W - Q(W), summed over the expert's projections" + (
             ", weighted by calibration input second moments" if weighted_error else ""
@@ -257,29 +293,54 @@ def allocate(
             ]
         return _error_ilp_widths(layers, widths, errors, avg_bits=avg)
 
-    def build(chosen: list[list[int]]) -> BitPlan:
+    def build(chosen: list[list[int]] | dict[tuple[int, int], int]) -> BitPlan:
+        if not isinstance(chosen, dict) and target.granularity != "expert":
+            chosen = _widen(layers, chosen, target)
+        if isinstance(chosen, dict):  # a width per (layer, projection index)
+            def width(layer: MoELayer, e: int, p: int) -> int:
+                return chosen[(layer.index, p)]
+        else:
+            def width(layer: MoELayer, e: int, p: int) -> int:
+                return chosen[layer.index][e]
         entries = [
-            ExpertEntry(layer.index, e, p, spec(chosen[layer.index][e]))
-            for layer in layers for e in range(layer.num_experts) for p in layer.projections
+            ExpertEntry(layer.index, e, name, spec(width(layer, e, p), layer.shapes[name][1]))
+            for layer in layers for e in range(layer.num_experts) for p, name in enumerate(layer.projections)
         ]
         plan = BitPlan(source.budget_model.config.model_type, [layer.path for layer in layers], entries, linears)
         plan.budget = plan_budget(source.budget_model, plan)
         return plan
 
-    if strategy in ("error-ilp", "auto") and max_bytes is not None:
+    if strategy in ("error-ilp", "auto") and not target.free:
+        group_errors = _projection_errors(layers, projection_errors, damage if strategy == "auto" else None)
+        plan = build(_tensor_ilp(layers, widths, group_errors, target, max_bytes, build))
+    elif strategy in ("error-ilp", "auto") and max_bytes is not None:
         plan = build(_error_ilp_widths(layers, widths, errors, max_bytes=max_bytes, spec=spec, build=build))
     elif max_bytes is not None:
-        plan = _fit_bytes(build, widths_at, widths, max_bytes, integer=strategy == "uniform")
+        plan = _fit_bytes(build, widths_at, widths if target.free or strategy != "uniform" else target.widths, max_bytes,
+                          integer=strategy == "uniform")
     else:
         if strategy == "uniform" and (avg_bits != int(avg_bits) or not 1 <= avg_bits <= 8):
             raise CountError(f"uniform needs a whole number of bits from 1 to 8, got {avg_bits}")
+        if strategy == "uniform" and not target.free and int(avg_bits) not in target.widths:
+            raise CountError(f"--target {target.name} runs {','.join(map(str, target.widths))} bits; uniform at {avg_bits:g} is not one of them")
         plan = build(widths_at(avg_bits))
     plan.method = method
     plan.method["bytes_read"] = source.bytes_read()
     plan.scores = scores
+    plan.budget["expert_bits_per_weight"] = plan.budget["expert_bytes"] * 8 / sum(layer.expert_numel * layer.num_experts for layer in layers)
     if damage is not None:
-        chosen = [[plan.expert_specs(layer.index)[(e, layer.projections[0])].bits for e in range(layer.num_experts)] for layer in layers]
-        plan.budget["predicted_damage"] = damage.total(chosen)
+        if target.free:
+            chosen = [[plan.expert_specs(layer.index)[(e, layer.projections[0])].bits for e in range(layer.num_experts)] for layer in layers]
+            plan.budget["predicted_damage"] = damage.total(chosen)
+        elif damage.projection_damage:
+            levels_chosen = {(layer.index, p): plan.expert_specs(layer.index)[(0, name)].bits
+                             for layer in layers for p, name in enumerate(layer.projections)}
+            plan.budget["predicted_damage"] = damage.tensor_total(levels_chosen)
+            # What the runtime's one-type-per-tensor rule costs: the same types chosen per expert instead.
+            free = _error_ilp_widths(layers, widths, damage.damage, max_bytes=max_bytes, spec=spec, build=build)
+            plan.budget["predicted_damage_with_a_width_per_expert"] = damage.total(free)
+    if not target.free:
+        target.check_plan(plan, [layer.shapes for layer in layers])
     return plan
 
 
@@ -371,8 +432,8 @@ def _maxvars(layers: list[MoELayer], variant: str) -> list[list[float]]:
     return [[max_var(layer.expert_weight(e, p), variant) for e in range(layer.num_experts)] for layer, p in zip(layers, first)]
 
 
-def _errors(layers, widths, spec, stats) -> list[list[list[float]]]:
-    """``[layer][expert][width index]`` squared error of the whole expert at each width."""
+def _errors(layers, widths, spec, stats) -> list[list[list[list[float]]]]:
+    """``[layer][expert][width index][projection]`` squared error of each projection at each width."""
     out = []
     for layer in layers:
         per_expert = []
@@ -380,11 +441,11 @@ def _errors(layers, widths, spec, stats) -> list[list[list[float]]]:
             weights = {p: layer.expert_weight(e, p) for p in layer.projections}
             row = []
             for b in widths:
-                total = 0.0
+                parts = []
                 for p, w in weights.items():
                     moment = stats.input_second_moment(layer.index, e, p) if stats is not None else None
-                    total += quantization_error(w, spec(b), moment)
-                row.append(total)
+                    parts.append(quantization_error(w, spec(b, w.shape[1]), moment))
+                row.append(parts)
             per_expert.append(row)
         out.append(per_expert)
     return out
@@ -400,7 +461,7 @@ def _error_ilp_widths(layers, widths, errors, avg_bits=None, max_bytes=None, spe
         base = build([[min(widths)] * layer.num_experts for layer in layers])
         fixed = base.budget["model_bytes"] - base.budget["expert_bytes"]
         spend = np.array([
-            [_expert_bytes(layer, spec(b), base) for b in widths] for layer in layers for _ in range(layer.num_experts)
+            [_expert_bytes(layer, lambda n, b=b: spec(b, n), base) for b in widths] for layer in layers for _ in range(layer.num_experts)
         ])
         budget = max_bytes - fixed
         if spend[:, -1].sum() > budget:
@@ -416,21 +477,63 @@ def _error_ilp_widths(layers, widths, errors, avg_bits=None, max_bytes=None, spe
     return out
 
 
-def _expert_bytes(layer: MoELayer, spec: TensorSpec, plan: BitPlan) -> float:
+def _expert_bytes(layer: MoELayer, spec: Callable[[int], TensorSpec], plan: BitPlan) -> float:
+    """True bytes of one expert with each projection at ``spec(in_features)``."""
     from ..quant.rtn import resolve_group_size
     from ..quant.tensor import storage_nbytes
 
     scale_bytes = torch.empty(0, dtype=getattr(torch, plan.scale_dtype)).element_size()
-    return float(sum(
-        storage_nbytes(shape, spec.bits, resolve_group_size(shape[1], spec.group_size, spec.scheme), spec.scheme, scale_bytes)
-        for shape in layer.shapes.values()
-    ))
+    total = 0
+    for shape in layer.shapes.values():
+        s = spec(shape[1])
+        total += storage_nbytes(shape, s.bits, resolve_group_size(shape[1], s.group_size, s.scheme), s.scheme, scale_bytes)
+    return float(total)
+
+
+def _widen(layers: list[MoELayer], chosen: list[list[int]], target: Target) -> dict[tuple[int, int], int]:
+    """Per-expert widths made one per (layer, projection): the largest level whose bytes for the
+    whole expert stack fit what its experts' own widths would take (the smallest level if none does)."""
+    out = {}
+    for layer in layers:
+        for p, name in enumerate(layer.projections):
+            shape = layer.shapes[name]
+            share = sum(target.type_at(chosen[layer.index][e], shape[1]).nbytes(shape) for e in range(layer.num_experts))
+            fitting = [b for b in target.widths if target.type_at(b, shape[1]).nbytes(shape) * layer.num_experts <= share]
+            out[(layer.index, p)] = max(fitting) if fitting else min(target.widths)
+    return out
+
+
+def _projection_errors(layers: list[MoELayer], errors, damage: DamageTable | None) -> list[list[list[float]]]:
+    """``[layer][projection][width index]`` summed over the layer's experts: the predicted damage
+    of each projection alone (``auto``), else the squared weight error per projection."""
+    if damage is not None:
+        return [[[damage.tensor_damage(layer.index, p, b) for b in damage.widths] for p in range(len(layer.projections))]
+                for layer in layers]
+    return [[[sum(expert[j][p] for expert in errors[layer.index]) for j in range(len(errors[layer.index][0]))]
+             for p in range(len(layer.projections))] for layer in layers]
+
+
+def _tensor_ilp(layers, widths, group_errors, target: Target, max_bytes: int, build) -> dict[tuple[int, int], int]:
+    """One level per (layer, projection) expert stack: least total error within ``max_bytes``."""
+    items = [(layer, p, name) for layer in layers for p, name in enumerate(layer.projections)]
+    flat = np.array([group_errors[layer.index][p] for layer, p, _ in items])
+    spend = np.array([
+        [float(target.type_at(b, layer.shapes[name][1]).nbytes(layer.shapes[name]) * layer.num_experts) for b in widths]
+        for layer, _, name in items
+    ])
+    base = build({(layer.index, p): min(widths) for layer, p, _ in items})
+    fixed = base.budget["model_bytes"] - base.budget["expert_bytes"]
+    if spend[:, -1].sum() > max_bytes - fixed:
+        raise CountError(f"a budget of {max_bytes:,} bytes is impossible: the smallest plan at {min(widths)} bits takes "
+                         f"{base.budget['model_bytes']:,} bytes")
+    chosen = error_ilp(flat, widths, spend, max_bytes - fixed)
+    return {(layer.index, p): b for (layer, p, _), b in zip(items, chosen)}
 
 
 def _fit_bytes(build, widths_at, widths, max_bytes: int, integer: bool) -> BitPlan:
     """The plan with the largest average width whose true model bytes fit ``max_bytes``."""
     low, high = float(min(widths)), float(max(widths))
-    if integer:
+    if integer and len(widths) <= 1:
         low, high = 1.0, 8.0
     smallest = build(widths_at(low))
     if smallest.budget["model_bytes"] > max_bytes:
@@ -440,6 +543,8 @@ def _fit_bytes(build, widths_at, widths, max_bytes: int, integer: bool) -> BitPl
         )
     if integer:
         for bits in range(int(high), int(low) - 1, -1):
+            if bits not in widths and len(widths) > 1:
+                continue
             plan = build(widths_at(bits))
             if plan.budget["model_bytes"] <= max_bytes:
                 return plan

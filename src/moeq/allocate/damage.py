@@ -61,6 +61,9 @@ class DamageTable:
     prior: list[list[bool]] = field(default_factory=list)  # True: no calibration token, the prior stands in
     quantizer: str = "rtn"
     sensitivity: list[list[float]] | None = None  # [layer][width index] KL per unit damage, once applied
+    # [layer][expert][width index][projection]: the damage of that projection alone at that width (the
+    # others original), for plans that choose a width per (layer, projection)
+    projection_damage: list[list[list[list[float]]]] = field(default_factory=list)
 
     def layer_totals(self, chosen: list[list[int]]) -> list[float]:
         """Predicted damage per layer of a plan given as a width per (layer, expert)."""
@@ -73,17 +76,32 @@ class DamageTable:
     def total(self, chosen: list[list[int]]) -> float:
         return sum(self.layer_totals(chosen))
 
+    def tensor_damage(self, layer: int, projection: int, width: int) -> float:
+        """Predicted damage of one (layer, projection) expert stack at ``width``, every expert."""
+        j = self.widths.index(width)
+        return sum(row[j][projection] for row in self.projection_damage[layer])
+
+    def tensor_total(self, chosen: dict[tuple[int, int], int]) -> float:
+        """Predicted damage of a plan given as a width per (layer, projection index)."""
+        return sum(self.tensor_damage(layer, p, bits) for (layer, p), bits in chosen.items())
+
     def to_json(self) -> dict:
         return {"widths": list(self.widths), "quantizer": self.quantizer, "damage": self.damage,
-                "tokens": self.tokens, "prior": self.prior, "sensitivity": self.sensitivity}
+                "tokens": self.tokens, "prior": self.prior, "sensitivity": self.sensitivity,
+                "projection_damage": self.projection_damage}
 
     @classmethod
     def from_json(cls, data: dict) -> DamageTable:
-        return cls(tuple(data["widths"]), data["damage"], data["tokens"], data["prior"], data["quantizer"], data.get("sensitivity"))
+        return cls(tuple(data["widths"]), data["damage"], data["tokens"], data["prior"], data["quantizer"], data.get("sensitivity"),
+                   data.get("projection_damage") or [])
 
     def calibrate(self, sensitivity: list[list[float]]) -> None:
         """Scale every layer's and width's damage by its measured KL per unit damage."""
         self.damage = [[[d * sensitivity[i][j] for j, d in enumerate(row)] for row in layer] for i, layer in enumerate(self.damage)]
+        self.projection_damage = [
+            [[[d * sensitivity[i][j] for d in parts] for j, parts in enumerate(row)] for row in layer]
+            for i, layer in enumerate(self.projection_damage)
+        ]
         self.sensitivity = sensitivity
 
 
@@ -128,14 +146,15 @@ def _expert_output(layer: MoELayer, weights: list[torch.Tensor], x: torch.Tensor
 
 
 def _quantized_weights(
-    layer: MoELayer, originals: list[torch.Tensor], spec: TensorSpec, method: str, x: torch.Tensor,
+    layer: MoELayer, originals: list[torch.Tensor], spec: Callable[[int], TensorSpec], method: str, x: torch.Tensor,
     hessian: HessianSum | None, options: GPTQOptions,
 ) -> list[torch.Tensor]:
-    """Every projection of one expert quantized at ``spec`` as the runner would (the shared
-    recipe), dequantized in float32; ``hessian``: of the routed inputs ``x``, for gate/up."""
+    """Every projection of one expert quantized at ``spec(in_features)`` as the runner would (the
+    shared recipe), dequantized in float32; ``hessian``: of the routed inputs ``x``, for gate/up."""
     def quantized(weight: torch.Tensor, inputs: HessianSum | None) -> torch.Tensor:
         matrix = inputs.matrix if inputs is not None and inputs.rows > 0 else None
-        return quantize_weight(weight, spec, torch.float16, method=method, hessian=matrix, options=options).dequantize(torch.float32)
+        return quantize_weight(weight, spec(weight.shape[1]), torch.float16, method=method, hessian=matrix,
+                               options=options).dequantize(torch.float32)
 
     if method != "gptq":
         return [quantized(w, None) for w in originals]
@@ -152,23 +171,27 @@ def layer_damage(
     layer: MoELayer,
     routed: RoutedInputs,
     widths: tuple[int, ...],
-    spec: Callable[[int], TensorSpec],
+    spec: Callable[[int, int], TensorSpec],
     prior_position: list[int],
     quantizer: str = "rtn",
     min_tokens: int = 16,
     normalize: bool = True,
     options: GPTQOptions = GPTQOptions(),
 ) -> tuple[list[list[float]], list[bool]]:
-    """``[expert][width index]`` predicted damage of one layer, and which experts got the prior.
+    """``[expert][width index]`` predicted damage of one layer, which experts got the prior, and
+    ``[expert][width index][projection]`` the damage of each projection quantized alone.
 
+    ``spec(bits, in_features)``: the spec a projection with ``in_features`` inputs gets at ``bits``.
     ``prior_position[e]``: expert e's position in the data-free order (0 = most bits).
     ``min_tokens``: with GPTQ, experts routed fewer tokens are rounded (the runner's fallback).
     """
     if quantizer not in DAMAGE_QUANTIZERS:
         raise ValueError(f"unknown quantizer {quantizer!r} for predicted damage; choose one of: {', '.join(DAMAGE_QUANTIZERS)}")
-    experts = layer.num_experts
+    experts, projections = layer.num_experts, len(layer.projections)
     damage = [[0.0] * len(widths) for _ in range(experts)]
+    parts = [[[0.0] * projections for _ in widths] for _ in range(experts)]
     weight_error = [[0.0] * len(widths) for _ in range(experts)]
+    part_error = [[[0.0] * projections for _ in widths] for _ in range(experts)]
     prior = [routed.counts[e] == 0 for e in range(experts)]
     energy = 0.0
     for e in range(experts):
@@ -184,11 +207,19 @@ def layer_damage(
             hessian = HessianSum(x.shape[1])
             hessian.add(x)
         for j, bits in enumerate(widths):
-            quantized = _quantized_weights(layer, originals, spec(bits), method, x, hessian, options)
-            weight_error[e][j] = sum(float((w - q).pow(2).sum(dtype=torch.float64)) for w, q in zip(originals, quantized))
+            quantized = _quantized_weights(layer, originals, lambda n, b=bits: spec(b, n), method, x, hessian, options)
+            part_error[e][j] = [float((w - q).pow(2).sum(dtype=torch.float64)) for w, q in zip(originals, quantized)]
+            weight_error[e][j] = sum(part_error[e][j])
             if reference is not None:
-                error = (_expert_output(layer, quantized, x) - reference).pow(2).sum(-1)
-                damage[e][j] = scale * float((error * g.pow(2)).sum(dtype=torch.float64))
+                def routed_change(weights: list[torch.Tensor]) -> float:
+                    error = (_expert_output(layer, weights, x) - reference).pow(2).sum(-1)
+                    return scale * float((error * g.pow(2)).sum(dtype=torch.float64))
+
+                damage[e][j] = routed_change(quantized)
+                if projections > 1:  # each projection alone, the others original
+                    parts[e][j] = [routed_change(originals[:p] + [quantized[p]] + originals[p + 1:]) for p in range(projections)]
+                else:
+                    parts[e][j] = [damage[e][j]]
     if any(prior):
         ratios = sorted(
             damage[e][j] / weight_error[e][j]
@@ -197,13 +228,16 @@ def layer_damage(
         per_unit = ratios[len(ratios) // 2] if ratios else 1.0
         for e in range(experts):
             if prior[e]:
-                damage[e] = [per_unit * err * (experts - prior_position[e]) / experts for err in weight_error[e]]
+                factor = per_unit * (experts - prior_position[e]) / experts
+                damage[e] = [factor * err for err in weight_error[e]]
+                parts[e] = [[factor * err for err in row] for row in part_error[e]]
     if normalize and energy > 0:
         damage = [[d / energy for d in row] for row in damage]
-    return damage, prior
+        parts = [[[d / energy for d in row] for row in expert] for expert in parts]
+    return damage, prior, parts
 
 
-def predicted_damage(source, token_ids: torch.Tensor, widths: tuple[int, ...], spec: Callable[[int], TensorSpec],
+def predicted_damage(source, token_ids: torch.Tensor, widths: tuple[int, ...], spec: Callable[[int, int], TensorSpec],
                      prior_positions: list[list[int]], quantizer: str = "rtn", **settings) -> DamageTable:
     """The :class:`DamageTable` of ``quantizer`` (see :func:`predicted_damages`)."""
     return predicted_damages(source, token_ids, widths, spec, prior_positions, (quantizer,), **settings)[0]
@@ -214,7 +248,7 @@ def predicted_damages(
     source,
     token_ids: torch.Tensor,
     widths: tuple[int, ...],
-    spec: Callable[[int], TensorSpec],
+    spec: Callable[[int, int], TensorSpec],
     prior_positions: list[list[int]],
     quantizers: tuple[str, ...] = ("rtn",),
     max_rows: int = 4096,
@@ -234,8 +268,8 @@ def predicted_damages(
     def finish(layer: MoELayer, routed: RoutedInputs) -> None:
         results[layer.index] = []
         for q in quantizers:
-            damage, prior = layer_damage(layer, routed, widths, spec, prior_positions[layer.index], q, min_tokens, normalize, options)
-            results[layer.index].append((damage, list(routed.counts), prior))
+            damage, prior, parts = layer_damage(layer, routed, widths, spec, prior_positions[layer.index], q, min_tokens, normalize, options)
+            results[layer.index].append((damage, list(routed.counts), prior, parts))
 
     if isinstance(source, nn.Module):
         from ..models import moe_layers_or_error
@@ -260,10 +294,11 @@ def predicted_damages(
 
         visit_moe_layers(source, token_ids, visit, batch_size)
     for index in sorted(results):
-        for table, (damage, tokens, prior) in zip(tables, results[index]):
+        for table, (damage, tokens, prior, parts) in zip(tables, results[index]):
             table.damage.append(damage)
             table.tokens.append(tokens)
             table.prior.append(prior)
+            table.projection_damage.append(parts)
     return tables
 
 
@@ -277,7 +312,7 @@ def _log_probs(model: nn.Module, token_ids: torch.Tensor, batch_size: int) -> to
 
 @torch.no_grad()
 def layer_sensitivity(
-    model: nn.Module, token_ids: torch.Tensor, table: DamageTable, spec: Callable[[int], TensorSpec], batch_size: int = 8
+    model: nn.Module, token_ids: torch.Tensor, table: DamageTable, spec: Callable[[int, int], TensorSpec], batch_size: int = 8
 ) -> list[list[float]]:
     """KL to the original model per unit of predicted damage, per (layer, width), by probes.
 
@@ -301,7 +336,7 @@ def layer_sensitivity(
         owner = model.get_submodule(parent)
         original = getattr(owner, child)
         for bits in probed:
-            specs = {(e, p): spec(bits) for e in range(layer.num_experts) for p in layer.projections}
+            specs = {(e, p): spec(bits, layer.shapes[p][1]) for e in range(layer.num_experts) for p in layer.projections}
             setattr(owner, child, quantize_experts(adapter, layer, specs, torch.float16))
             try:
                 probe = _log_probs(model, token_ids, batch_size)
@@ -333,7 +368,7 @@ def damage_table(
     source,
     token_ids: torch.Tensor,
     widths: tuple[int, ...],
-    spec: Callable[[int], TensorSpec],
+    spec: Callable[[int, int], TensorSpec],
     prior_positions: list[list[int]],
     quantizer: str = "rtn",
     sensitivity_max_bytes: int = SENSITIVITY_MAX_BYTES,

@@ -81,7 +81,7 @@ def compare_plan(
     group_size = wide.group_size if wide else None
     clip_search = wide.clip_search if wide else False
 
-    def spec(bits: int):
+    def spec(bits: int, in_features: int | None = None):
         return _one_bit_aware_spec(bits, scheme, group_size, clip_search)
 
     table = _reusable_table(plan, levels, quantizer, int(token_ids.numel()))

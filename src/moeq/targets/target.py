@@ -1,0 +1,154 @@
+"""Target and TargetType, and the catalogue of targets moeq plans for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..plan import BitPlan, PlanError, TensorSpec
+from ..quant.rtn import resolve_group_size
+from ..quant.tensor import storage_nbytes
+
+__all__ = ["GRANULARITIES", "TARGETS", "Target", "TargetType", "get_target"]
+
+# expert: a spec per (expert, projection); tensor: one per (layer, projection) across its experts;
+# layer: one per MoE layer across its experts and projections.
+GRANULARITIES = ("expert", "tensor", "layer")
+
+
+@dataclass(frozen=True)
+class TargetType:
+    """One weight type a target runs: its name there, the moeq spec that produces it exactly,
+    and the row lengths (input dimension) it accepts."""
+
+    name: str
+    spec: TensorSpec
+    row_multiple: int
+
+    def accepts(self, in_features: int) -> bool:
+        return in_features % self.row_multiple == 0
+
+    def nbytes(self, shape: tuple[int, int]) -> int:
+        """True bytes of one ``[out, in]`` weight in this type (float16 scales)."""
+        spec = self.spec
+        return storage_nbytes(shape, spec.bits, resolve_group_size(shape[1], spec.group_size, spec.scheme), spec.scheme, 2)
+
+    def bits_per_weight(self, shape: tuple[int, int]) -> float:
+        return self.nbytes(shape) * 8 / (shape[0] * shape[1])
+
+
+@dataclass(frozen=True)
+class Target:
+    """A runtime's rules: the types it runs (``None``: any moeq spec) and its granularity.
+
+    ``levels`` maps a width to the types tried for it, first that accepts the row wins (the
+    fallback llama.cpp itself applies when a K-quant does not divide a row)."""
+
+    name: str
+    granularity: str
+    levels: dict[int, tuple[TargetType, ...]] | None = None
+    runtime: str = ""
+
+    @property
+    def free(self) -> bool:
+        """Any moeq spec, a width per expert: the allocator's own freedom."""
+        return self.levels is None
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return tuple(sorted(self.levels, reverse=True)) if self.levels else ()
+
+    def type_at(self, bits: int, in_features: int) -> TargetType:
+        """The type a weight with ``in_features`` inputs gets at width ``bits``."""
+        if self.levels is None:
+            raise ValueError(f"target {self.name} has no fixed types")
+        if bits not in self.levels:
+            raise PlanError(f"target {self.name} has no {bits}-bit level; its widths are {', '.join(map(str, self.widths))}")
+        for kind in self.levels[bits]:
+            if kind.accepts(in_features):
+                return kind
+        raise PlanError(f"target {self.name} has no {bits}-bit type for rows of {in_features} "
+                        f"(tried {', '.join(k.name for k in self.levels[bits])})")
+
+    def spec_at(self, bits: int, in_features: int) -> TensorSpec:
+        return self.type_at(bits, in_features).spec
+
+    def type_of(self, spec: TensorSpec, in_features: int) -> TargetType | None:
+        """The target type this spec is, for a row of ``in_features`` (``None``: not one of them)."""
+        for kinds in (self.levels or {}).values():
+            for kind in kinds:
+                if kind.accepts(in_features) and _same(kind.spec, spec, in_features):
+                    return kind
+        return None
+
+    def check_plan(self, plan: BitPlan, shapes: list[dict[str, tuple[int, int]]]) -> None:
+        """Refuse, in one line naming the rule, a plan this target cannot hold. ``shapes``: per
+        MoE layer, projection -> (out, in)."""
+        if self.free:
+            return
+        groups: dict[tuple, set] = {}
+        for entry in plan.experts:
+            in_features = shapes[entry.layer][entry.projection][1]
+            if self.type_of(entry.spec, in_features) is None:
+                names = sorted({k.name for kinds in self.levels.values() for k in kinds})
+                raise PlanError(
+                    f"layer {entry.layer} expert {entry.expert} {entry.projection}: {_label(entry.spec)} is not a type "
+                    f"{self.runtime or self.name} runs (it runs {', '.join(names)}); make the plan with --target {self.name}"
+                )
+            key = (entry.layer,) if self.granularity == "layer" else (entry.layer, entry.projection)
+            groups.setdefault(key, set()).add(_key(entry.spec, in_features))
+        for key, specs in groups.items():
+            if self.granularity != "expert" and len(specs) > 1:
+                where = f"layer {key[0]}" + (f" {key[1]}" if len(key) > 1 else "")
+                rule = "one type per layer" if self.granularity == "layer" else "one type per layer's expert tensor"
+                raise PlanError(f"{where}: its experts use {len(specs)} different specs, but {self.runtime or self.name} holds "
+                                f"{rule}; make the plan with --target {self.name}")
+
+
+def _key(spec: TensorSpec, in_features: int) -> tuple:
+    return (spec.bits, spec.scheme, resolve_group_size(in_features, spec.group_size, spec.scheme))
+
+
+def _same(a: TensorSpec, b: TensorSpec, in_features: int) -> bool:
+    return _key(a, in_features) == _key(b, in_features)
+
+
+def _label(spec: TensorSpec) -> str:
+    group = f" group {spec.group_size}" if spec.group_size and not spec.scheme.is_kquant else ""
+    return f"{spec.bits}-bit {spec.scheme.value}{group}"
+
+
+def _gguf() -> Target:
+    def t(name: str, bits: int, scheme: str, group: int | None, rows: int) -> TargetType:
+        return TargetType(name, TensorSpec(bits, scheme, group), rows)
+
+    q4_0, q5_0, q8_0 = t("Q4_0", 4, "sym", 32, 32), t("Q5_0", 5, "sym", 32, 32), t("Q8_0", 8, "sym", 32, 32)
+    # A row that no K-quant divides falls back as llama.cpp's quantizer does: 2-4 bits to Q4_0,
+    # 5 to Q5_0, 6 and 8 to Q8_0.
+    return Target(
+        name="gguf",
+        granularity="tensor",
+        runtime="llama.cpp (GGUF)",
+        levels={
+            2: (t("Q2_K", 2, "q2_k", None, 256), q4_0),
+            3: (t("Q3_K", 3, "q3_k", None, 256), q4_0),
+            4: (t("Q4_K", 4, "q4_k", None, 256), q4_0),
+            5: (t("Q5_K", 5, "q5_k", None, 256), q5_0),
+            6: (t("Q6_K", 6, "q6_k", None, 256), q8_0),
+            8: (q8_0,),
+        },
+    )
+
+
+TARGETS: dict[str, Target] = {
+    "moeq": Target("moeq", "expert", None, "moeq"),
+    "gguf": _gguf(),
+}
+
+
+def get_target(target: str | Target) -> Target:
+    """A target by name (or as given); one line naming the known ones otherwise."""
+    if isinstance(target, Target):
+        return target
+    if target not in TARGETS:
+        raise PlanError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+    return TARGETS[target]

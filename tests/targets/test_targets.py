@@ -1,0 +1,112 @@
+"""Targets as data: the GGUF target's types are llama.cpp's (sizes from the gguf package), plans
+made for it hold one type per (layer, projection), budgets count the file's true bytes, and a
+plan it cannot hold is refused in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import pytest
+from typer.testing import CliRunner
+
+import moeq
+from moeq.cli import app
+from moeq.demo import DEFAULT_MODEL
+from moeq.export import export_gguf
+from moeq.io.source import load_source
+from moeq.plan import PlanError, TensorSpec
+from moeq.targets import TARGETS, get_target
+from tests.conftest import one_line_error
+
+runner = CliRunner()
+GGUF = TARGETS["gguf"]
+
+
+@pytest.mark.parametrize("kind", sorted({k for kinds in GGUF.levels.values() for k in kinds}, key=lambda k: k.name), ids=lambda k: k.name)
+def test_every_gguf_type_has_llama_cpps_size(kind) -> None:
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind.name]]
+    shape = (3, 768)
+    assert kind.nbytes(shape) == 3 * 768 // block * size
+
+
+def test_rows_no_k_quant_divides_fall_back_as_llama_cpp_does() -> None:
+    assert [GGUF.type_at(b, 256).name for b in (2, 3, 4, 5, 6, 8)] == ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
+    assert [GGUF.type_at(b, 384).name for b in (2, 3, 4, 5, 6, 8)] == ["Q4_0", "Q4_0", "Q4_0", "Q5_0", "Q8_0", "Q8_0"]
+    with pytest.raises(PlanError, match="no 7-bit level"):
+        GGUF.type_at(7, 256)
+    with pytest.raises(PlanError, match="unknown target 'onnx'; choose one of: moeq, gguf"):
+        get_target("onnx")
+
+
+def _stacks(plan) -> dict[tuple[int, str], set]:
+    rows: dict[tuple[int, str], set] = {}
+    for entry in plan.experts:
+        rows.setdefault((entry.layer, entry.projection), set()).add(entry.spec)
+    return rows
+
+
+@pytest.mark.parametrize("strategy", ["router-maxvar", "variance", "random", "uniform"])
+def test_every_strategy_plans_within_the_target_and_its_budget_is_the_files(strategy: str, tmp_path: Path) -> None:
+    avg = 4 if strategy == "uniform" else 3.5
+    plan = moeq.allocate(DEFAULT_MODEL, strategy, avg_bits=avg, target="gguf")
+    assert all(len(specs) == 1 for specs in _stacks(plan).values())  # one type per expert stack
+    source = load_source(DEFAULT_MODEL)
+    checkpoint = tmp_path / "q"
+    moeq.save(moeq.quantize(source, plan), checkpoint, source=DEFAULT_MODEL)
+    report = export_gguf(checkpoint, tmp_path / "m.gguf")  # the exporter measures the file it wrote
+    assert report.expert_bits_per_weight == pytest.approx(plan.budget["expert_bits_per_weight"])
+    if strategy == "uniform":
+        assert set(report.type_counts()) >= {"Q4_K", "Q4_0"}  # gate/up Q4_K; down (384 inputs) Q4_0
+    else:
+        assert plan.budget["expert_bits_per_weight"] <= avg
+        assert plan.method["target"]["name"] == "gguf" and "widening" in plan.method["target"]
+
+
+def test_auto_chooses_per_layer_and_projection_and_beats_every_uniform_plan_it_could_have_made() -> None:
+    plan = moeq.allocate(DEFAULT_MODEL, "auto", avg_bits=3.6, target="gguf", calibration="default", calib_tokens=4096)
+    assert all(len(specs) == 1 for specs in _stacks(plan).values())
+    assert plan.budget["expert_bits_per_weight"] <= 3.6
+    from moeq.allocate.damage import DamageTable
+
+    table = DamageTable.from_json(plan.scores["predicted_damage"])
+    layers = len(plan.layers)
+    chosen = plan.budget["predicted_damage"]
+    for bits in table.widths:  # every uniform plan within the budget predicts more damage (the ILP's optimum)
+        uniform = moeq.allocate(DEFAULT_MODEL, "uniform", avg_bits=bits, target="gguf")
+        if uniform.budget["expert_bits_per_weight"] <= 3.6:
+            assert table.tensor_total({(i, p): bits for i in range(layers) for p in range(3)}) >= chosen
+    assert plan.budget["predicted_damage_with_a_width_per_expert"] > 0
+
+
+def test_a_plan_the_target_cannot_hold_is_refused_naming_the_rule() -> None:
+    source = load_source(DEFAULT_MODEL)
+    from moeq.models import moe_layers_or_error
+
+    shapes = [layer.shapes for layer in moe_layers_or_error(source)[1]]
+    free = moeq.allocate(DEFAULT_MODEL, "router-maxvar", avg_bits=2.5)  # moeq's own: asym, a width per expert
+    with pytest.raises(PlanError, match=r"3-bit asym is not a type llama.cpp \(GGUF\) runs .* make the plan with --target gguf"):
+        GGUF.check_plan(free, shapes)
+    plan = moeq.allocate(DEFAULT_MODEL, "uniform", avg_bits=4, target="gguf")
+    for entry in plan.experts:
+        if entry.layer == 2 and entry.projection == "up_proj" and entry.expert == 5:
+            object.__setattr__(entry, "spec", TensorSpec(5, "q5_k"))
+    with pytest.raises(PlanError, match="layer 2 up_proj: its experts use 2 different specs, but llama.cpp \\(GGUF\\) holds one type per"):
+        GGUF.check_plan(plan, shapes)
+    TARGETS["moeq"].check_plan(plan, shapes)  # moeq's own runtime holds anything
+
+
+def test_cli_quantizes_for_gguf_and_refuses_a_plan_it_cannot_hold(tmp_path: Path) -> None:
+    out = tmp_path / "q"
+    result = runner.invoke(app, ["quantize", str(DEFAULT_MODEL), "--out", str(out), "--bits", "3", "--target", "gguf"])
+    assert result.exit_code == 0, result.output
+    report = export_gguf(out, tmp_path / "m.gguf")
+    assert report.type_counts()["Q3_K"] == 8 and report.type_counts()["Q4_0"] == 4
+    plan = tmp_path / "plan.json"
+    assert runner.invoke(app, ["allocate", str(DEFAULT_MODEL), "--out", str(plan), "--avg-bits", "2.5"]).exit_code == 0
+    line = one_line_error(runner.invoke(app, ["quantize", str(DEFAULT_MODEL), "--out", str(tmp_path / "r"), "--plan", str(plan),
+                                              "--target", "gguf"]))
+    assert "make the plan with --target gguf" in line and not (tmp_path / "r").exists()
+    line = one_line_error(runner.invoke(app, ["allocate", str(DEFAULT_MODEL), "--out", str(tmp_path / "p2.json"), "--avg-bits",
+                                              "3", "--target", "gguf", "--levels", "3,2,1"]))
+    assert "--target gguf has levels 8,6,5,4,3,2; 1 is not one of them" in line
