@@ -310,9 +310,11 @@ def allocate(
         plan.budget = plan_budget(source.budget_model, plan)
         return plan
 
+    tensor_levels = None  # the level of each (layer, projection), when a tensor ILP chose them
     if strategy in ("error-ilp", "auto") and not target.free:
         group_errors = _projection_errors(layers, projection_errors, damage if strategy == "auto" else None)
-        plan = build(_tensor_ilp(layers, widths, group_errors, target, max_bytes, build))
+        tensor_levels = _tensor_ilp(layers, widths, group_errors, target, max_bytes, build)
+        plan = build(tensor_levels)
     elif strategy in ("error-ilp", "auto") and max_bytes is not None:
         plan = build(_error_ilp_widths(layers, widths, errors, max_bytes=max_bytes, spec=spec, build=build))
     elif max_bytes is not None:
@@ -332,10 +334,11 @@ def allocate(
         if target.free:
             chosen = [[plan.expert_specs(layer.index)[(e, layer.projections[0])].bits for e in range(layer.num_experts)] for layer in layers]
             plan.budget["predicted_damage"] = damage.total(chosen)
-        elif damage.projection_damage:
-            levels_chosen = {(layer.index, p): plan.expert_specs(layer.index)[(0, name)].bits
-                             for layer in layers for p, name in enumerate(layer.projections)}
-            plan.budget["predicted_damage"] = damage.tensor_total(levels_chosen)
+        elif tensor_levels is not None and damage.projection_damage:
+            # levels, not the types' bits: a level's fallback type may have more bits (Q8_0 for 6-bit rows of 384)
+            plan.budget["predicted_damage"] = damage.tensor_total(tensor_levels)
+            plan.method["target"]["levels"] = {f"{plan.layers[layer]} {layers[layer].projections[p]}": b
+                                               for (layer, p), b in tensor_levels.items()}
             # What the runtime's one-type-per-tensor rule costs: the same types chosen per expert instead.
             free = _error_ilp_widths(layers, widths, damage.damage, max_bytes=max_bytes, spec=spec, build=build)
             plan.budget["predicted_damage_with_a_width_per_expert"] = damage.total(free)
