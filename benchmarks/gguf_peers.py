@@ -38,6 +38,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,7 +50,7 @@ from _common import print_table, write_json
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "src" / "moeq" / "data"
 MODEL = DATA / "default-mixtral"
-MOEQ = ROOT / ".venv" / "bin" / "moeq"
+MOEQ = Path(sys.executable).parent / "moeq"  # the command of the environment running this script
 KEEP_F16 = ("attn_q", "attn_k", "attn_v", "attn_output")
 
 
@@ -117,7 +118,7 @@ def main() -> None:
     parser.add_argument("--llama-cpp", type=Path, default=Path(os.environ.get("LLAMA_CPP_BIN", "/work/llama.cpp/build/bin")))
     parser.add_argument("--types", default="Q2_K,Q3_K_S,Q3_K_M,Q4_K_M,IQ2_XS,IQ3_XXS,Q4_0")
     parser.add_argument("--ctx", type=int, default=256)
-    parser.add_argument("--calib-tokens", type=int, default=16384)
+    parser.add_argument("--calib-tokens", type=int, default=131072)
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--no-speed", action="store_true")
     args = parser.parse_args()

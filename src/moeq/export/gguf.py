@@ -92,11 +92,13 @@ def _tokenizer_metadata(folder: Path, vocab_size: int) -> dict:
     if not path.is_file():
         raise ExportError(f"{folder} has no tokenizer.json; GGUF files carry their tokenizer: copy it into the checkpoint")
     data = json.loads(path.read_text())
-    pre = data.get("pre_tokenizer") or {}
-    if (data.get("model") or {}).get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
+    pre, decoder = data.get("pre_tokenizer") or {}, data.get("decoder") or {}
+    if ((data.get("model") or {}).get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True)
+            or decoder.get("type") != "ByteLevel"):
         raise ExportError(
             f"{path}: GGUF export supports GPT-2-style byte-level BPE tokenizers so far (tokenizer.ggml.model gpt2, "
-            f"pre gpt-2); this one is a {(data.get('model') or {}).get('type')} model with a {pre.get('type')} pre-tokenizer"
+            f"pre gpt-2); this one is a {(data.get('model') or {}).get('type')} model with a {pre.get('type')} "
+            f"pre-tokenizer and a {decoder.get('type')} decoder"
         )
     vocab = gguf.vocab.BpeVocab(folder)
     tokens, types = [], []
@@ -142,6 +144,7 @@ def export_gguf(
     config = read_config(checkpoint)
     plan = read_plan(checkpoint)  # a folder that is not a moeq checkpoint is refused here
     arch = architecture_for(str(config.get("model_type")))
+    arch.check_config(config)
     skeleton = meta_skeleton(checkpoint)
     plan.check_fits(plan_target(skeleton))
     expert_types = check_gguf_plan(plan, [layer.shapes for layer in moe_layers_or_error(skeleton)[1]])
@@ -202,6 +205,9 @@ def _tensor_sources(model, plan, arch: GGUFArchitecture, config, layers, expert_
                 return _permuted(blocks, heads[w]) if w else blocks
             out.append(_Tensor(target, kind, produce, quantized.shape))
         else:
+            if arch.flattened(name):
+                tensor = tensor.reshape(-1)
+            # llama.cpp keeps 1-D tensors (norms, biases) in F32, as its converter writes them
             kind = float_rows(torch.zeros(1), float_type if tensor.dim() > 1 else "F32")[0]
             def produce(t=tensor, w=which, k=kind.name):
                 data = float_rows(t, k)[1]

@@ -30,13 +30,28 @@ class GGUFArchitecture:
     tensors: dict[str, str]
     experts: dict[str, str]
     permute: dict[str, str] = field(default_factory=dict)
+    flatten: tuple[str, ...] = ()  # regexes of tensors llama.cpp holds 1-D (Hugging Face: [1, n])
+    requires: dict[str, tuple[Any, str]] = field(default_factory=dict)  # config key -> (value, what llama.cpp does)
+
+    def check_config(self, config: dict[str, Any]) -> None:
+        """Refuse a model whose config asks for something llama.cpp's graph for this architecture
+        does differently (it would load and run, and compute another function)."""
+        for key, (value, behaviour) in self.requires.items():
+            got = config.get(key)
+            if (got or None) != (value or None) and got != value:
+                raise ValueError(f"llama.cpp's {self.arch} {behaviour}, but this model's config has {key} = {got!r}: "
+                                 "the exported file would compute a different model")
+
+    def flattened(self, hf_name: str) -> bool:
+        return any(re.fullmatch(pattern, hf_name) for pattern in self.flatten)
 
     def gguf_name(self, hf_name: str) -> str | None:
         """The GGUF name of a (non-expert) parameter, or ``None`` if the family has no such tensor."""
         for pattern, target in self.tensors.items():
             match = re.fullmatch(pattern, hf_name)
             if match:
-                return target.format(bid=match.group(1)) if match.groups() else target
+                groups = match.groups()
+                return target.format(bid=groups[0], kind=groups[1] if len(groups) > 1 else "weight") if groups else target
         return None
 
     def permutation(self, hf_name: str) -> str | None:
@@ -67,6 +82,30 @@ def _llama_moe_hparams(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _qwen_moe_hparams(config: dict[str, Any]) -> dict[str, Any]:
+    heads = config["num_attention_heads"]
+    rope = config.get("rope_parameters") or {}
+    out = {
+        "context_length": config["max_position_embeddings"],
+        "embedding_length": config["hidden_size"],
+        "block_count": config["num_hidden_layers"],
+        "feed_forward_length": config["intermediate_size"],
+        "attention.head_count": heads,
+        "attention.head_count_kv": config.get("num_key_value_heads", heads),
+        "attention.layer_norm_rms_epsilon": float(config["rms_norm_eps"]),
+        "rope.freq_base": float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+        "expert_count": config.get("num_experts") or config["num_local_experts"],
+        "expert_used_count": config["num_experts_per_tok"],
+        "expert_feed_forward_length": config["moe_intermediate_size"],
+        "vocab_size": config["vocab_size"],
+    }
+    if config.get("shared_expert_intermediate_size"):
+        out["expert_shared_feed_forward_length"] = config["shared_expert_intermediate_size"]
+    if config.get("head_dim"):
+        out["attention.key_length"] = out["attention.value_length"] = config["head_dim"]
+    return out
+
+
 _LAYER = r"model\.layers\.(\d+)\."
 
 MIXTRAL = GGUFArchitecture(
@@ -89,7 +128,49 @@ MIXTRAL = GGUFArchitecture(
     permute={_LAYER + r"self_attn\.q_proj\.weight": "q", _LAYER + r"self_attn\.k_proj\.weight": "k"},
 )
 
-ARCHITECTURES: dict[str, GGUFArchitecture] = {"mixtral": MIXTRAL}
+_QWEN_COMMON = {
+    r"model\.embed_tokens\.weight": "token_embd.weight",
+    r"model\.norm\.weight": "output_norm.weight",
+    r"lm_head\.weight": "output.weight",
+    _LAYER + r"input_layernorm\.weight": "blk.{bid}.attn_norm.weight",
+    _LAYER + r"self_attn\.o_proj\.weight": "blk.{bid}.attn_output.weight",
+    _LAYER + r"post_attention_layernorm\.weight": "blk.{bid}.ffn_norm.weight",
+    _LAYER + r"mlp\.gate\.weight": "blk.{bid}.ffn_gate_inp.weight",
+    **{_LAYER + rf"self_attn\.{x}_proj\.(weight|bias)": f"blk.{{bid}}.attn_{x}.{{kind}}" for x in "qkv"},
+}
+_SPARSE_ONLY = {
+    "decoder_sparse_step": (1, "has a MoE block in every layer"),
+    "mlp_only_layers": ([], "has a MoE block in every layer"),
+}
+
+QWEN2_MOE = GGUFArchitecture(
+    arch="qwen2moe",
+    hparams=_qwen_moe_hparams,
+    tensors={
+        **_QWEN_COMMON,
+        _LAYER + r"mlp\.shared_expert\.gate_proj\.weight": "blk.{bid}.ffn_gate_shexp.weight",
+        _LAYER + r"mlp\.shared_expert\.up_proj\.weight": "blk.{bid}.ffn_up_shexp.weight",
+        _LAYER + r"mlp\.shared_expert\.down_proj\.weight": "blk.{bid}.ffn_down_shexp.weight",
+        _LAYER + r"mlp\.shared_expert_gate\.weight": "blk.{bid}.ffn_gate_inp_shexp.weight",
+    },
+    experts={"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"},
+    flatten=(_LAYER + r"mlp\.shared_expert_gate\.weight",),
+    requires={"norm_topk_prob": (False, "does not renormalise the top-k routing weights"), **_SPARSE_ONLY},
+)
+
+QWEN3_MOE = GGUFArchitecture(
+    arch="qwen3moe",
+    hparams=_qwen_moe_hparams,
+    tensors={
+        **_QWEN_COMMON,
+        _LAYER + r"self_attn\.q_norm\.weight": "blk.{bid}.attn_q_norm.weight",
+        _LAYER + r"self_attn\.k_norm\.weight": "blk.{bid}.attn_k_norm.weight",
+    },
+    experts={"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"},
+    requires={"norm_topk_prob": (True, "renormalises the top-k routing weights"), **_SPARSE_ONLY},
+)
+
+ARCHITECTURES: dict[str, GGUFArchitecture] = {"mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE, "qwen3_moe": QWEN3_MOE}
 
 
 def architecture_for(model_type: str) -> GGUFArchitecture:
