@@ -155,8 +155,9 @@ def k_plan(source, scheme: str = "q3_k"):
     [
         # Everything in F32: only summation order differs (measured worst 0.0016).
         ("f32", "F32", 0.01),
-        # Q4_0 experts, F16 elsewhere: llama.cpp's CPU kernels round activations to 8-bit blocks for
-        # Q4_0 and to float16 for F16 weights (measured worst 0.11 over 8 prompts).
+        # Q4_0 experts, Q8_0 attention (its q/k blocks permuted for llama.cpp's rotary layout), F16
+        # elsewhere: llama.cpp's CPU kernels round activations to 8-bit blocks for Q4_0/Q8_0 and to
+        # float16 for F16 weights (measured worst 0.11 over 8 prompts).
         ("q4_0", "F16", 0.25),
         # Q3_K gate/up and Q4_0 down (measured worst 0.039 over 8 prompts).
         ("q3_k", "F16", 0.25),
@@ -165,7 +166,12 @@ def k_plan(source, scheme: str = "q3_k"):
 def test_llama_cpp_runs_the_export_like_moeq(tmp_path: Path, plan: str, float_type: str, tolerance: float) -> None:
     source = load_source(DEFAULT_MODEL)
     checkpoint = tmp_path / "q"
-    config = k_plan(source) if plan == "q3_k" else moeq.QuantConfig(bits=16 if plan == "f32" else 4, scheme="sym", group_size=32)
+    if plan == "q3_k":
+        config = k_plan(source)
+    elif plan == "q4_0":
+        config = moeq.QuantConfig(bits=4, scheme="sym", group_size=32, attn_bits=8)
+    else:
+        config = moeq.QuantConfig(bits=16)
     moeq.save(moeq.quantize(source, config), checkpoint, source=DEFAULT_MODEL)
     path = export_gguf(checkpoint, tmp_path / "m.gguf", float_type=float_type).path
     theirs = _llama_cpp_logprobs(path, PROMPTS)

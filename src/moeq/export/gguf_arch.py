@@ -15,6 +15,10 @@ from typing import Any
 __all__ = ["GGUFArchitecture", "ARCHITECTURES", "architecture_for", "rope_permute_rows"]
 
 
+# The stacked routed-expert tensors, by the adapters' projection names (llama.cpp's ffn_*_exps).
+EXPERT_STACKS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+
+
 @dataclass(frozen=True)
 class GGUFArchitecture:
     """One family's GGUF spelling.
@@ -28,7 +32,7 @@ class GGUFArchitecture:
     arch: str
     hparams: Callable[[dict[str, Any]], dict[str, Any]]
     tensors: dict[str, str]
-    experts: dict[str, str]
+    experts: dict[str, str] = field(default_factory=lambda: dict(EXPERT_STACKS))
     permute: dict[str, str] = field(default_factory=dict)
     flatten: tuple[str, ...] = ()  # regexes of tensors llama.cpp holds 1-D (Hugging Face: [1, n])
     requires: dict[str, tuple[Any, str]] = field(default_factory=dict)  # config key -> (value, what llama.cpp does)
@@ -62,9 +66,9 @@ class GGUFArchitecture:
         return None
 
 
-def _llama_moe_hparams(config: dict[str, Any]) -> dict[str, Any]:
+def _decoder_hparams(config: dict[str, Any]) -> dict[str, Any]:
+    """The hyper-parameters every decoder-only MoE architecture of llama.cpp reads."""
     heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
     rope = config.get("rope_parameters") or {}
     return {
         "context_length": config["max_position_embeddings"],
@@ -74,31 +78,20 @@ def _llama_moe_hparams(config: dict[str, Any]) -> dict[str, Any]:
         "attention.head_count": heads,
         "attention.head_count_kv": config.get("num_key_value_heads", heads),
         "attention.layer_norm_rms_epsilon": float(config["rms_norm_eps"]),
-        "rope.dimension_count": head_dim,
         "rope.freq_base": float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
-        "expert_count": config["num_local_experts"],
+        "expert_count": config.get("num_local_experts") or config["num_experts"],
         "expert_used_count": config["num_experts_per_tok"],
         "vocab_size": config["vocab_size"],
     }
+
+
+def _llama_moe_hparams(config: dict[str, Any]) -> dict[str, Any]:
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return {**_decoder_hparams(config), "rope.dimension_count": head_dim}
 
 
 def _qwen_moe_hparams(config: dict[str, Any]) -> dict[str, Any]:
-    heads = config["num_attention_heads"]
-    rope = config.get("rope_parameters") or {}
-    out = {
-        "context_length": config["max_position_embeddings"],
-        "embedding_length": config["hidden_size"],
-        "block_count": config["num_hidden_layers"],
-        "feed_forward_length": config["intermediate_size"],
-        "attention.head_count": heads,
-        "attention.head_count_kv": config.get("num_key_value_heads", heads),
-        "attention.layer_norm_rms_epsilon": float(config["rms_norm_eps"]),
-        "rope.freq_base": float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
-        "expert_count": config.get("num_experts") or config["num_local_experts"],
-        "expert_used_count": config["num_experts_per_tok"],
-        "expert_feed_forward_length": config["moe_intermediate_size"],
-        "vocab_size": config["vocab_size"],
-    }
+    out = {**_decoder_hparams(config), "expert_feed_forward_length": config["moe_intermediate_size"]}
     if config.get("shared_expert_intermediate_size"):
         out["expert_shared_feed_forward_length"] = config["shared_expert_intermediate_size"]
     if config.get("head_dim"):
@@ -124,7 +117,6 @@ MIXTRAL = GGUFArchitecture(
         _LAYER + r"post_attention_layernorm\.weight": "blk.{bid}.ffn_norm.weight",
         _LAYER + r"mlp\.gate\.weight": "blk.{bid}.ffn_gate_inp.weight",
     },
-    experts={"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"},
     permute={_LAYER + r"self_attn\.q_proj\.weight": "q", _LAYER + r"self_attn\.k_proj\.weight": "k"},
 )
 
@@ -153,7 +145,6 @@ QWEN2_MOE = GGUFArchitecture(
         _LAYER + r"mlp\.shared_expert\.down_proj\.weight": "blk.{bid}.ffn_down_shexp.weight",
         _LAYER + r"mlp\.shared_expert_gate\.weight": "blk.{bid}.ffn_gate_inp_shexp.weight",
     },
-    experts={"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"},
     flatten=(_LAYER + r"mlp\.shared_expert_gate\.weight",),
     requires={"norm_topk_prob": (False, "does not renormalise the top-k routing weights"), **_SPARSE_ONLY},
 )
@@ -166,7 +157,6 @@ QWEN3_MOE = GGUFArchitecture(
         _LAYER + r"self_attn\.q_norm\.weight": "blk.{bid}.attn_q_norm.weight",
         _LAYER + r"self_attn\.k_norm\.weight": "blk.{bid}.attn_k_norm.weight",
     },
-    experts={"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"},
     requires={"norm_topk_prob": (True, "renormalises the top-k routing weights"), **_SPARSE_ONLY},
 )
 
