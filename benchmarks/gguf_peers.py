@@ -28,7 +28,8 @@ F16 (MoQE's recipe, and how both sides are run here):
    (context ``--ctx``), and ``llama-bench`` prompt and generation tokens/s at 1 and 2 threads.
 
 Expert bits per weight are counted from the files (bytes of the ``*_exps`` tensors x 8 / weights).
-Writes benchmarks/results/gguf_peers.json.
+Writes benchmarks/results/gguf_peers.json; ``--speed-only --work DIR`` re-measures llama-bench on
+every file of an earlier run (for a quiet machine) into gguf_peers_speed.json.
 """
 
 from __future__ import annotations
@@ -121,10 +122,21 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, default=131072)
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="only llama-bench every .gguf file already in --work (on a quiet machine), into gguf_peers_speed.json")
     args = parser.parse_args()
     bin_dir = args.llama_cpp
     if not (bin_dir / "llama-quantize").is_file():
         raise SystemExit(f"no llama-quantize in {bin_dir}; build llama.cpp's tools (see this script's docstring) and pass --llama-cpp")
+    if args.speed_only:
+        if args.work is None:
+            raise SystemExit("--speed-only needs the --work folder of an earlier run")
+        rows = [{"file": p.name, "expert_bits": round(expert_bits(p), 4), **speed(bin_dir, p, args.work / "logs" / f"speed-{p.stem}.log")}
+                for p in sorted(args.work.glob("*.gguf"))]
+        print_table(["file", "expert bits", "prompt t/s 1", "prompt t/s 2", "gen t/s 1", "gen t/s 2"],
+                    [[r["file"], r["expert_bits"], r["prompt_t1"], r["prompt_t2"], r["gen_t1"], r["gen_t2"]] for r in rows])
+        write_json("gguf_peers_speed", rows, work=str(args.work))
+        return
     work = args.work or Path(tempfile.mkdtemp(prefix="gguf-peers-"))
     work.mkdir(parents=True, exist_ok=True)
     logs = work / "logs"

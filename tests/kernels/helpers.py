@@ -16,7 +16,7 @@ from moeq.plan import BitPlan, ExpertEntry, TensorSpec
 WIDTHS = [
     TensorSpec(1, "sign"), TensorSpec(1, "asym"), TensorSpec(2, "sym"), TensorSpec(2, "asym"), TensorSpec(3, "asym", 16),
     TensorSpec(3, "log"), TensorSpec(4, "sym"), TensorSpec(4, "asym", 32), TensorSpec(5, "asym"), TensorSpec(6, "asym", 32),
-    TensorSpec(7, "sym"), TensorSpec(8, "sym"),
+    TensorSpec(7, "sym"), TensorSpec(8, "sym"), TensorSpec(4, "symx", 32),  # symx: signed scales (llama.cpp's Q4_0 rule)
 ]
 
 

@@ -91,7 +91,9 @@ def _check_values(packed: dict[str, nn.Module], stored: dict[str, tuple[Path, Te
                 if key.endswith(".codes"):  # K-quant blocks carry their float16 super-block scales inside
                     _check_kquant_scales(file, key, packed[key], values)
                     continue
-                if key.endswith(".scales") and not (torch.isfinite(values).all() and (values > 0).all()):
+                # symx alone stores signed scales (llama.cpp's Q4_0/Q5_0 rule); none may be zero
+                signed = packed[key].spec.scheme.value == "symx"
+                if key.endswith(".scales") and not (torch.isfinite(values).all() and ((values != 0) if signed else (values > 0)).all()):
                     raise CheckpointError(f"{file.name}: tensor {key} holds non-finite or non-positive scales; the checkpoint is corrupt: re-export it")
                 bits = packed[key].spec.bits
                 if key.endswith(".zeros") and values.numel() and int(values.max()) >= 2**bits:

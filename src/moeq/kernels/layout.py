@@ -104,7 +104,7 @@ def scales_and_zeros(linear) -> tuple[torch.Tensor, torch.Tensor]:
         return scales, linear.zeros.float()
     if scheme is Scheme.SIGN:
         return scales * 2, torch.full_like(scales, 0.5)
-    zero = float(1 << (bits - 1)) if scheme is Scheme.SYM else 0.0
+    zero = float(1 << (bits - 1)) if scheme in (Scheme.SYM, Scheme.SYMX) else 0.0
     return scales, torch.full_like(scales, zero)
 
 

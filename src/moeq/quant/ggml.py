@@ -1,7 +1,8 @@
 """GGML block formats (the tensor types of GGUF files) that moeq's codes map onto exactly.
 
 A GGML type stores a row in blocks of ``block_size`` weights, each block ``type_size`` bytes,
-rows one after another. Three types hold moeq's symmetric codes with groups of 32 bit for bit,
+rows one after another. Three types hold moeq's symmetric codes (``sym`` or ``symx``, whose
+scales may be negative, as llama.cpp's own Q4_0/Q5_0 are) with groups of 32 bit for bit,
 so export copies codes and scales instead of quantizing again:
 
 =======  ==============================  ===========================================================
@@ -74,6 +75,9 @@ EXACT_TYPES: dict[tuple[Scheme, int, int], str] = {
     (Scheme.SYM, 4, 32): "Q4_0",
     (Scheme.SYM, 5, 32): "Q5_0",
     (Scheme.SYM, 8, 32): "Q8_0",
+    (Scheme.SYMX, 4, 32): "Q4_0",
+    (Scheme.SYMX, 5, 32): "Q5_0",
+    (Scheme.SYMX, 8, 32): "Q8_0",
 }
 
 

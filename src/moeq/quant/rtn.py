@@ -54,14 +54,16 @@ def round_scales(scales: torch.Tensor, scale_dtype: torch.dtype, name: str = "we
     """``scales`` in their storage dtype; a scale the dtype cannot hold is refused, naming ``name``
     (float16 tops out at 65504: stored, it would become inf and the row would decode to NaN)."""
     largest = torch.finfo(scale_dtype).max
-    if scales.numel() and scales.max() > largest:
+    if scales.numel() and scales.abs().max() > largest:
         dtype = str(scale_dtype).removeprefix("torch.")
         raise ValueError(
-            f"{name} needs a scale of {scales.max().item():.3g}, more than {dtype} holds ({largest:.6g}); weights that large "
+            f"{name} needs a scale of {scales.abs().max().item():.3g}, more than {dtype} holds ({largest:.6g}); weights that large "
             'are almost surely corrupt: check the source (if they are genuine, use a plan whose "scale_dtype" is "float32")'
         )
-    # Codes are chosen against the scale as stored, so encode and decode agree exactly.
-    return scales.clamp(min=torch.finfo(scale_dtype).tiny).to(scale_dtype)
+    # Codes are chosen against the scale as stored, so encode and decode agree exactly. Only symx has
+    # negative scales; their magnitude is kept off zero the same way.
+    tiny = torch.finfo(scale_dtype).tiny
+    return torch.where(scales < 0, scales.clamp(max=-tiny), scales.clamp(min=tiny)).to(scale_dtype)
 
 
 def search_clip(groups: torch.Tensor, scheme: Scheme, bits: int, scale_dtype: torch.dtype, name: str = "weight") -> torch.Tensor:

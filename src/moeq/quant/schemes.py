@@ -10,6 +10,10 @@ Schemes (``b`` bits, code ``c``, scale ``s``):
 
 - ``sym``: linear symmetric absolute-max, MoQE's channel-wise quantizer. ``s = max|w| / (2^(b-1)-1)``,
   ``c = clamp(round(w/s), -2^(b-1), 2^(b-1)-1) + 2^(b-1)``, ``w' = (c - 2^(b-1)) s``. Needs b >= 2.
+- ``symx``: ``sym``'s codes and decode with the scale llama.cpp's Q4_0/Q5_0 quantizer picks: the
+  weight of largest magnitude ``m`` (with its sign) maps to the extra negative code,
+  ``s = m / -2^(b-1)``, so all ``2^b`` codes are used and the step is ``2^(b-1)/(2^(b-1)-1)``
+  times finer; ``s`` is negative when ``m > 0`` (GGUF stores it as is). Needs b >= 2.
 - ``asym``: linear asymmetric min-max with an integer zero point ``z``: ``lo = min(min w, 0)``,
   ``hi = max(max w, 0)``, ``s = (hi - lo) / (2^b - 1)``, ``z = round(-lo/s)``,
   ``c = clamp(round(w/s) + z, 0, 2^b-1)``, ``w' = (c - z) s``. Including 0 in the range (as GPTQ
@@ -42,6 +46,7 @@ class Scheme(str, Enum):
     """Weight quantization scheme; see the module docstring for the exact maps."""
 
     SYM = "sym"
+    SYMX = "symx"
     ASYM = "asym"
     LOG = "log"
     SIGN = "sign"
@@ -59,6 +64,7 @@ class Scheme(str, Enum):
 
 _BIT_RANGE = {
     Scheme.SYM: (2, 8),
+    Scheme.SYMX: (2, 8),
     Scheme.ASYM: (1, 8),
     Scheme.LOG: (2, 8),
     Scheme.SIGN: (1, 1),
@@ -109,6 +115,11 @@ def fit_scales(
         scales = _positive((hi - lo) / maxq)
         zeros = torch.round(-lo / scales).clamp(0, maxq)
         return scales, zeros
+    if scheme is Scheme.SYMX:
+        index = groups.abs().argmax(dim=-1, keepdim=True)
+        extreme = torch.gather(groups, -1, index).squeeze(-1) * clip
+        scales = extreme / -(1 << (bits - 1))
+        return torch.where(scales != 0, scales, torch.ones_like(scales)), None
     absmax = groups.abs().amax(dim=-1) * clip
     if scheme is Scheme.SYM:
         return _positive(absmax / ((1 << (bits - 1)) - 1)), None
@@ -131,7 +142,7 @@ def encode(
         maxq = (1 << bits) - 1
         return (torch.round(groups / s) + zeros.unsqueeze(-1)).clamp(0, maxq).to(torch.int64)
     half = 1 << (bits - 1)
-    if scheme is Scheme.SYM:
+    if scheme in (Scheme.SYM, Scheme.SYMX):
         return (torch.round(groups / s).clamp(-half, half - 1) + half).to(torch.int64)
     levels = half - 1
     ratio = groups.abs() / s
@@ -152,7 +163,7 @@ def decode(
     if scheme is Scheme.ASYM:
         return (q - zeros.to(torch.float32).unsqueeze(-1)) * s
     half = 1 << (bits - 1)
-    if scheme is Scheme.SYM:
+    if scheme in (Scheme.SYM, Scheme.SYMX):
         return (q - half) * s
     codes = codes.to(torch.int64)
     magnitude = (codes & (half - 1)).to(torch.float32)

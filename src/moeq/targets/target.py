@@ -23,6 +23,7 @@ class TargetType:
     name: str
     spec: TensorSpec
     row_multiple: int
+    equivalent: tuple[TensorSpec, ...] = ()  # other specs whose codes the type holds exactly
 
     def accepts(self, in_features: int) -> bool:
         return in_features % self.row_multiple == 0
@@ -76,7 +77,7 @@ class Target:
         """The target type this spec is, for a row of ``in_features`` (``None``: not one of them)."""
         for kinds in (self.levels or {}).values():
             for kind in kinds:
-                if kind.accepts(in_features) and _same(kind.spec, spec, in_features):
+                if kind.accepts(in_features) and any(_same(s, spec, in_features) for s in (kind.spec, *kind.equivalent)):
                     return kind
         return None
 
@@ -121,7 +122,11 @@ def _gguf() -> Target:
     def t(name: str, bits: int, scheme: str, group: int | None, rows: int) -> TargetType:
         return TargetType(name, TensorSpec(bits, scheme, group), rows)
 
-    q4_0, q5_0, q8_0 = t("Q4_0", 4, "sym", 32, 32), t("Q5_0", 5, "sym", 32, 32), t("Q8_0", 8, "sym", 32, 32)
+    def legacy(name: str, bits: int) -> TargetType:
+        # Planned as symx (llama.cpp's own scale rule: every code used); plain sym codes fit too.
+        return TargetType(name, TensorSpec(bits, "symx", 32), 32, (TensorSpec(bits, "sym", 32),))
+
+    q4_0, q5_0, q8_0 = legacy("Q4_0", 4), legacy("Q5_0", 5), legacy("Q8_0", 8)
     # A row that no K-quant divides falls back as llama.cpp's quantizer does: 2-4 bits to Q4_0,
     # 5 to Q5_0, 6 and 8 to Q8_0.
     return Target(
