@@ -170,8 +170,10 @@ def quantize_command(
     if report is not None:
         render_calibration(report, min_tokens)
     budget = plan.budget
+    target = (plan.method.get("target") or {}).get("name")
+    in_file = f" ({budget['expert_bits_per_weight']:.4g} bits per weight in the {target} file)" if target and "expert_bits_per_weight" in budget else ""
     console.print(
-        f"[green]saved[/] {out}  experts at {budget.get('avg_expert_bits', 0):.3g} bits on average, "
+        f"[green]saved[/] {out}  experts at {budget.get('avg_expert_bits', 0):.3g} bits on average{in_file}, "
         f"model {budget.get('model_bytes', 0) / 2**20:.2f} MiB (from {budget.get('model_bytes_full_precision', 0) / 2**20:.2f} MiB) "
         f"in {elapsed:.1f} s"
     )
