@@ -322,8 +322,8 @@ def test_a_k_quant_block_with_a_broken_scale_is_refused(default_k: Path, tmp_pat
         moeq.load(folder)
 
 
-def _tiny_qwen(family: str, folder: Path) -> Path:
-    """A tiny Qwen-MoE with peaked logits (weights at 10x the usual scale) and widths GGUF's
+def _tiny_moe(family: str, folder: Path) -> Path:
+    """A tiny Qwen-MoE or OLMoE with peaked logits (weights at 10x the usual scale) and widths GGUF's
     32-blocks divide, saved with a byte-level BPE tokenizer, experts as Q8_0."""
     from moeq.models import auto_model_class
     from moeq.models.tiny import tiny_config
@@ -333,8 +333,10 @@ def _tiny_qwen(family: str, folder: Path) -> Path:
     config.vocab_size, config.initializer_range, config.moe_intermediate_size = 320, 0.2, 64
     if family == "qwen2_moe":
         config.shared_expert_intermediate_size = 64
-    else:
+    elif family == "qwen3_moe":
         config.norm_topk_prob = True  # what llama.cpp's qwen3moe graph does
+    else:  # olmoe: its experts are intermediate_size wide; llama.cpp normalises k over the full width
+        config.intermediate_size, config.num_key_value_heads = 64, config.num_attention_heads
     torch.manual_seed(0)
     model = auto_model_class(config).from_config(config).eval()
     source = folder / "source"
@@ -344,16 +346,16 @@ def _tiny_qwen(family: str, folder: Path) -> Path:
     return folder / "q"
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
-def test_qwen_moe_exports_run_in_llama_cpp_and_read_back_in_transformers(family: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe"])
+def test_qwen_moe_and_olmoe_exports_run_in_llama_cpp_and_read_back_in_transformers(family: str, tmp_path: Path) -> None:
     import transformers
 
-    checkpoint = _tiny_qwen(family, tmp_path)
+    checkpoint = _tiny_moe(family, tmp_path)
     path = export_gguf(checkpoint, tmp_path / "m.gguf", float_type="F32").path
     reader = gguf.GGUFReader(path)
     assert reader.fields["general.architecture"].contents() == family.replace("_", "")
     names = {t.name for t in reader.tensors}
-    assert "blk.1.attn_q.bias" in names if family == "qwen2_moe" else "blk.1.attn_q_norm.weight" in names
+    assert ("blk.1.attn_q.bias" if family == "qwen2_moe" else "blk.1.attn_q_norm.weight") in names
     if family == "qwen2_moe":
         assert {"blk.0.ffn_gate_inp_shexp.weight", "blk.0.ffn_up_shexp.weight"} <= names
 
@@ -366,6 +368,8 @@ def test_qwen_moe_exports_run_in_llama_cpp_and_read_back_in_transformers(family:
     assert max(abs(ours[i, t].item() - lp) for i, top in compared for t, lp in top.items()) <= 0.1
     assert float(ours.std()) > 1.0  # peaked enough that a wrong tensor would show
 
+    if family == "olmoe":
+        return  # transformers reads no OLMoE GGUF
     # transformers' own GGUF reader (dequantizing through the gguf package). Its metadata mapping for
     # these families does not read expert_feed_forward_length, so it is given the checkpoint's config.
     config = transformers.AutoConfig.from_pretrained(checkpoint)
@@ -380,9 +384,20 @@ def test_qwen_moe_exports_run_in_llama_cpp_and_read_back_in_transformers(family:
 
 
 def test_a_config_llama_cpp_computes_differently_is_refused(tmp_path: Path) -> None:
-    checkpoint = _tiny_qwen("qwen3_moe", tmp_path)
+    checkpoint = _tiny_moe("qwen3_moe", tmp_path)
     config = json.loads((checkpoint / "config.json").read_text())
     config["norm_topk_prob"] = False
     (checkpoint / "config.json").write_text(json.dumps(config))
     _refused([str(checkpoint), "--out", str(tmp_path / "m.gguf")], tmp_path,
              "llama.cpp's qwen3moe renormalises the top-k routing weights, but this model's config has norm_topk_prob = False")
+
+
+def test_an_olmoe_with_fewer_key_value_heads_is_refused(tmp_path: Path) -> None:
+    from moeq.models.tiny import tiny_model
+
+    model = tiny_model("olmoe")  # 2 key/value heads for 4 query heads
+    checkpoint = tmp_path / "q"
+    moeq.save(moeq.quantize(model, moeq.QuantConfig(bits=8, scheme="sym", group_size=16)), checkpoint)
+    _refused([str(checkpoint), "--out", str(tmp_path / "m.gguf")], tmp_path,
+             "llama.cpp's olmoe normalises k over the model's full width (as many key/value heads as query heads), but this "
+             "model's config has num_key_value_heads = 2")

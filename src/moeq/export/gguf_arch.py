@@ -35,13 +35,16 @@ class GGUFArchitecture:
     experts: dict[str, str] = field(default_factory=lambda: dict(EXPERT_STACKS))
     permute: dict[str, str] = field(default_factory=dict)
     flatten: tuple[str, ...] = ()  # regexes of tensors llama.cpp holds 1-D (Hugging Face: [1, n])
-    requires: dict[str, tuple[Any, str]] = field(default_factory=dict)  # config key -> (value, what llama.cpp does)
+    # config key -> (value, or a function of the config giving it; what llama.cpp does)
+    requires: dict[str, tuple[Any, str]] = field(default_factory=dict)
 
     def check_config(self, config: dict[str, Any]) -> None:
         """Refuse a model whose config asks for something llama.cpp's graph for this architecture
         does differently (it would load and run, and compute another function)."""
         for key, (value, behaviour) in self.requires.items():
             got = config.get(key)
+            if callable(value):  # a value that depends on the rest of the config
+                value = value(config)
             if (got or None) != (value or None) and got != value:
                 raise ValueError(f"llama.cpp's {self.arch} {behaviour}, but this model's config has {key} = {got!r}: "
                                  "the exported file would compute a different model")
@@ -160,7 +163,22 @@ QWEN3_MOE = GGUFArchitecture(
     requires={"norm_topk_prob": (True, "renormalises the top-k routing weights"), **_SPARSE_ONLY},
 )
 
-ARCHITECTURES: dict[str, GGUFArchitecture] = {"mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE, "qwen3_moe": QWEN3_MOE}
+OLMOE = GGUFArchitecture(
+    arch="olmoe",
+    hparams=_decoder_hparams,
+    tensors={
+        **_QWEN_COMMON,
+        _LAYER + r"self_attn\.q_norm\.weight": "blk.{bid}.attn_q_norm.weight",
+        _LAYER + r"self_attn\.k_norm\.weight": "blk.{bid}.attn_k_norm.weight",
+    },
+    requires={
+        "norm_topk_prob": (False, "does not renormalise the top-k routing weights"),
+        "num_key_value_heads": (lambda c: c["num_attention_heads"],
+                                "normalises k over the model's full width (as many key/value heads as query heads)"),
+    },
+)
+
+ARCHITECTURES: dict[str, GGUFArchitecture] = {"mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE, "qwen3_moe": QWEN3_MOE, "olmoe": OLMOE}
 
 
 def architecture_for(model_type: str) -> GGUFArchitecture:
