@@ -46,10 +46,11 @@ def _stacks(plan) -> dict[tuple[int, str], set]:
     return rows
 
 
-@pytest.mark.parametrize("strategy", ["router-maxvar", "variance", "random", "uniform"])
+@pytest.mark.parametrize("strategy", ["router-maxvar", "variance", "random", "uniform", "error-ilp", "pmq"])
 def test_every_strategy_plans_within_the_target_and_its_budget_is_the_files(strategy: str, tmp_path: Path) -> None:
     avg = 4 if strategy == "uniform" else 3.5
-    plan = moeq.allocate(DEFAULT_MODEL, strategy, avg_bits=avg, target="gguf")
+    calibration = {"calibration": "default", "calib_tokens": 2048} if strategy == "pmq" else {}
+    plan = moeq.allocate(DEFAULT_MODEL, strategy, avg_bits=avg, target="gguf", **calibration)
     assert all(len(specs) == 1 for specs in _stacks(plan).values())  # one type per expert stack
     source = load_source(DEFAULT_MODEL)
     checkpoint = tmp_path / "q"
@@ -60,7 +61,8 @@ def test_every_strategy_plans_within_the_target_and_its_budget_is_the_files(stra
         assert set(report.type_counts()) >= {"Q4_K", "Q4_0"}  # gate/up Q4_K; down (384 inputs) Q4_0
     else:
         assert plan.budget["expert_bits_per_weight"] <= avg
-        assert plan.method["target"]["name"] == "gguf" and "widening" in plan.method["target"]
+        assert plan.method["target"]["name"] == "gguf"
+        assert ("levels" if strategy == "error-ilp" else "widening") in plan.method["target"]
 
 
 def test_auto_chooses_per_layer_and_projection_and_beats_every_uniform_plan_it_could_have_made() -> None:

@@ -41,7 +41,7 @@ from ..plan import BitPlan, ExpertEntry, PlanError, TensorSpec
 from ..targets import Target, get_target
 from .counts import CountError, level_counts, validate_levels
 from .damage import DamageTable, damage_table
-from .ilp import error_ilp, pmq_layer
+from .ilp import AllocationInfeasible, error_ilp, pmq_layer
 from .ranking import ZETA, ascending_order, descending_order, random_order, router_maxvar_order, widths_from_order
 from ..files import INITIAL_ROUTER_FILE, ROUTER_TUNE_FILE
 from .scores import max_var, quantization_error, router_norm_change
@@ -337,11 +337,12 @@ def allocate(
         elif tensor_levels is not None and damage.projection_damage:
             # levels, not the types' bits: a level's fallback type may have more bits (Q8_0 for 6-bit rows of 384)
             plan.budget["predicted_damage"] = damage.tensor_total(tensor_levels)
-            plan.method["target"]["levels"] = {f"{plan.layers[layer]} {layers[layer].projections[p]}": b
-                                               for (layer, p), b in tensor_levels.items()}
             # What the runtime's one-type-per-tensor rule costs: the same types chosen per expert instead.
             free = _error_ilp_widths(layers, widths, damage.damage, max_bytes=max_bytes, spec=spec, build=build)
             plan.budget["predicted_damage_with_a_width_per_expert"] = damage.total(free)
+    if tensor_levels is not None:
+        plan.method["target"]["levels"] = {f"{plan.layers[layer]} {layers[layer].projections[p]}": b
+                                           for (layer, p), b in tensor_levels.items()}
     if not target.free:
         target.check_plan(plan, [layer.shapes for layer in layers])
     return plan
@@ -533,11 +534,30 @@ def _tensor_ilp(layers, widths, group_errors, target: Target, max_bytes: int, bu
     return {(layer.index, p): b for (layer, p, _), b in zip(items, chosen)}
 
 
+def _smallest_feasible(widths_at, low: float, high: float) -> float:
+    """The least mean width the strategy can plan at (pmq keeps one expert at each top width)."""
+    try:
+        widths_at(low)
+        return low
+    except AllocationInfeasible:
+        pass
+    for _ in range(30):  # feasibility only grows with the mean width
+        middle = (low + high) / 2
+        try:
+            widths_at(middle)
+            high = middle
+        except AllocationInfeasible:
+            low = middle
+    return high
+
+
 def _fit_bytes(build, widths_at, widths, max_bytes: int, integer: bool) -> BitPlan:
     """The plan with the largest average width whose true model bytes fit ``max_bytes``."""
     low, high = float(min(widths)), float(max(widths))
     if integer and len(widths) <= 1:
         low, high = 1.0, 8.0
+    if not integer:
+        low = _smallest_feasible(widths_at, low, high)
     smallest = build(widths_at(low))
     if smallest.budget["model_bytes"] > max_bytes:
         raise CountError(
