@@ -20,8 +20,8 @@ F16 (MoQE's recipe, and how both sides are run here):
    F16 file to each ``--types`` (attention, embeddings and output kept F16 with
    ``--tensor-type``/``--token-embedding-type``/``--output-tensor-type``);
 3. moeq at the same expert bytes as each llama.cpp file: ``moeq quantize --target gguf --strategy
-   auto --quantizer gptq --calib <calibration split> --avg-bits B`` (B = that file's expert bits
-   per weight) then ``moeq export``; where B is below the smallest file moeq's GGUF target can
+   auto --quantizer gptq --act-order --calib <calibration split> --avg-bits B`` (B = that file's
+   expert bits per weight; ``--no-act-order`` drops the flag) then ``moeq export``; where B is below the smallest file moeq's GGUF target can
    write for this model (the down projections' 384 inputs fit no K-quant, so they are at least
    Q4_0), the row says so;
 4. every file: ``llama-perplexity --kl-divergence`` against the F16 file's logits on the test split
@@ -100,12 +100,12 @@ def speed(bin_dir: Path, model: Path, log: Path) -> dict[str, float]:
     return result
 
 
-def moeq_file(work: Path, bits: float, calib_tokens: int, log: Path) -> Path | None:
+def moeq_file(work: Path, bits: float, calib_tokens: int, act_order: bool, log: Path) -> Path | None:
     folder, path = work / f"moeq-{bits:.4f}", work / f"moeq-{bits:.4f}.gguf"
     try:
         run([MOEQ, "quantize", MODEL, "--out", folder, "--target", "gguf", "--strategy", "auto", "--quantizer", "gptq",
              "--calib", DATA / "calibration.txt", "--calib-tokens", calib_tokens, "--seq-len", 256, "--avg-bits", f"{bits:.4f}",
-             "--overwrite"], log)
+             *(["--act-order"] if act_order else []), "--overwrite"], log)
     except SystemExit:
         if "impossible" in log.read_text():
             return None
@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, default=131072)
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--no-act-order", action="store_true", help="moeq's GPTQ in column order (default: --act-order)")
     parser.add_argument("--speed-only", action="store_true",
                         help="only llama-bench every .gguf file already in --work (on a quiet machine), into gguf_peers_speed.json")
     args = parser.parse_args()
@@ -132,7 +133,7 @@ def main() -> None:
         if args.work is None:
             raise SystemExit("--speed-only needs the --work folder of an earlier run")
         rows = [{"file": p.name, "expert_bits": round(expert_bits(p), 4), **speed(bin_dir, p, args.work / "logs" / f"speed-{p.stem}.log")}
-                for p in sorted(args.work.glob("*.gguf"))]
+                for p in sorted(args.work.glob("*.gguf")) if p.name != "imatrix.gguf"]
         print_table(["file", "expert bits", "prompt t/s 1", "prompt t/s 2", "gen t/s 1", "gen t/s 2"],
                     [[r["file"], r["expert_bits"], r["prompt_t1"], r["prompt_t2"], r["gen_t1"], r["gen_t2"]] for r in rows])
         write_json("gguf_peers_speed", rows, work=str(args.work))
@@ -164,7 +165,7 @@ def main() -> None:
         if not args.no_speed:
             row.update(speed(bin_dir, path, logs / f"bench-{kind}.log"))
         rows.append(row)
-        ours = moeq_file(work, bits, args.calib_tokens, logs / f"moeq-{kind}.log")
+        ours = moeq_file(work, bits, args.calib_tokens, not args.no_act_order, logs / f"moeq-{kind}.log")
         if ours is None:
             rows.append({"method": f"moeq auto+GPTQ at {kind}'s size", "expert_bits": round(bits, 4), "kld": None, "ppl": None,
                          "types": "not reachable: below the smallest GGUF file moeq writes for this model"})
@@ -183,7 +184,7 @@ def main() -> None:
                            "-" if r["ppl"] is None else f"{r['ppl']:.3f}", r.get("kld_ratio_to_llama", ""),
                            r.get("gen_t1", ""), r.get("gen_t2", ""), r["types"]] for r in rows])
     print(f"F16 reference PPL {f16_ppl:.3f}; work folder {work}")
-    write_json("gguf_peers", rows, f16_ppl=f16_ppl, ctx=args.ctx, calib_tokens=args.calib_tokens,
+    write_json("gguf_peers", rows, f16_ppl=f16_ppl, ctx=args.ctx, calib_tokens=args.calib_tokens, act_order=not args.no_act_order,
                llama_cpp="llama-cpp-python 0.3.36 vendored llama.cpp", work=str(work))
 
 
