@@ -42,24 +42,32 @@ def test_damage_equals_the_change_of_the_layer_output(family: str) -> None:
     handle.remove()
     handle2.remove()
     widths = (3, 2, 1)
-    damage, prior, _ = layer_damage(layer, routed, widths, spec, list(range(layer.num_experts)), normalize=False)
+    damage, prior, parts = layer_damage(layer, routed, widths, spec, list(range(layer.num_experts)), normalize=False,
+                                        per_projection=True)
     reached = [e for e in range(layer.num_experts) if not prior[e]]
     assert len(reached) >= 2
+
+    def direct(expert: int, bits: int, projections) -> float:
+        changed = copy.deepcopy(experts)
+        changed_layer = adapter.moe_layers(model)[0]
+        with torch.no_grad():
+            for projection in projections:
+                weight = changed_layer.expert_weight(expert, projection)
+                q = quantize_rtn(weight, spec(bits).bits, spec(bits).scheme).dequantize(torch.float32)
+                _set_expert_weight(changed, family, expert, projection, q, layer)
+        total = 0.0
+        for args in calls:
+            with torch.no_grad():
+                difference = changed(*args) - experts(*args)
+            total += float(difference.double().pow(2).sum())
+        return total
+
     for expert in (reached[0], reached[-1]):
         for j, bits in enumerate(widths):
-            changed = copy.deepcopy(experts)
-            changed_layer = adapter.moe_layers(model)[0]
-            with torch.no_grad():
-                for projection in layer.projections:
-                    weight = changed_layer.expert_weight(expert, projection)
-                    q = quantize_rtn(weight, spec(bits).bits, spec(bits).scheme).dequantize(torch.float32)
-                    _set_expert_weight(changed, family, expert, projection, q, layer)
-            direct = 0.0
-            for args in calls:
-                with torch.no_grad():
-                    difference = changed(*args) - experts(*args)
-                direct += float(difference.double().pow(2).sum())
-            assert damage[expert][j] == pytest.approx(direct, rel=1e-4)
+            assert damage[expert][j] == pytest.approx(direct(expert, bits, layer.projections), rel=1e-4)
+        # per projection (the GGUF target's ILP): that projection alone quantized, the others original
+        p = len(layer.projections) - 1
+        assert parts[expert][1][p] == pytest.approx(direct(expert, widths[1], [layer.projections[p]]), rel=1e-4)
 
 
 def _set_expert_weight(experts, family: str, expert: int, projection: str, value: torch.Tensor, layer) -> None:

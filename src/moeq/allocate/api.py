@@ -253,10 +253,12 @@ def allocate(
             settings = gptq or CalibrationConfig()
             damage = damage_table(
                 source.model if source.model is not None else source.lazy, token_ids, widths, spec, positions, damage_quantizer,
-                options=settings.gptq_options, min_tokens=settings.min_tokens,
+                options=settings.gptq_options, min_tokens=settings.min_tokens, per_projection=not target.free,
             )
         elif tuple(damage.widths) != widths:
             raise PlanError(f"the damage table covers widths {list(damage.widths)}, the levels are {list(widths)}")
+        elif not target.free and not damage.projection_damage:
+            raise PlanError(f"--target {target.name} needs a damage table with each projection's damage (per_projection=True)")
         errors = damage.damage
         scores["predicted_damage"] = damage.to_json()
         scores["calibration_tokens"] = damage.tokens

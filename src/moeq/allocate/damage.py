@@ -177,9 +177,11 @@ def layer_damage(
     min_tokens: int = 16,
     normalize: bool = True,
     options: GPTQOptions = GPTQOptions(),
-) -> tuple[list[list[float]], list[bool]]:
+    per_projection: bool = False,
+) -> tuple[list[list[float]], list[bool], list[list[list[float]]]]:
     """``[expert][width index]`` predicted damage of one layer, which experts got the prior, and
-    ``[expert][width index][projection]`` the damage of each projection quantized alone.
+    (with ``per_projection``, else empty) ``[expert][width index][projection]`` the damage of each
+    projection quantized alone, for plans that choose a width per (layer, projection).
 
     ``spec(bits, in_features)``: the spec a projection with ``in_features`` inputs gets at ``bits``.
     ``prior_position[e]``: expert e's position in the data-free order (0 = most bits).
@@ -216,7 +218,7 @@ def layer_damage(
                     return scale * float((error * g.pow(2)).sum(dtype=torch.float64))
 
                 damage[e][j] = routed_change(quantized)
-                if projections > 1:  # each projection alone, the others original
+                if per_projection and projections > 1:  # each projection alone, the others original
                     parts[e][j] = [routed_change(originals[:p] + [quantized[p]] + originals[p + 1:]) for p in range(projections)]
                 else:
                     parts[e][j] = [damage[e][j]]
@@ -234,7 +236,7 @@ def layer_damage(
     if normalize and energy > 0:
         damage = [[d / energy for d in row] for row in damage]
         parts = [[[d / energy for d in row] for row in expert] for expert in parts]
-    return damage, prior, parts
+    return damage, prior, parts if per_projection else []
 
 
 def predicted_damage(source, token_ids: torch.Tensor, widths: tuple[int, ...], spec: Callable[[int, int], TensorSpec],
@@ -256,6 +258,7 @@ def predicted_damages(
     normalize: bool = True,
     batch_size: int = 8,
     options: GPTQOptions = GPTQOptions(),
+    per_projection: bool = False,
 ) -> list[DamageTable]:
     """One :class:`DamageTable` per quantizer in ``quantizers``, of every MoE layer of ``source``
     (a loaded model, or a :class:`~moeq.io.lazy.LazyModel` walked one block at a time) on
@@ -268,7 +271,8 @@ def predicted_damages(
     def finish(layer: MoELayer, routed: RoutedInputs) -> None:
         results[layer.index] = []
         for q in quantizers:
-            damage, prior, parts = layer_damage(layer, routed, widths, spec, prior_positions[layer.index], q, min_tokens, normalize, options)
+            damage, prior, parts = layer_damage(layer, routed, widths, spec, prior_positions[layer.index], q, min_tokens, normalize,
+                                                options, per_projection)
             results[layer.index].append((damage, list(routed.counts), prior, parts))
 
     if isinstance(source, nn.Module):
@@ -374,13 +378,15 @@ def damage_table(
     sensitivity_max_bytes: int = SENSITIVITY_MAX_BYTES,
     options: GPTQOptions = GPTQOptions(),
     min_tokens: int = 16,
+    per_projection: bool = False,
 ) -> DamageTable:
     """:func:`predicted_damage`, then calibrated by :func:`layer_sensitivity` when the model is in
     memory or its checkpoint is at most ``sensitivity_max_bytes`` (else left per-layer relative;
     ``table.sensitivity`` is None then)."""
     # The probes' ratios are over rounding's own damage; with GPTQ that table comes from the same walk.
     quantizers = (quantizer,) if quantizer == "rtn" else (quantizer, "rtn")
-    tables = predicted_damages(source, token_ids, widths, spec, prior_positions, quantizers, min_tokens=min_tokens, options=options)
+    tables = predicted_damages(source, token_ids, widths, spec, prior_positions, quantizers, min_tokens=min_tokens, options=options,
+                               per_projection=per_projection)
     table, rounding = tables[0], tables[-1]
     model = source if isinstance(source, nn.Module) else None
     if model is None and sum(f.stat().st_size for f in source.folder.glob("*.safetensors")) <= sensitivity_max_bytes:
