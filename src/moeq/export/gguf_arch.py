@@ -133,6 +133,12 @@ _QWEN_COMMON = {
     _LAYER + r"mlp\.gate\.weight": "blk.{bid}.ffn_gate_inp.weight",
     **{_LAYER + rf"self_attn\.{x}_proj\.(weight|bias)": f"blk.{{bid}}.attn_{x}.{{kind}}" for x in "qkv"},
 }
+_WITH_QK_NORMS = {
+    **_QWEN_COMMON,
+    _LAYER + r"self_attn\.q_norm\.weight": "blk.{bid}.attn_q_norm.weight",
+    _LAYER + r"self_attn\.k_norm\.weight": "blk.{bid}.attn_k_norm.weight",
+}
+_NO_RENORMALISATION = (False, "does not renormalise the top-k routing weights")
 _SPARSE_ONLY = {
     "decoder_sparse_step": (1, "has a MoE block in every layer"),
     "mlp_only_layers": ([], "has a MoE block in every layer"),
@@ -149,30 +155,22 @@ QWEN2_MOE = GGUFArchitecture(
         _LAYER + r"mlp\.shared_expert_gate\.weight": "blk.{bid}.ffn_gate_inp_shexp.weight",
     },
     flatten=(_LAYER + r"mlp\.shared_expert_gate\.weight",),
-    requires={"norm_topk_prob": (False, "does not renormalise the top-k routing weights"), **_SPARSE_ONLY},
+    requires={"norm_topk_prob": _NO_RENORMALISATION, **_SPARSE_ONLY},
 )
 
 QWEN3_MOE = GGUFArchitecture(
     arch="qwen3moe",
     hparams=_qwen_moe_hparams,
-    tensors={
-        **_QWEN_COMMON,
-        _LAYER + r"self_attn\.q_norm\.weight": "blk.{bid}.attn_q_norm.weight",
-        _LAYER + r"self_attn\.k_norm\.weight": "blk.{bid}.attn_k_norm.weight",
-    },
+    tensors=_WITH_QK_NORMS,
     requires={"norm_topk_prob": (True, "renormalises the top-k routing weights"), **_SPARSE_ONLY},
 )
 
 OLMOE = GGUFArchitecture(
     arch="olmoe",
     hparams=_decoder_hparams,
-    tensors={
-        **_QWEN_COMMON,
-        _LAYER + r"self_attn\.q_norm\.weight": "blk.{bid}.attn_q_norm.weight",
-        _LAYER + r"self_attn\.k_norm\.weight": "blk.{bid}.attn_k_norm.weight",
-    },
+    tensors=_WITH_QK_NORMS,
     requires={
-        "norm_topk_prob": (False, "does not renormalise the top-k routing weights"),
+        "norm_topk_prob": _NO_RENORMALISATION,
         "num_key_value_heads": (lambda c: c["num_attention_heads"],
                                 "normalises k over the model's full width (as many key/value heads as query heads)"),
     },
