@@ -187,3 +187,10 @@ def test_every_ranking_strategy_is_one_registered_rule() -> None:
     from moeq.allocate.api import ORDER_RULES, ORDER_STRATEGIES
 
     assert tuple(ORDER_RULES) == ORDER_STRATEGIES
+
+
+def test_uniform_under_a_byte_budget_takes_the_largest_whole_width_whatever_the_levels() -> None:
+    from moeq.demo import DEFAULT_MODEL
+
+    plan = moeq.allocate(DEFAULT_MODEL, "uniform", max_bytes=16_000_000)  # default levels 3,2,1 do not bound it
+    assert {e.spec.bits for e in plan.experts} == {8} and plan.budget["model_bytes"] <= 16_000_000

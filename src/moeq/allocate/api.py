@@ -320,8 +320,9 @@ def allocate(
     elif strategy in ("error-ilp", "auto") and max_bytes is not None:
         plan = build(_error_ilp_widths(layers, widths, errors, max_bytes=max_bytes, spec=spec, build=build))
     elif max_bytes is not None:
-        plan = _fit_bytes(build, widths_at, widths if target.free or strategy != "uniform" else target.widths, max_bytes,
-                          integer=strategy == "uniform")
+        # uniform takes any whole width (the target's, if it has fixed types); the others their levels
+        candidates = (target.widths or tuple(range(8, 0, -1))) if strategy == "uniform" else widths
+        plan = _fit_bytes(build, widths_at, candidates, max_bytes, integer=strategy == "uniform")
     else:
         if strategy == "uniform" and (avg_bits != int(avg_bits) or not 1 <= avg_bits <= 8):
             raise CountError(f"uniform needs a whole number of bits from 1 to 8, got {avg_bits}")
@@ -556,8 +557,6 @@ def _smallest_feasible(widths_at, low: float, high: float) -> float:
 def _fit_bytes(build, widths_at, widths, max_bytes: int, integer: bool) -> BitPlan:
     """The plan with the largest average width whose true model bytes fit ``max_bytes``."""
     low, high = float(min(widths)), float(max(widths))
-    if integer and len(widths) <= 1:
-        low, high = 1.0, 8.0
     if not integer:
         low = _smallest_feasible(widths_at, low, high)
     smallest = build(widths_at(low))
@@ -566,10 +565,8 @@ def _fit_bytes(build, widths_at, widths, max_bytes: int, integer: bool) -> BitPl
             f"a budget of {max_bytes:,} bytes is impossible: the smallest plan at {low:g} bits takes "
             f"{smallest.budget['model_bytes']:,} bytes"
         )
-    if integer:
-        for bits in range(int(high), int(low) - 1, -1):
-            if bits not in widths and len(widths) > 1:
-                continue
+    if integer:  # the largest whole width that fits
+        for bits in sorted(widths, reverse=True):
             plan = build(widths_at(bits))
             if plan.budget["model_bytes"] <= max_bytes:
                 return plan

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..atomic import OutputLock, OutputWriteError, ensure_output_free, write_failure
 from ..plan import BitPlan, TensorSpec
-from ..quant.ggml import EXACT_TYPES, GGMLType, exact_type, float_rows, ggml_blocks
+from ..quant.ggml import EXACT_TYPES, GGML_TYPES, GGMLType, exact_type, float_rows, ggml_blocks
 from ..quant.rtn import resolve_group_size
 from .gguf_arch import GGUFArchitecture, architecture_for, rope_permute_rows
 
@@ -152,11 +152,11 @@ def export_gguf(
     model = model if model is not None else load(checkpoint)
     layers = moe_layers_or_error(model)[1]
 
-    tensors = _tensor_sources(model, plan, arch, config, layers, expert_types, float_type)
+    tensors = _tensor_sources(model, arch, config, layers, expert_types, float_type)
     with OutputLock(out):
         partial = out.with_name(f".{out.name}.partial")
         try:
-            report = _write(partial, arch, config, tokenizer, tensors, plan, layers)
+            report = _write(partial, arch, config, tokenizer, tensors, plan)
             os.replace(partial, out)
         except OSError as err:
             partial.unlink(missing_ok=True)
@@ -177,7 +177,7 @@ class _Tensor:
     expert: bool = False
 
 
-def _tensor_sources(model, plan, arch: GGUFArchitecture, config, layers, expert_types, float_type) -> list[_Tensor]:
+def _tensor_sources(model, arch: GGUFArchitecture, config, layers, expert_types, float_type) -> list[_Tensor]:
     """Every tensor of the file, in llama.cpp's order, with a function producing its data."""
     from ..modules.linear import QuantizedLinear
 
@@ -186,11 +186,9 @@ def _tensor_sources(model, plan, arch: GGUFArchitecture, config, layers, expert_
     tied = bool(config.get("tie_word_embeddings", False))
     out: list[_Tensor] = []
     modules = dict(model.named_modules())
-    seen: set[str] = set()
     for name, tensor in _named_weights(model, modules):
-        if name.startswith(expert_paths) or name in seen:
+        if name.startswith(expert_paths):
             continue
-        seen.add(name)
         if tied and name == "lm_head.weight":
             continue  # llama.cpp reuses the embedding when the file has no output tensor
         target = arch.gguf_name(name)
@@ -208,7 +206,7 @@ def _tensor_sources(model, plan, arch: GGUFArchitecture, config, layers, expert_
             if arch.flattened(name):
                 tensor = tensor.reshape(-1)
             # llama.cpp keeps 1-D tensors (norms, biases) in F32, as its converter writes them
-            kind = float_rows(torch.zeros(1), float_type if tensor.dim() > 1 else "F32")[0]
+            kind = GGML_TYPES[float_type if tensor.dim() > 1 else "F32"]
             def produce(t=tensor, w=which, k=kind.name):
                 data = float_rows(t, k)[1]
                 return _permuted(data, heads[w]) if w else data
@@ -221,7 +219,7 @@ def _tensor_sources(model, plan, arch: GGUFArchitecture, config, layers, expert_
             name = f"blk.{bid}.{arch.experts[projection]}.weight"
             kind = expert_types.get((layer.index, projection))
             if kind is None:  # the plan leaves this layer in full precision
-                kind = float_rows(torch.zeros(1), float_type)[0]
+                kind = GGML_TYPES[float_type]
                 def produce(m=experts, p=projection, n=layer.num_experts, k=float_type):
                     return np.stack([float_rows(_dense_expert(m, e, p), k)[1] for e in range(n)])
             else:
@@ -267,7 +265,7 @@ def _gguf_order(tensor: _Tensor) -> tuple:
     return (0 if parts[0] == "token_embd" else 2, 0, tensor.name)
 
 
-def _write(path: Path, arch: GGUFArchitecture, config: dict, tokenizer: dict, tensors: list[_Tensor], plan: BitPlan, layers) -> GGUFReport:
+def _write(path: Path, arch: GGUFArchitecture, config: dict, tokenizer: dict, tensors: list[_Tensor], plan: BitPlan) -> GGUFReport:
     import gguf
 
     writer = gguf.GGUFWriter(path, arch.arch)
@@ -288,8 +286,7 @@ def _write(path: Path, arch: GGUFArchitecture, config: dict, tokenizer: dict, te
 
     types = gguf.GGMLQuantizationType
     for tensor in tensors:
-        row_bytes = tensor.kind.row_bytes(tensor.shape[-1]) if tensor.kind.block_size > 1 else tensor.shape[-1] * tensor.kind.type_size
-        nbytes = int(np.prod(tensor.shape[:-1])) * row_bytes
+        nbytes = int(np.prod(tensor.shape[:-1])) * tensor.kind.row_bytes(tensor.shape[-1])
         # Any dtype but uint8 makes add_tensor_info take the shape as logical (not bytes) for raw_dtype.
         writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(np.float32), nbytes, raw_dtype=types[tensor.kind.name])
     writer.write_header_to_file()

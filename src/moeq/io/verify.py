@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ..quant.schemes import Scheme
 from .checkpoint import CheckpointError
 from .shards import DTYPE_BYTES, TensorHeader, headers_of, inside_folder
 
@@ -92,7 +93,7 @@ def _check_values(packed: dict[str, nn.Module], stored: dict[str, tuple[Path, Te
                     _check_kquant_scales(file, key, packed[key], values)
                     continue
                 # symx alone stores signed scales (llama.cpp's Q4_0/Q5_0 rule); none may be zero
-                signed = packed[key].spec.scheme.value == "symx"
+                signed = packed[key].spec.scheme is Scheme.SYMX
                 if key.endswith(".scales") and not (torch.isfinite(values).all() and ((values != 0) if signed else (values > 0)).all()):
                     raise CheckpointError(f"{file.name}: tensor {key} holds non-finite or non-positive scales; the checkpoint is corrupt: re-export it")
                 bits = packed[key].spec.bits

@@ -39,6 +39,8 @@ from enum import Enum
 
 import torch
 
+from .kquants import KQUANTS, KQuant
+
 __all__ = ["Scheme", "check_scheme_bits", "fit_scales", "encode", "decode", "kquant_of"]
 
 
@@ -76,10 +78,8 @@ _BIT_RANGE = {
 }
 
 
-def kquant_of(scheme: Scheme):
+def kquant_of(scheme: Scheme) -> KQuant:
     """The :class:`moeq.quant.kquants.KQuant` of a K-quant scheme."""
-    from .kquants import KQUANTS
-
     return KQUANTS[scheme.value.upper()]
 
 
