@@ -11,7 +11,7 @@ Public API::
 """
 
 from . import models  # noqa: F401  (adapter registration)
-from .allocate import allocate
+from .allocate import AllocationConfig, allocate
 from .api import plan_for, quantize, quantize_checkpoint
 from .config import QuantConfig
 from .eval import evaluate
@@ -20,4 +20,4 @@ from .plan import BitPlan, PlanError
 
 __version__ = "0.1.0"
 
-__all__ = ["BitPlan", "PlanError", "QuantConfig", "allocate", "evaluate", "load", "plan_for", "quantize", "quantize_checkpoint", "read_plan", "save"]
+__all__ = ["AllocationConfig", "BitPlan", "PlanError", "QuantConfig", "allocate", "evaluate", "load", "plan_for", "quantize", "quantize_checkpoint", "read_plan", "save"]

@@ -3,6 +3,7 @@ QuantConfig or a BitPlan."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,13 +11,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .allocate import AllocationConfig, allocate
+from .allocate.guard import GuardReport, compare_plan, uses_proxy
 from .calibrate.runner import CalibrationConfig, CalibrationReport
 from .config import QuantConfig, uniform_plan
 from .io.hf import MoeqConfig
 from .modules.convert import quantize_model
 from .plan import BitPlan
 
-__all__ = ["quantize", "quantize_checkpoint", "check_calibration_file", "check_quantizer", "plan_for", "CheckpointResult"]
+__all__ = ["quantize", "quantize_checkpoint", "plan_checkpoint", "check_calibration_file", "check_quantizer", "plan_for",
+           "CheckpointResult", "PlanResult"]
 
 
 @dataclass
@@ -27,6 +31,56 @@ class CheckpointResult:
     out: Path
     plan: BitPlan
     report: CalibrationReport | None = None
+
+
+@dataclass
+class PlanResult:
+    """What :func:`plan_checkpoint` made: the plan, whether it ranked experts by the final-norm
+    proxy, and the guard's comparison (``None`` when not run; ``guard_skipped`` then says why, when
+    the guard was asked for but could not run)."""
+
+    plan: BitPlan
+    proxy: bool
+    guard: GuardReport | None = None
+    guard_skipped: str | None = None
+
+
+def plan_checkpoint(
+    model_path: str | Path,
+    config: AllocationConfig,
+    *,
+    avg_bits: float | None = None,
+    max_bytes: int | None = None,
+    reference: str | Path | None = None,
+    calibration: torch.Tensor | str | Path | None = None,
+    guard: bool = True,
+    on_plan: Callable[[BitPlan, float], None] | None = None,
+) -> PlanResult:
+    """Allocate a plan for the checkpoint folder ``model_path`` (:func:`moeq.allocate`) and, when
+    calibration text is given and ``guard`` is set, price it beside the compared strategies on the
+    same calibration slice (:func:`moeq.allocate.guard.compare_plan`). Data-free strategies without
+    ``calibration`` read no text and run no guard. The guard informs and never fails the plan.
+    ``on_plan(plan, seconds)`` is called as soon as the plan exists (before the guard), e.g. to save it."""
+    if (avg_bits is None) == (max_bytes is None):
+        raise ValueError("give exactly one budget: --avg-bits, or --max-bytes / --max-gb")
+    started = time.perf_counter()
+    plan = allocate(model_path, avg_bits=avg_bits, max_bytes=max_bytes, reference=reference, calibration=calibration, config=config)
+    if on_plan is not None:
+        on_plan(plan, time.perf_counter() - started)
+    result = PlanResult(plan, uses_proxy(plan))
+    if not guard or calibration is None or not plan.experts:  # data-free stays data-free: no text, no guard
+        return result
+    target = (plan.method.get("target") or {}).get("name", "moeq")
+    if target != "moeq":
+        result.guard_skipped = (f"compares plans for moeq's own runtime; not run for --target {target} "
+                                "(the plan's budget shows the predicted damage beside a width per expert)")
+        return result
+    try:
+        result.guard = compare_plan(model_path, plan, calibration, config.damage_quantizer, config.calib_tokens, config.seq_len,
+                                    config.gptq)
+    except (ValueError, OSError) as err:
+        result.guard_skipped = str(err).splitlines()[0]
+    return result
 
 
 def plan_for(model: nn.Module, config: QuantConfig | BitPlan) -> BitPlan:

@@ -18,7 +18,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .api import check_calibration_file, check_quantizer, quantize_checkpoint
+from .allocate import AllocationConfig
+from .api import PlanResult, check_calibration_file, check_quantizer, plan_checkpoint, quantize_checkpoint
 from .config import FULL_PRECISION_BITS, QuantConfig
 from .atomic import OutputBusyError, OutputExistsError, OutputNotWritableError, OutputWriteError, ensure_output_free
 from .io.checkpoint import CheckpointError
@@ -130,8 +131,9 @@ def quantize_command(
         if plan is not None:
             runtime.check_plan(plan, [layer.shapes for layer in open_lazy(model_path).layers])
         if bits is not None and not runtime.free:  # --bits B --target T: every tensor at T's B-bit type
-            plan = _allocate(model_path, "uniform", float(bits), None, None, None, None, scheme, group_size, clip_search, seed,
-                             None, quantizer, calib_tokens, seq_len, None, runtime.name)
+            uniform = AllocationConfig("uniform", scheme=scheme, group_size=group_size, clip_search=clip_search, seed=seed,
+                                       damage_quantizer=quantizer, target=runtime.name)
+            plan = plan_checkpoint(model_path, uniform, avg_bits=float(bits)).plan
         config = None if plan or allocating else QuantConfig(
             bits=bits, scheme=scheme, group_size=group_size, clip_search=clip_search, attn_bits=attn_bits,
             shared_bits=shared_bits, dense_bits=dense_bits, lm_head_bits=lm_head_bits,
@@ -142,10 +144,19 @@ def quantize_command(
         if allocating:
             others = QuantConfig(bits=FULL_PRECISION_BITS, scheme=scheme, group_size=group_size, attn_bits=attn_bits,
                                  shared_bits=shared_bits, dense_bits=dense_bits, lm_head_bits=lm_head_bits)
-            plan = _allocate(model_path, strategy, avg_bits, max_gb, levels, reference, calib, scheme, group_size, clip_search,
-                             seed, others, quantizer, calib_tokens, seq_len, calibration, target)
+            if avg_bits is not None and max_gb is not None:
+                raise ValueError("give one budget: --avg-bits or --max-gb")
+            # The same calibration slice (tokens, sequence length) for allocation, the guard and GPTQ after them.
+            chosen = AllocationConfig(
+                strategy, levels=_parse_levels(levels), scheme=scheme, group_size=group_size, clip_search=clip_search, seed=seed,
+                other_linears=others, damage_quantizer=quantizer, calib_tokens=calib_tokens, seq_len=seq_len, gptq=calibration,
+                target=target,
+            )
+            planned = plan_checkpoint(model_path, chosen, avg_bits=avg_bits, max_bytes=None if max_gb is None else int(max_gb * 1e9),
+                                      reference=reference, calibration=calib, guard=guard)
+            plan = planned.plan
             render_plan(plan)
-            _guard(model_path, plan, calib, quantizer, calib_tokens, seq_len, guard, calibration)
+            render_plan_checks(planned)
         bar, advance = _block_progress(model_path, quantizer.upper() if quantizer == "gptq" else "quantizing")
         with bar:
             result = quantize_checkpoint(
@@ -217,21 +228,6 @@ def _parse_levels(levels: str | None) -> tuple[int, ...] | None:
         return tuple(int(b) for b in levels.split(","))
     except ValueError:
         raise ValueError(f"--levels takes comma-separated whole bit widths like 3,2,1, got {levels!r}") from None
-
-
-def _allocate(model_path, strategy, avg_bits, max_gb, levels, reference, calib, scheme, group_size, clip_search, seed, others,
-              quantizer, calib_tokens, seq_len, calibration: CalibrationConfig | None, target: str = "moeq") -> BitPlan:
-    from .allocate import allocate
-
-    if avg_bits is not None and max_gb is not None:
-        raise ValueError("give one budget: --avg-bits or --max-gb")
-    # The same calibration slice (tokens, sequence length) as the guard and GPTQ after it.
-    return allocate(
-        model_path, strategy, avg_bits=avg_bits, max_bytes=None if max_gb is None else int(max_gb * 1e9),
-        levels=_parse_levels(levels), reference=reference, calibration=calib, scheme=scheme, group_size=group_size,
-        clip_search=clip_search, seed=seed, other_linears=others, damage_quantizer=quantizer, calib_tokens=calib_tokens,
-        seq_len=seq_len, gptq=calibration, target=target,
-    )
 
 
 def _bits_label(bits: dict[str, int]) -> str:
@@ -374,8 +370,6 @@ def allocate_command(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
 ) -> None:
     """Choose a bit width per routed expert and write the plan (no weights are changed)."""
-    from .allocate import allocate
-
     try:
         _threads(model_path)
         _require_positive(calib_tokens=calib_tokens, seq_len=seq_len)
@@ -387,52 +381,45 @@ def allocate_command(
         if len(budgets) != 1:
             raise ValueError("give exactly one budget: --avg-bits, --max-bytes or --max-gb")
         bytes_budget = max_bytes if max_bytes is not None else (None if max_gb is None else int(max_gb * 1e9))
-        started = time.perf_counter()
-        plan = allocate(
-            model_path, strategy, avg_bits=avg_bits, max_bytes=bytes_budget, levels=_parse_levels(levels),
-            reference=reference, calibration=calib, scheme=scheme, group_size=group_size,
-            maxvar_variant=maxvar_variant, seed=seed, calib_tokens=calib_tokens, seq_len=seq_len,
-            weighted_error=weighted_error, damage_quantizer=quantizer, target=target,
+        chosen = AllocationConfig(
+            strategy, levels=_parse_levels(levels), scheme=scheme, group_size=group_size, maxvar_variant=maxvar_variant, seed=seed,
+            calib_tokens=calib_tokens, seq_len=seq_len, weighted_error=weighted_error, damage_quantizer=quantizer, target=target,
             other_linears=QuantConfig(bits=FULL_PRECISION_BITS, scheme=scheme, group_size=group_size, attn_bits=attn_bits,
                                       shared_bits=shared_bits, dense_bits=dense_bits, lm_head_bits=lm_head_bits),
         )
-        plan.method["seconds"] = round(time.perf_counter() - started, 3)
-        plan.save(out)
-        if heatmap:
-            from .analysis.plots import bits_heatmap
 
-            bits_heatmap(plan, heatmap)
+        def save(plan: BitPlan, seconds: float) -> None:  # written before the guard runs
+            plan.method["seconds"] = round(seconds, 3)
+            plan.save(out)
+            if heatmap:
+                from .analysis.plots import bits_heatmap
+
+                bits_heatmap(plan, heatmap)
+
+        planned = plan_checkpoint(model_path, chosen, avg_bits=avg_bits, max_bytes=bytes_budget, reference=reference,
+                                  calibration=calib, guard=guard, on_plan=save)
+        plan = planned.plan
     except USER_ERRORS as err:
         _fail(err)
     render_plan(plan)
-    _guard(model_path, plan, calib, quantizer, calib_tokens, seq_len, guard)
+    render_plan_checks(planned)
     console.print(f"[green]wrote[/] {out}" + (f" and {heatmap}" if heatmap else "") + f" in {plan.method['seconds']:.2f} s")
 
 
-def _guard(model_path: Path, plan: BitPlan, calib: Path | None, quantizer: str, calib_tokens: int, seq_len: int, enabled: bool,
-           calibration: CalibrationConfig | None = None) -> None:
-    """Inform, never block: the proxy warning, and predicted damage beside the alternatives."""
-    from .allocate.guard import compare_plan, uses_proxy
-
-    if uses_proxy(plan):
+def render_plan_checks(planned: PlanResult) -> None:
+    """Inform, never block: the proxy warning, then the guard's comparison (or why it did not run)."""
+    if planned.proxy:
         # The advice follows benchmarks/second_domain.py (BENCHMARKS.md): a train-router Λ did 4-5x better than the
         # proxy there, and auto better than every fixed rule.
         console.print("[yellow]note:[/] experts were ranked by the final router norm (no initial routers were found), the "
                       "paper's proxy for the router-norm change, which did worst in moeq's measurements; run `moeq train-router` "
                       "and pass its folder as --reference, or, with calibration text, prefer --strategy auto")
-    if not enabled or calib is None or not plan.experts:  # data-free stays data-free: no text, no guard
-        return
-    target = (plan.method.get("target") or {}).get("name", "moeq")
-    if target != "moeq":
-        console.print(f"[dim]guard: compares plans for moeq's own runtime; not run for --target {target} "
-                      "(the plan's budget shows the predicted damage beside a width per expert)[/]")
-        return
-    try:
-        report = compare_plan(model_path, plan, calib, quantizer, calib_tokens, seq_len, calibration)
-    except USER_ERRORS as err:
-        console.print(f"[yellow]guard skipped:[/] {str(err).splitlines()[0]}")
-        return
-    render_guard(report)
+    if planned.guard is not None:
+        render_guard(planned.guard)
+    elif planned.guard_skipped and planned.guard_skipped.startswith("compares plans"):
+        console.print(f"[dim]guard: {planned.guard_skipped}[/]")
+    elif planned.guard_skipped:
+        console.print(f"[yellow]guard skipped:[/] {planned.guard_skipped}")
 
 
 def render_guard(report) -> None:

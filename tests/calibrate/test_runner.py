@@ -97,13 +97,19 @@ def test_expert_without_tokens_is_quantized_with_the_recorded_fallback(tmp_path:
 
 
 def test_same_inputs_give_byte_identical_checkpoints(tmp_path: Path) -> None:
+    """Twice in this process, and once with each layer's quantize_layer jobs run by a pool of two
+    spawned processes: the same bytes (the per-layer step is a pure function of plain data)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     source, model = _source(tmp_path, "mixtral")
     digests = []
-    for run in ("a", "b"):
-        plan = uniform_plan(model, QuantConfig(bits=3, group_size=32, attn_bits=4))
-        quantize_calibrated(source, plan, _ids(), tmp_path / run, CalibrationConfig(act_order=True))
-        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / run).iterdir()})
-    assert digests[0] == digests[1]
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for run, executor in (("a", map), ("b", map), ("pool", pool.map)):
+            plan = uniform_plan(model, QuantConfig(bits=3, group_size=32, attn_bits=4))
+            quantize_calibrated(source, plan, _ids(), tmp_path / run, CalibrationConfig(act_order=True), executor=executor)
+            digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / run).iterdir()})
+    assert digests[0] == digests[1] == digests[2]
 
 
 def test_only_one_decoder_layer_is_ever_materialized(tmp_path: Path, monkeypatch) -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +46,7 @@ from .ranking import ZETA, ascending_order, descending_order, random_order, rout
 from ..files import INITIAL_ROUTER_FILE, ROUTER_TUNE_FILE
 from .scores import max_var, quantization_error, router_norm_change
 
-__all__ = ["AUTO_LEVELS", "CALIBRATED_STRATEGIES", "DEFAULT_LEVELS", "STRATEGIES", "allocate", "open_source", "router_signal", "routing_statistics"]
+__all__ = ["AllocationConfig", "AUTO_LEVELS", "CALIBRATED_STRATEGIES", "DEFAULT_LEVELS", "STRATEGIES", "allocate", "open_source", "router_signal", "routing_statistics"]
 
 ORDER_STRATEGIES = ("router-maxvar", "router", "variance", "frequency", "routing-weight", "random")
 STRATEGIES = (*ORDER_STRATEGIES, "uniform", "pmq", "error-ilp", "auto")
@@ -120,61 +120,26 @@ def _one_bit_aware_spec(bits: int, scheme: str, group_size: int | None, clip_sea
     return TensorSpec(bits, "asym" if scheme == "sign" else scheme, group_size, clip_search)
 
 
-def allocate(
-    model_or_path: nn.Module | str | Path,
-    strategy: str = "router-maxvar",
-    *,
-    avg_bits: float | None = None,
-    max_bytes: int | None = None,
-    levels: Sequence[int] | None = None,
-    reference: nn.Module | str | Path | None = None,
-    calibration: torch.Tensor | str | Path | None = None,
-    scheme: str = "asym",
-    group_size: int | None = None,
-    clip_search: bool = False,
-    zeta: float = ZETA,
-    maxvar_variant: str = "paper",
-    seed: int = 0,
-    pmq_alpha: float = 1.0,
-    pmq_beta: float = 1.0,
-    weighted_error: bool = False,
-    calib_tokens: int = 16384,
-    seq_len: int = 256,
-    other_linears: QuantConfig | None = None,
-    damage_quantizer: str = "rtn",
-    damage: DamageTable | None = None,
-    gptq: CalibrationConfig | None = None,
-    target: str | Target = "moeq",
-) -> BitPlan:
-    """Choose a width for every routed expert of every MoE layer and return the BitPlan.
+@dataclass(frozen=True)
+class AllocationConfig:
+    """How :func:`allocate` chooses widths: everything but the model, the budget and the data.
 
-    Args:
-        model_or_path: a loaded model, or a checkpoint folder (read lazily where possible).
+    Fields:
         strategy: one of :data:`STRATEGIES`.
-        avg_bits / max_bytes: the budget, exactly one: mean expert bits, or the true bytes of
-            the whole quantized model.
-        levels: candidate widths (two, or three equally spaced, for the count rules; any set
-            for ``pmq``, ``error-ilp`` and ``auto``; ignored by ``uniform``). Default 3,2,1
-            (4,3,2,1 for ``auto``).
-        reference: the initial or pre-trained checkpoint (folder or model) for Λ; without it the
-            final router norm stands in, and the plan records which was used.
-        calibration: token ids ``[sequences, length]``, a text file (tokenized with the model's
-            tokenizer), or ``"default"`` for the project's corpus (calibration split), for the
-            calibration-based strategies and ``weighted_error``. Never used unless given: the
-            data-free strategies stay data-free.
+        levels: candidate widths (two, or three equally spaced, for the count rules; any set for
+            ``pmq``, ``error-ilp`` and ``auto``; ignored by ``uniform``). Default 3,2,1 (4,3,2,1
+            for ``auto``; a fixed-type target's own levels).
         scheme / group_size / clip_search: how the chosen widths will be quantized (1-bit experts
             use sign, without the clipping search).
         zeta / maxvar_variant: the promotion threshold and MaxVar definition (``paper`` or
-            ``authors``).
-        seed: for ``random``.
+            ``authors``). seed: for ``random``.
         pmq_alpha / pmq_beta: exponents of frequency and routing weight in ``pmq``.
         weighted_error: weight quantization errors by calibration input second moments.
+        calib_tokens / seq_len: the calibration slice taken from text.
         other_linears: widths for attention / shared / dense / lm_head linears by role (its
-            ``attn_bits`` etc.); the routed experts are what this function allocates.
+            ``attn_bits`` etc.); the routed experts are what :func:`allocate` allocates.
         damage_quantizer: ``rtn`` or ``gptq``, the quantizer whose damage ``auto`` predicts (the
-            one that will run). ``damage``: a table already computed for these widths (reused).
-            ``gptq``: the GPTQ settings that will run (damping, column order, token minimum), so
-            the damage of ``damage_quantizer="gptq"`` is priced with them.
+            one that will run); ``gptq``: its settings (damping, column order, token minimum).
         target: the runtime the plan is for (:mod:`moeq.targets`): ``moeq`` (a width per expert,
             any scheme) or ``gguf`` (llama.cpp's types, one per (layer, projection) expert stack).
             For a target other than ``moeq``, widths are its levels, the scheme is its types', and
@@ -183,13 +148,81 @@ def allocate(
             expert, then each expert stack takes the largest type within its experts' bytes
             (``method["target"]`` says what that widening cost in mean bits).
     """
-    target = get_target(target)
+
+    strategy: str = "router-maxvar"
+    levels: tuple[int, ...] | None = None
+    scheme: str = "asym"
+    group_size: int | None = None
+    clip_search: bool = False
+    zeta: float = ZETA
+    maxvar_variant: str = "paper"
+    seed: int = 0
+    pmq_alpha: float = 1.0
+    pmq_beta: float = 1.0
+    weighted_error: bool = False
+    calib_tokens: int = 16384
+    seq_len: int = 256
+    other_linears: QuantConfig | None = None
+    damage_quantizer: str = "rtn"
+    gptq: CalibrationConfig | None = None
+    target: str | Target = "moeq"
+
+    def __post_init__(self) -> None:
+        if self.levels is not None:
+            object.__setattr__(self, "levels", tuple(self.levels))
+
+
+CONFIG_FIELDS = tuple(f.name for f in fields(AllocationConfig))
+
+
+def _resolve_config(config: AllocationConfig | None, strategy: str | None, options: dict) -> AllocationConfig:
+    """``config`` (or the defaults) with ``strategy`` and any field given by keyword replaced."""
+    unknown = sorted(set(options) - set(CONFIG_FIELDS))
+    if unknown:
+        raise TypeError(f"allocate() got unknown option(s) {', '.join(unknown)}; the options are AllocationConfig's: "
+                        f"{', '.join(CONFIG_FIELDS)}")
+    if strategy is not None:
+        options = {**options, "strategy": strategy}
+    return replace(config or AllocationConfig(), **options)
+
+
+def allocate(
+    model_or_path: nn.Module | str | Path,
+    strategy: str | None = None,
+    *,
+    avg_bits: float | None = None,
+    max_bytes: int | None = None,
+    reference: nn.Module | str | Path | None = None,
+    calibration: torch.Tensor | str | Path | None = None,
+    damage: DamageTable | None = None,
+    config: AllocationConfig | None = None,
+    **options,
+) -> BitPlan:
+    """Choose a width for every routed expert of every MoE layer and return the BitPlan.
+
+    Args:
+        model_or_path: a loaded model, or a checkpoint folder (read lazily where possible).
+        strategy: one of :data:`STRATEGIES` (default: ``config``'s, router-maxvar).
+        avg_bits / max_bytes: the budget, exactly one: mean expert bits, or the true bytes of
+            the whole quantized model.
+        reference: the initial or pre-trained checkpoint (folder or model) for Λ; without it the
+            final router norm stands in, and the plan records which was used.
+        calibration: token ids ``[sequences, length]``, a text file (tokenized with the model's
+            tokenizer), or ``"default"`` for the project's corpus (calibration split), for the
+            calibration-based strategies and ``weighted_error``. Never used unless given: the
+            data-free strategies stay data-free.
+        damage: a damage table already computed for these widths (``auto`` reuses it).
+        config: an :class:`AllocationConfig`; ``**options`` are its fields, given by keyword
+            (``levels=(3, 2)``), and replace the config's.
+    """
+    config = _resolve_config(config, strategy, options)
+    strategy, levels, target = config.strategy, config.levels, get_target(config.target)
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
     if (avg_bits is None) == (max_bytes is None):
         raise PlanError("give exactly one budget: avg_bits (--avg-bits) or max_bytes (--max-bytes / --max-gb)")
-    if (strategy in CALIBRATED_STRATEGIES or weighted_error) and calibration is None and damage is None:
-        raise PlanError(f"--strategy {strategy}{' with --weighted-error' if weighted_error else ''} needs calibration text: "
+    if (strategy in CALIBRATED_STRATEGIES or config.weighted_error) and calibration is None and damage is None:
+        raise PlanError(f"--strategy {strategy}{' with --weighted-error' if config.weighted_error else ''} needs calibration text: "
                         "pass --calib FILE (or --calib default for moeq's Shakespeare corpus)")
     if levels is None:
         if target.free:
@@ -207,7 +240,7 @@ def allocate(
         validate_levels(tuple(levels), num_experts, avg_bits if target.free else None, counted=strategy in (*ORDER_STRATEGIES, "pmq"))
     scores: dict[str, object] = {}
     method: dict[str, object] = {
-        "strategy": strategy, "levels": list(widths), "scheme": scheme, "group_size": group_size, "clip_search": clip_search,
+        "strategy": strategy, "levels": list(widths), "scheme": config.scheme, "group_size": config.group_size, "clip_search": config.clip_search,
         "one_bit_scheme": "sign", "avg_bits_requested": avg_bits, "max_bytes_requested": max_bytes,
     }
     if not target.free:
@@ -219,11 +252,11 @@ def allocate(
 
     def spec(bits: int, in_features: int | None = None) -> TensorSpec:
         if target.free:
-            return _one_bit_aware_spec(bits, scheme, group_size, clip_search)
+            return _one_bit_aware_spec(bits, config.scheme, config.group_size, config.clip_search)
         base = target.spec_at(bits, in_features)
-        return TensorSpec(base.bits, base.scheme, base.group_size, clip_search)
+        return TensorSpec(base.bits, base.scheme, base.group_size, config.clip_search)
 
-    linears = linear_specs(source.budget_model, other_linears) if other_linears is not None else {}
+    linears = linear_specs(source.budget_model, config.other_linears) if config.other_linears is not None else {}
     if not target.free and avg_bits is not None and strategy != "uniform":
         # The budget counts the file's true bytes: avg_bits expert bits per weight, plus the rest as is.
         expert_weights = sum(layer.expert_numel * layer.num_experts for layer in layers)
@@ -233,26 +266,26 @@ def allocate(
         max_bytes, avg_bits = int(fixed + avg_bits * expert_weights / 8), None
 
     stats = None
-    if (strategy in CALIBRATED_STRATEGIES and strategy != "auto") or weighted_error:
-        stats = routing_statistics(source, model_or_path, calibration, calib_tokens, seq_len, weighted_error, method)
+    if (strategy in CALIBRATED_STRATEGIES and strategy != "auto") or config.weighted_error:
+        stats = routing_statistics(source, model_or_path, calibration, config.calib_tokens, config.seq_len, config.weighted_error, method)
         layers = source.layers  # in memory now, if the checkpoint had to be loaded
         scores["frequency"] = stats.frequency.tolist()
         scores["mean_routing_weight"] = stats.mean_weight.tolist()
 
     orders: list[list[int]] | None = None
     if strategy in ORDER_RULES or strategy == "auto":  # auto ranks the experts calibration never reaches by the paper's order
-        context = _OrderContext(source, layers, reference, stats, zeta, maxvar_variant, seed, scores, method)
+        context = _OrderContext(source, layers, reference, stats, config.zeta, config.maxvar_variant, config.seed, scores, method)
         orders = ORDER_RULES["router-maxvar" if strategy == "auto" else strategy](context)
 
     errors = None
     if strategy == "auto":
         prior_orders, orders = orders, None  # the paper's order only ranks experts calibration never reaches
         if damage is None:
-            token_ids = _calibration_ids(source, calibration, calib_tokens, seq_len, method)
+            token_ids = _calibration_ids(source, calibration, config.calib_tokens, config.seq_len, method)
             positions = [[order.index(e) for e in range(len(order))] for order in prior_orders]
-            settings = gptq or CalibrationConfig()
+            settings = config.gptq or CalibrationConfig()
             damage = damage_table(
-                source.model if source.model is not None else source.lazy, token_ids, widths, spec, positions, damage_quantizer,
+                source.model if source.model is not None else source.lazy, token_ids, widths, spec, positions, config.damage_quantizer,
                 options=settings.gptq_options, min_tokens=settings.min_tokens, per_projection=not target.free,
             )
         elif tuple(damage.widths) != widths:
@@ -274,14 +307,14 @@ def allocate(
         }
     projection_errors = None
     if strategy in ("pmq", "error-ilp"):
-        projection_errors = _errors(layers, widths, spec, stats if weighted_error else None)
+        projection_errors = _errors(layers, widths, spec, stats if config.weighted_error else None)
         errors = [[[sum(parts) for parts in expert] for expert in layer_err] for layer_err in projection_errors]
         scores["error"] = {str(b): [[float(e[j]) for e in layer_err] for layer_err in errors] for j, b in enumerate(widths)}
         method["error"] = "squared Frobenius norm of W - Q(W), summed over the expert's projections" + (
-            ", weighted by calibration input second moments" if weighted_error else ""
+            ", weighted by calibration input second moments" if config.weighted_error else ""
         )
     if strategy == "pmq":
-        method.update(pmq_alpha=pmq_alpha, pmq_beta=pmq_beta)
+        method.update(pmq_alpha=config.pmq_alpha, pmq_beta=config.pmq_beta)
 
     def widths_at(avg: float) -> list[list[int]]:
         if strategy == "uniform":
@@ -290,7 +323,7 @@ def allocate(
             return [widths_from_order(order, level_counts(avg, widths, layer.num_experts)) for order, layer in zip(orders, layers)]
         if strategy == "pmq":
             return [
-                pmq_layer(stats.frequency[i, : layer.num_experts], stats.mean_weight[i, : layer.num_experts], np.array(errors[i]), widths, avg, pmq_alpha, pmq_beta)
+                pmq_layer(stats.frequency[i, : layer.num_experts], stats.mean_weight[i, : layer.num_experts], np.array(errors[i]), widths, avg, config.pmq_alpha, config.pmq_beta)
                 for i, layer in enumerate(layers)
             ]
         return _error_ilp_widths(layers, widths, errors, avg_bits=avg)

@@ -43,7 +43,7 @@ from torch import nn
 from ..calibrate.hessian import HessianSum
 from ..kernels.reference import expert_hidden
 from ..models import MoEAdapter, MoELayer
-from ..modules.recipe import GPTQOptions, expert_method, quantize_weight
+from ..modules.recipe import GPTQOptions, LayerJob, WeightJob, expert_method, quantize_layer
 from ..plan import TensorSpec
 
 __all__ = ["DAMAGE_QUANTIZERS", "DamageTable", "RoutedInputs", "layer_damage", "damage_table", "layer_sensitivity", "predicted_damage", "predicted_damages", "probe_ids"]
@@ -151,19 +151,20 @@ def _quantized_weights(
 ) -> list[torch.Tensor]:
     """Every projection of one expert quantized at ``spec(in_features)`` as the runner would (the
     shared recipe), dequantized in float32; ``hessian``: of the routed inputs ``x``, for gate/up."""
-    def quantized(weight: torch.Tensor, inputs: HessianSum | None) -> torch.Tensor:
+    def quantized(weights: list[torch.Tensor], inputs: HessianSum | None) -> list[torch.Tensor]:
         matrix = inputs.matrix if inputs is not None and inputs.rows > 0 else None
-        return quantize_weight(weight, spec(weight.shape[1]), torch.float16, method=method, hessian=matrix,
-                               options=options).dequantize(torch.float32)
+        job = LayerJob(tuple(WeightJob(f"projection {i}", w, spec(w.shape[1]), method, matrix) for i, w in enumerate(weights)),
+                       options=options)
+        return [packed.dequantize(torch.float32) for packed in quantize_layer(job)]
 
     if method != "gptq":
-        return [quantized(w, None) for w in originals]
+        return quantized(originals, None)
     *first, down = originals
-    upstream = [quantized(w, hessian) for w in first]
+    upstream = quantized(first, hessian)
     h = expert_hidden([x @ w.T for w in upstream], layer.act_fn, layer.gated)
     down_hessian = HessianSum(h.shape[1])  # the down projection sees the quantized gate/up outputs
     down_hessian.add(h)
-    return [*upstream, quantized(down, down_hessian)]
+    return [*upstream, *quantized([down], down_hessian)]
 
 
 @torch.no_grad()

@@ -1,24 +1,26 @@
 """The guard: a plan's predicted damage beside ``auto``, uniform, router-maxvar and frequency.
 
-It informs and never blocks. One damage table (:mod:`.damage`) prices every plan, so the
-comparison costs one calibration pass plus one routing pass for ``frequency``; the rows are
-per layer and in total, with a one-line verdict.
+It informs and never blocks. One damage table (:mod:`.damage`) prices every plan (the one
+``auto`` computed, when the plan has it), and ``frequency`` is ranked by that walk's own routed
+token counts, so the comparison costs at most one calibration pass, and none after ``auto``; the
+data-free plans (uniform, router-maxvar) read routers and one weight each. The rows are per layer
+and in total, with a one-line verdict.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ..calibrate.runner import CalibrationConfig
 from ..plan import BitPlan
-from .api import AUTO_LEVELS, PROXY_SIGNAL, _calibration_ids, _maxvars, _one_bit_aware_spec, allocate, open_source, router_signal
-from .counts import CountError
+from .api import AUTO_LEVELS, DEFAULT_LEVELS, PROXY_SIGNAL, AllocationConfig, _calibration_ids, _maxvars, _one_bit_aware_spec, allocate, open_source, router_signal
+from .counts import CountError, level_counts
 from .damage import DamageTable, damage_table
-from .ranking import router_maxvar_order
+from .ranking import descending_order, router_maxvar_order, widths_from_order
 
 __all__ = ["GuardRow", "GuardReport", "compare_plan", "uses_proxy"]
 
@@ -94,18 +96,22 @@ def compare_plan(
                              options=settings.gptq_options, min_tokens=settings.min_tokens)
     budget = plan.budget["avg_expert_bits"]
     rows = [_row("chosen: " + plan.method.get("strategy", "plan"), plan, table)]
-    common = {"calibration": token_ids, "scheme": scheme, "group_size": group_size, "clip_search": clip_search}
+    common = AllocationConfig(scheme=scheme, group_size=group_size, clip_search=clip_search)
+    counted: BitPlan | None = None  # the router-maxvar plan: frequency takes its level counts and bytes
     for strategy in COMPARED:
         try:
             if strategy == "uniform":
                 whole = math.floor(budget + 1e-9)
-                other = allocate(model_path, "uniform", avg_bits=whole, **common)
+                other = allocate(model_path, "uniform", avg_bits=whole, config=common)
                 note = "" if whole == budget else f"{whole} bits (below budget)"
             elif strategy == "auto":
-                other = allocate(model_path, "auto", avg_bits=budget, levels=levels, damage=table, **common)
+                other = allocate(model_path, "auto", avg_bits=budget, damage=table, config=replace(common, levels=levels))
                 note = f"widths {','.join(map(str, levels))}"
+            elif strategy == "frequency":
+                rows.append(_frequency_row(table, budget, counted))
+                continue
             else:
-                other = allocate(model_path, strategy, avg_bits=budget, **common)
+                other = counted = allocate(model_path, strategy, avg_bits=budget, config=common)
                 note = "final-norm proxy" if uses_proxy(other) else ""
         except CountError as err:
             rows.append(GuardRow(strategy, budget, 0, math.nan, [], f"not possible: {err}"))
@@ -125,6 +131,18 @@ def _reusable_table(plan: BitPlan, levels: tuple[int, ...], quantizer: str, toke
     if calibration.get("sequences", 0) * calibration.get("sequence_length", 0) != tokens:
         return None
     return DamageTable.from_json(data)
+
+
+def _frequency_row(table: DamageTable, budget: float, counted: BitPlan | None) -> GuardRow:
+    """``frequency`` priced from the table: the tokens routed to each expert on this very walk are
+    what that strategy ranks by (most first), and its count rules are router-maxvar's, so its bytes
+    are too. No routing pass, no allocation run."""
+    if counted is None:
+        raise CountError("the count rules cannot meet this budget (see router-maxvar)")
+    widths = [widths_from_order(descending_order([float(t) for t in tokens]), level_counts(budget, DEFAULT_LEVELS, len(tokens)))
+              for tokens in table.tokens]
+    layers = table.layer_totals(widths)
+    return GuardRow("frequency", counted.budget["avg_expert_bits"], counted.budget["model_bytes"], sum(layers), layers)
 
 
 def _row(name: str, plan: BitPlan, table: DamageTable, note: str = "") -> GuardRow:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -44,16 +43,13 @@ from torch import nn
 from ..io.lazy import LazyModel, open_lazy
 from ..io.resumable import ResumableOutput, fingerprint_inputs
 from ..io.source import require_full_precision
-from ..io.streaming import REST_UNIT, block_paths, metadata_writer, rest_tensors
+from ..io.streaming import REST_UNIT, Executor, block_paths, metadata_writer, rest_tensors
 from ..models import MoELayer
-from ..modules.convert import prepare_block, quantize_linear, validate_plan
+from ..modules.convert import packed_linear, prepare_block, validate_plan
 from ..modules.experts import quantized_experts_for
-from ..modules.recipe import GPTQOptions, expert_method, quantize_weight
-from ..plan import BitPlan, TensorSpec
-from ..quant.gptq import gptq_quantize_batch
-from ..quant.tensor import QuantizedTensor
+from ..modules.recipe import GPTQOptions, LayerJob, WeightJob, expert_method, quantize_layer
+from ..plan import BitPlan
 from .collector import ExpertStatistics
-from .hessian import HessianSum
 from .routing import RoutingStats
 
 __all__ = ["RARE_FALLBACKS", "CalibrationConfig", "CalibrationReport", "collect_routing_streaming", "quantize_calibrated", "visit_moe_layers"]
@@ -232,6 +228,7 @@ def quantize_calibrated(
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
     resume: bool = False,
+    executor: Executor = map,
 ) -> CalibrationReport:
     """Quantize the checkpoint at ``folder`` by ``plan`` with calibration, writing ``out``.
 
@@ -239,6 +236,8 @@ def quantize_calibrated(
     killed run continues from its last finished block (same model, plan, options and tokens).
     The finished blocks are run again, quantized as written, to recompute the next block's inputs.
     The saved plan records the calibration (tokens and method per expert); ``plan`` is not changed.
+    ``executor`` runs each layer's :func:`~moeq.modules.recipe.quantize_layer` jobs (default: here);
+    the bytes do not depend on it.
     """
     plan = BitPlan.from_json(plan.to_json())
     require_full_precision(folder)
@@ -254,7 +253,8 @@ def quantize_calibrated(
     with ResumableOutput(out, fingerprint, overwrite=overwrite, resume=resume, inputs=(folder,)) as output:
 
         def on_block(path: str, module: nn.Module, inputs: list[tuple]) -> None:
-            _quantize_layer(lazy, adapter, plan, path, module, _bind(lazy, path, module), inputs, config, scale_dtype, report)
+            rows = _quantize_layer(lazy, adapter, plan, path, module, _bind(lazy, path, module), inputs, config, scale_dtype, executor)
+            _restore_report_rows(report, {"layers": rows, "starved": [entry for row in rows.values() for entry in row["starved"]]})
 
         def after_block(path: str, module: nn.Module) -> None:
             indices = [layer.index for layer in lazy.layers if layer.path.startswith(path + ".")]
@@ -302,6 +302,7 @@ def _report_rows(report: CalibrationReport, indices: list[int]) -> dict:
 
 
 def _restore_report_rows(report: CalibrationReport, rows: dict) -> None:
+    """Put report rows (as :func:`_report_rows` gives them, or a layer's fresh ones) into ``report``."""
     for index, row in rows["layers"].items():
         report.tokens[int(index)] = row["tokens"]
         report.methods[int(index)] = row["methods"]
@@ -322,12 +323,14 @@ def _run(module: nn.Module, inputs: list[tuple], hooks: list[tuple[nn.Module, ob
             handle.remove()
 
 
-def _quantize_layer(lazy, adapter, plan, path, module, moe_layers, inputs, config, scale_dtype, report) -> None:
-    """Collect statistics for one materialized decoder layer, then quantize its planned weights.
+def _quantize_layer(lazy, adapter, plan, path, module, moe_layers, inputs, config, scale_dtype, executor) -> dict:
+    """Collect statistics for one materialized decoder layer, quantize its planned weights and swap
+    the packed modules in; returns the layer's report rows (tokens, methods, starved experts).
 
     Pass 1 collects the gate/up (and other linears') Hessians with the original weights; the
-    gate/up projections are quantized; pass 2 collects each expert's down-projection Hessian from
-    the quantized gate/up outputs, so the down projection compensates the error upstream of it.
+    gate/up projections and the linears are quantized; pass 2 collects each expert's down-projection
+    Hessian from the quantized gate/up outputs, so the down projection compensates the error
+    upstream of it. The quantizing itself is :func:`quantize_layer` jobs run by ``executor``.
     """
     stats = ExpertStatistics("full")
     # MoE layer index -> (MoELayer bound to the materialized weights, its experts module)
@@ -338,94 +341,87 @@ def _quantize_layer(lazy, adapter, plan, path, module, moe_layers, inputs, confi
         hooks.append((module.get_submodule(name[len(path) + 1 :]), lambda m, a, key=name: stats.add_moment(key, a[0])))
     _run(module, inputs, hooks)
 
-    replacements = {}
+    rows, packed, first_stage = {}, {}, []
     for index, (bound, experts) in live.items():
+        tokens = [stats.counts.get((index, e), 0) for e in range(bound.num_experts)]
+        starved = {e for e in range(bound.num_experts) if tokens[e] < max(config.min_tokens, 1)}
+        methods = [expert_method(config.quantizer, e in starved, config.rare_fallback) for e in range(bound.num_experts)]
+        rows[index] = {
+            "tokens": tokens, "methods": methods,
+            "routing_weight_sums": [stats.weight_sums.get((index, e), 0.0) for e in range(bound.num_experts)],
+            "starved": [(index, e, tokens[e]) for e in sorted(starved)],
+        }
         specs = plan.expert_specs(index)
-        for expert in range(bound.num_experts):
-            report.tokens[index][expert] = stats.counts.get((index, expert), 0)
-            report.routing_weight_sums[index][expert] = stats.weight_sums.get((index, expert), 0.0)
-        starved = {e for e in range(bound.num_experts) if report.tokens[index][e] < max(config.min_tokens, 1)}
-        report.starved += [(index, e, report.tokens[index][e]) for e in sorted(starved)]
-        if specs:
-            replacements[bound.path + ".experts"] = _quantize_experts(
-                adapter, module, path, bound, experts, specs, starved, inputs, stats, config, scale_dtype, report
-            )
+        if not specs:
+            continue
+        all_tokens = {e for e in starved if methods[e] == "gptq-all-tokens"}
+        if all_tokens:  # every token through the starved experts, for their statistics only
+            for expert in all_tokens:
+                stats.forget((index, expert, "in"))
+            _run(module, inputs, [(experts, stats.hook(adapter, bound, ("in",), only=all_tokens))])
+        packed[index] = quantized_experts_for(adapter, bound, specs, scale_dtype)
+        first_stage += _expert_jobs(path, bound, specs, methods, stats, bound.projections[:-1], "in")
+    for name, spec in linears.items():
+        method = "gptq" if config.quantizer == "gptq" else "rtn"
+        first_stage.append((name, WeightJob(name, module.get_submodule(name[len(path) + 1 :]).weight, spec, method, _hessian(stats, name))))
+    placed = _run_jobs(first_stage, config, scale_dtype, executor)
+
+    replacements = {}
     for name, spec in linears.items():
         relative = name[len(path) + 1 :]
         linear = module.get_submodule(relative)
-        method = "gptq" if config.quantizer == "gptq" else "rtn"
-        hessian = stats.hessians.get(name)
-        quantizer = partial(_quantize_as, hessian=hessian, method=method, config=config)
-        replacements[relative] = quantize_linear(linear, linear.weight, linear.bias, spec, scale_dtype, quantizer, name)
+        replacements[relative] = packed_linear(linear, placed[name], linear.bias, spec, scale_dtype)
+    down_stage = []
+    for index, quantized in packed.items():
+        bound, experts = live[index]
+        *first, down = bound.projections
+        for expert in range(bound.num_experts):
+            for projection in first:
+                quantized.expert(expert)[projection].load_quantized(placed[(index, expert, projection)])
+        if config.quantizer == "gptq":
+            def upstream(expert: int, quantized=quantized, first=first) -> list[torch.Tensor]:
+                return [quantized.expert(expert)[p].weight_for(torch.float32) for p in first]
+
+            all_tokens = {e for e, method in enumerate(rows[index]["methods"]) if method == "gptq-all-tokens"}
+            _run(module, inputs, [(experts, stats.hook(adapter, bound, ("out",), weights_of=upstream))])
+            if all_tokens:  # the all-token pass replaces the starved experts' few routed rows
+                for expert in all_tokens:
+                    stats.forget((index, expert, "out"))
+                _run(module, inputs, [(experts, stats.hook(adapter, bound, ("out",), only=all_tokens, weights_of=upstream))])
+        down_stage += _expert_jobs(path, bound, plan.expert_specs(index), rows[index]["methods"], stats, [down], "out")
+    for (index, expert, projection), result in _run_jobs(down_stage, config, scale_dtype, executor).items():
+        packed[index].expert(expert)[projection].load_quantized(result)
+    for index, quantized in packed.items():
+        replacements[live[index][0].path + ".experts"] = quantized
     for relative, replacement in replacements.items():
         _set(module, relative, replacement)
+    return rows
 
 
-def _quantize_experts(adapter, module, path, bound, experts, specs, starved, inputs, stats, config, scale_dtype, report):
-    """The packed experts of one MoE layer: gate/up first, then down on the quantized gate/up outputs."""
-    index = bound.index
-    gptq = config.quantizer == "gptq"
-    all_tokens = set(starved) if gptq and config.rare_fallback == "all-tokens" else set()
-    if all_tokens:  # every token through the starved experts, for their statistics only
-        for expert in all_tokens:
-            stats.forget((index, expert, "in"))
-        _run(module, inputs, [(experts, stats.hook(adapter, bound, ("in",), only=all_tokens))])
-    quantized = quantized_experts_for(adapter, bound, specs, scale_dtype)
-    *first, down = bound.projections
-    for expert in range(bound.num_experts):
-        report.methods[index][expert] = _expert_method(config, expert in starved)
+def _hessian(stats: ExpertStatistics, key) -> torch.Tensor | None:
+    hessian = stats.hessians.get(key)
+    return hessian.matrix if hessian is not None and hessian.rows > 0 else None
 
-    def put(projection: str, stage: str) -> None:
-        """Quantize one projection of every expert; GPTQ runs batched over experts sharing a spec."""
-        batches: dict[TensorSpec, list[int]] = {}
+
+def _expert_jobs(path, bound, specs, methods, stats, projections, stage) -> list[tuple]:
+    """``((layer, expert, projection), WeightJob)`` for ``projections`` of every expert of ``bound``."""
+    jobs = []
+    for projection in projections:
         for expert in range(bound.num_experts):
-            spec = specs[(expert, projection)]
-            hessian = stats.hessians.get((index, expert, stage))
-            if report.methods[index][expert].startswith("gptq") and hessian is not None and hessian.rows > 0:
-                batches.setdefault(spec, []).append(expert)
-                continue
-            quantized.expert(expert)[projection].load_quantized(_quantize(
-                bound.expert_weight(expert, projection), spec, None, "rtn-clip" if expert in starved else "rtn",
-                config, scale_dtype, f"{path}.{bound.path}.experts.{expert}.{projection}",
-            ))
-        for spec, experts_in_batch in batches.items():
-            results = gptq_quantize_batch(
-                [bound.expert_weight(e, projection) for e in experts_in_batch],
-                [stats.hessians[(index, e, stage)].matrix for e in experts_in_batch],
-                spec.bits, spec.scheme, spec.group_size, spec.clip_search, damp=config.gptq_options.damp,
-                block_size=config.gptq_options.block_size, act_order=config.gptq_options.act_order, scale_dtype=scale_dtype,
-                names=[f"{path}.{bound.path}.experts.{e}.{projection}" for e in experts_in_batch],
-            )
-            for expert, result in zip(experts_in_batch, results):
-                quantized.expert(expert)[projection].load_quantized(result)
-
-    for projection in first:
-        put(projection, "in")
-    if gptq:
-        def upstream(expert: int) -> list[torch.Tensor]:
-            return [quantized.expert(expert)[p].weight_for(torch.float32) for p in first]
-
-        _run(module, inputs, [(experts, stats.hook(adapter, bound, ("out",), weights_of=upstream))])
-        if all_tokens:  # the all-token pass replaces the starved experts' few routed rows
-            for expert in all_tokens:
-                stats.forget((index, expert, "out"))
-            _run(module, inputs, [(experts, stats.hook(adapter, bound, ("out",), only=all_tokens, weights_of=upstream))])
-    put(down, "out")
-    return quantized
+            name = f"{path}.{bound.path}.experts.{expert}.{projection}"
+            weight = bound.expert_weight(expert, projection)
+            hessian = _hessian(stats, (bound.index, expert, stage)) if methods[expert].startswith("gptq") else None
+            jobs.append(((bound.index, expert, projection), WeightJob(name, weight, specs[(expert, projection)], methods[expert], hessian)))
+    return jobs
 
 
-def _expert_method(config: CalibrationConfig, starved: bool) -> str:
-    return expert_method(config.quantizer, starved, config.rare_fallback)
-
-
-def _quantize_as(weight, spec, scale_dtype, *, hessian, method, config, name) -> QuantizedTensor:
-    """:func:`_quantize` in the ``(weight, spec, scale_dtype)`` form of a plain quantizer."""
-    return _quantize(weight, spec, hessian, method, config, scale_dtype, name)
-
-
-def _quantize(weight, spec: TensorSpec, hessian: HessianSum | None, method: str, config, scale_dtype, name: str) -> QuantizedTensor:
-    matrix = hessian.matrix if hessian is not None and hessian.rows > 0 else None
-    return quantize_weight(weight, spec, scale_dtype, method=method, hessian=matrix, options=config.gptq_options, name=name)
+def _run_jobs(keyed: list[tuple], config: CalibrationConfig, scale_dtype: torch.dtype, executor) -> dict:
+    """The packed weight of every ``(key, WeightJob)``, the jobs run as one :class:`LayerJob` by ``executor``."""
+    if not keyed:
+        return {}
+    job = LayerJob(tuple(item for _, item in keyed), str(scale_dtype).removeprefix("torch."), config.gptq_options)
+    (results,) = executor(quantize_layer, [job])
+    return {key: result for (key, _), result in zip(keyed, results)}
 
 
 def _set(module: nn.Module, relative: str, replacement: nn.Module) -> None:

@@ -146,9 +146,9 @@ def run_unit(job: UnitJob) -> dict[str, torch.Tensor]:
     return rest_tensors(lazy, plan) if job.unit == REST_UNIT else _block_tensors(lazy, plan, job.unit)
 
 
-# An executor maps run_unit over jobs and yields the results in the jobs' order (builtin map: in
-# this process; a process pool's map, or Ray, elsewhere).
-Executor = Callable[[Callable[[UnitJob], dict[str, torch.Tensor]], Iterable[UnitJob]], Iterable[dict[str, torch.Tensor]]]
+# An executor maps a pure job function (run_unit, quantize_layer) over picklable jobs and yields
+# the results in the jobs' order (builtin map: in this process; a process pool's map, or Ray).
+Executor = Callable[[Callable[[Any], Any], Iterable[Any]], Iterable[Any]]
 
 
 def quantize_checkpoint(

@@ -20,13 +20,10 @@ from .experts import QuantizedExperts, quantized_experts_for
 from .linear import QuantizedLinear
 from .recipe import quantize_weight
 
-__all__ = ["plan_target", "validate_plan", "prepare_model", "prepare_block", "quantize_model", "quantize_experts", "quantize_linear", "Quantizer"]
-
-# (weight, spec, scale_dtype, name=...) -> packed weight; ``name`` says which weight, for errors.
-Quantizer = Callable[..., QuantizedTensor]
-
+__all__ = ["plan_target", "validate_plan", "prepare_model", "prepare_block", "quantize_model", "quantize_experts", "quantize_linear", "packed_linear", "rtn_quantizer"]
 
 def rtn_quantizer(weight: torch.Tensor, spec: TensorSpec, scale_dtype: torch.dtype, name: str = "weight") -> QuantizedTensor:
+    """``weight`` rounded by ``spec`` (the recipe's data-free method)."""
     return quantize_weight(weight, spec, scale_dtype, method="rtn", name=name)
 
 
@@ -91,26 +88,31 @@ def _prepare(root: nn.Module, adapter: MoEAdapter, layers: list[MoELayer], plan:
 
 def quantize_experts(
     adapter: MoEAdapter, layer: MoELayer, specs: dict[tuple[int, str], TensorSpec], scale_dtype: torch.dtype,
-    quantizer: Quantizer = rtn_quantizer,
 ) -> QuantizedExperts:
     """The packed experts of ``layer``, read one weight at a time through ``layer.expert_weight``."""
     quantized: QuantizedExperts = quantized_experts_for(adapter, layer, specs, scale_dtype)
     for (expert, projection), spec in specs.items():
         weight = layer.expert_weight(expert, projection)
         name = f"expert {expert} {projection} of {layer.experts_path}"
-        quantized.expert(expert)[projection].load_quantized(quantizer(weight, spec, scale_dtype, name=name))
+        quantized.expert(expert)[projection].load_quantized(rtn_quantizer(weight, spec, scale_dtype, name=name))
     return quantized
 
 
 def quantize_linear(
     linear: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, spec: TensorSpec, scale_dtype: torch.dtype,
-    quantizer: Quantizer = rtn_quantizer,
     name: str = "weight",
 ) -> QuantizedLinear:
     """The packed replacement of ``linear`` (its shape and dtype; ``weight``/``bias`` its values);
     ``name`` (its module path) is what errors call it."""
+    return packed_linear(linear, rtn_quantizer(weight, spec, scale_dtype, name=name), bias, spec, scale_dtype)
+
+
+def packed_linear(
+    linear: nn.Module, packed: QuantizedTensor, bias: torch.Tensor | None, spec: TensorSpec, scale_dtype: torch.dtype
+) -> QuantizedLinear:
+    """The replacement of ``linear`` holding ``packed`` (already quantized by ``spec``) and ``bias``."""
     replacement = _empty_linear(linear, spec, scale_dtype)
-    replacement.load_quantized(quantizer(weight, spec, scale_dtype, name=name))
+    replacement.load_quantized(packed)
     if bias is not None:
         replacement.bias = nn.Parameter(bias.detach().clone())
     return replacement
@@ -120,7 +122,6 @@ def quantize_linear(
 def quantize_model(
     model: nn.Module,
     plan: BitPlan,
-    quantizer: Quantizer = rtn_quantizer,
     progress: Callable[[str], None] | None = None,
 ) -> nn.Module:
     """Quantize every weight ``plan`` names, in place, and return ``model``."""
@@ -129,12 +130,12 @@ def quantize_model(
     for layer in layers:
         specs = plan.expert_specs(layer.index)
         if specs:
-            _replace(model, layer.experts_path, quantize_experts(adapter, layer, specs, scale_dtype, quantizer))
+            _replace(model, layer.experts_path, quantize_experts(adapter, layer, specs, scale_dtype))
         if progress:
             progress(layer.path)
     for name, spec in plan.linears.items():
         linear = model.get_submodule(name)
-        _replace(model, name, quantize_linear(linear, linear.weight, linear.bias, spec, scale_dtype, quantizer, name))
+        _replace(model, name, quantize_linear(linear, linear.weight, linear.bias, spec, scale_dtype, name))
         if progress:
             progress(name)
     return model
