@@ -109,7 +109,7 @@ def quantize_command(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last finished block.")] = False,
     guard: Annotated[bool, typer.Option(help="When allocating with calibration text, show predicted damage beside the alternatives.")] = True,
-    target: Annotated[str, typer.Option(help="moeq (a width per expert) or gguf (llama.cpp's types, one per layer's expert tensor, for `moeq export --format gguf`).")] = "moeq",
+    target: Annotated[str, typer.Option(help="moeq (a width per expert), gguf (llama.cpp's types, one per layer's expert tensor, for `moeq export --format gguf`) or vllm (W4A16/W8A16 with --scheme and --group-size, one per MoE layer, for `--format compressed-tensors`).")] = "moeq",
 ) -> None:
     """Quantize the routed experts of MODEL (and optionally other linears) and save to --out.
 
@@ -130,9 +130,11 @@ def quantize_command(
         plan = BitPlan.load(plan_path, plan_target_of(model_path)) if plan_path else None
         if plan is not None:
             runtime.check_plan(plan, [layer.shapes for layer in open_lazy(model_path).layers])
+        others = QuantConfig(bits=FULL_PRECISION_BITS, scheme=scheme, group_size=group_size, attn_bits=attn_bits,
+                             shared_bits=shared_bits, dense_bits=dense_bits, lm_head_bits=lm_head_bits)
         if bits is not None and not runtime.free:  # --bits B --target T: every tensor at T's B-bit type
             uniform = AllocationConfig("uniform", scheme=scheme, group_size=group_size, clip_search=clip_search, seed=seed,
-                                       damage_quantizer=quantizer, target=runtime.name)
+                                       other_linears=others, damage_quantizer=quantizer, target=runtime.name)
             plan = plan_checkpoint(model_path, uniform, avg_bits=float(bits)).plan
         config = None if plan or allocating else QuantConfig(
             bits=bits, scheme=scheme, group_size=group_size, clip_search=clip_search, attn_bits=attn_bits,
@@ -142,8 +144,6 @@ def quantize_command(
         started = time.perf_counter()
         calibration = CalibrationConfig(quantizer="gptq", min_tokens=min_tokens, rare_fallback=rare_fallback, damp=damp, act_order=act_order)
         if allocating:
-            others = QuantConfig(bits=FULL_PRECISION_BITS, scheme=scheme, group_size=group_size, attn_bits=attn_bits,
-                                 shared_bits=shared_bits, dense_bits=dense_bits, lm_head_bits=lm_head_bits)
             if avg_bits is not None and max_gb is not None:
                 raise ValueError("give one budget: --avg-bits or --max-gb")
             # The same calibration slice (tokens, sequence length) for allocation, the guard and GPTQ after them.
@@ -339,6 +339,14 @@ def render_plan(plan: BitPlan, max_experts: int = 64) -> None:
         f"(from {budget['expert_bytes_full_precision']:,}); model {budget['model_bytes']:,} B "
         f"(from {budget['model_bytes_full_precision']:,}) = {budget['model_bytes'] / 1e9:.4g} GB"
     )
+    target = plan.method.get("target") or {}
+    if target:
+        console.print(f"for {target.get('runtime', target.get('name'))}: {budget['expert_bits_per_weight']:.4g} bits per routed expert "
+                      f"weight in its file, one type per {'MoE layer' if target.get('granularity') == 'layer' else 'expert tensor'}")
+    free = budget.get("predicted_damage_with_a_width_per_expert")
+    if free and budget.get("predicted_damage"):
+        console.print(f"predicted damage {budget['predicted_damage']:.4g}; with a width per expert at the same bytes (moeq's own "
+                      f"runtime) {free:.4g}: the runtime's rule costs {budget['predicted_damage'] / free:.2f}x")
 
 
 @app.command("allocate")
@@ -366,7 +374,7 @@ def allocate_command(
     heatmap: Annotated[Path | None, typer.Option(help="Also write a layer x expert PNG heatmap here.")] = None,
     quantizer: Annotated[str, typer.Option(help="rtn or gptq: the quantizer that will run (auto and the guard price its damage).")] = "rtn",
     guard: Annotated[bool, typer.Option(help="With calibration text, show the plan's predicted damage beside auto, uniform, router-maxvar, frequency.")] = True,
-    target: Annotated[str, typer.Option(help="moeq (a width per expert) or gguf (llama.cpp's types, one per layer's expert tensor; budgets count the file's bytes).")] = "moeq",
+    target: Annotated[str, typer.Option(help="moeq (a width per expert), gguf (llama.cpp's types, one per layer's expert tensor) or vllm (W4A16/W8A16 with --scheme and --group-size, one per MoE layer); budgets count the file's bytes.")] = "moeq",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
 ) -> None:
     """Choose a bit width per routed expert and write the plan (no weights are changed)."""
@@ -646,28 +654,39 @@ def analyze_command(
     console.print(f"[green]wrote[/] {out}")
 
 
-EXPORT_FORMATS = ("gguf",)
+EXPORT_FORMATS = ("gguf", "compressed-tensors")
 
 
 @app.command("export")
 def export_command(
     checkpoint: Annotated[Path, typer.Argument(metavar="DIR", help="A folder written by `moeq quantize`.")],
-    out: Annotated[Path, typer.Option("--out", help="The file to write (model.gguf).")],
+    out: Annotated[Path, typer.Option("--out", help="What to write: model.gguf (gguf), or a folder (compressed-tensors, for vLLM).")],
     format: Annotated[str, typer.Option("--format", help=f"Target format: {', '.join(EXPORT_FORMATS)}.")] = "gguf",
-    float_type: Annotated[str, typer.Option(help="GGML type of what moeq left in full precision: F16, BF16 or F32.")] = "F16",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
+    float_type: Annotated[str, typer.Option(help="gguf: GGML type of what moeq left in full precision: F16, BF16 or F32.")] = "F16",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
 ) -> None:
     """Write a moeq checkpoint in a runtime's own format, codes copied, not quantized again."""
-    from .export import export_gguf
+    from .export import export_compressed, export_gguf
 
     try:
         if format not in EXPORT_FORMATS:
             raise ValueError(f"--format {format!r} is not supported; choose one of: {', '.join(EXPORT_FORMATS)}")
         _threads(checkpoint)
         started = time.perf_counter()
-        report = export_gguf(checkpoint, out, overwrite=overwrite, float_type=float_type)
+        if format == "gguf":
+            report = export_gguf(checkpoint, out, overwrite=overwrite, float_type=float_type)
+        else:
+            report = export_compressed(checkpoint, out, overwrite=overwrite)
     except USER_ERRORS as err:
         _fail(err)
-    types = ", ".join(f"{count} {name}" for name, count in sorted(report.type_counts().items()))
-    console.print(f"[green]wrote[/] {out}: {report.nbytes:,} bytes, tensors {types}; routed experts at "
-                  f"{report.expert_bits_per_weight:.4g} bits per weight, in {time.perf_counter() - started:.1f} s")
+    seconds = time.perf_counter() - started
+    if format == "gguf":
+        types = ", ".join(f"{count} {name}" for name, count in sorted(report.type_counts().items()))
+        console.print(f"[green]wrote[/] {out}: {report.nbytes:,} bytes, tensors {types}; routed experts at "
+                      f"{report.expert_bits_per_weight:.4g} bits per weight, in {seconds:.1f} s")
+        return
+    groups = ", ".join(f"{name} {label}" for name, label in report.groups.items())
+    console.print(f"[green]wrote[/] {out}: {report.nbytes:,} bytes of weights, config groups {groups}; routed experts at "
+                  f"{report.expert_bits_per_weight:.4g} bits per weight, in {seconds:.1f} s; serve it with: vllm serve {out}")
+    if report.transformers_note:
+        console.print(f"[yellow]note:[/] transformers cannot load this folder as vLLM does: {report.transformers_note}")

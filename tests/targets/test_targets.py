@@ -112,3 +112,57 @@ def test_cli_quantizes_for_gguf_and_refuses_a_plan_it_cannot_hold(tmp_path: Path
     line = one_line_error(runner.invoke(app, ["allocate", str(DEFAULT_MODEL), "--out", str(tmp_path / "p2.json"), "--avg-bits",
                                               "3", "--target", "gguf", "--levels", "3,2,1"]))
     assert "--target gguf has levels 8,6,5,4,3,2; 1 is not one of them" in line
+
+
+def _layer_specs(plan) -> dict[int, set]:
+    out: dict[int, set] = {}
+    for entry in plan.experts:
+        out.setdefault(entry.layer, set()).add((entry.spec.bits, entry.spec.scheme.value, entry.spec.group_size))
+    return out
+
+
+def test_the_vllm_target_sizes_are_compressed_tensors_own() -> None:
+    """Bytes of one weight as compressed-tensors packs it (its own pack_to_int32 on the real shapes)."""
+    import torch
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    for scheme, bits, group in (("sym", 4, 128), ("asym", 4, 32), ("sym", 8, None), ("asym", 4, None)):
+        kind = get_target("vllm", scheme, group).type_at(bits, 384)
+        rows, cols = 96, 384
+        groups = cols // (group or cols)
+        packed = pack_to_int32(torch.zeros(rows, cols, dtype=torch.int8), bits).nbytes
+        zeros = pack_to_int32(torch.zeros(rows, groups, dtype=torch.int8), bits, packed_dim=0).nbytes if scheme == "asym" else 0
+        assert kind.nbytes((rows, cols)) == packed + rows * groups * 2 + zeros + 16, kind.name
+
+
+@pytest.mark.parametrize("strategy", ["router-maxvar", "uniform", "error-ilp", "auto"])
+def test_every_strategy_plans_one_vllm_scheme_per_moe_layer(strategy: str) -> None:
+    avg = 4 if strategy == "uniform" else 6.2
+    calibration = {"calibration": "default", "calib_tokens": 2048} if strategy == "auto" else {}
+    plan = moeq.allocate(DEFAULT_MODEL, strategy, avg_bits=avg, target="vllm", scheme="asym", group_size=64, **calibration)
+    per_layer = _layer_specs(plan)
+    assert all(len(specs) == 1 for specs in per_layer.values())  # vLLM reads one scheme per fused MoE layer
+    assert {s for specs in per_layer.values() for s in specs} <= {(4, "asym", 64), (8, "sym", 64)}  # no 8-bit asym kernel
+    assert plan.scale_dtype == "bfloat16"  # vLLM holds scales in the model's dtype
+    if strategy != "uniform":  # uniform at 4 is the 4-bit level (4.31 bits per weight with g64 scales)
+        assert plan.budget["expert_bits_per_weight"] <= avg
+    if strategy in ("error-ilp", "auto"):
+        assert {b for specs in per_layer.values() for b, _, _ in specs} == {4, 8}  # 6.2 bits buys some layers at 8
+    if strategy == "auto":  # what one scheme per layer costs against a width per expert at the same bytes
+        assert 0 < plan.budget["predicted_damage_with_a_width_per_expert"] <= plan.budget["predicted_damage"]
+
+
+def test_the_vllm_target_refuses_what_its_kernels_do_not_take() -> None:
+    with pytest.raises(PlanError, match="--target vllm quantizes with --scheme sym or asym"):
+        moeq.allocate(DEFAULT_MODEL, "uniform", avg_bits=4, target="vllm", scheme="log")
+    with pytest.raises(PlanError, match="--target vllm takes --group-size 32, 64 or 128"):
+        moeq.allocate(DEFAULT_MODEL, "uniform", avg_bits=4, target="vllm", group_size=16)
+    with pytest.raises(PlanError, match="--target vllm has levels 8,4; 3 is not one of them"):
+        moeq.allocate(DEFAULT_MODEL, "router-maxvar", avg_bits=3.5, target="vllm", levels=(4, 3))
+    free = moeq.allocate(DEFAULT_MODEL, "router-maxvar", avg_bits=2.5)
+    source = load_source(DEFAULT_MODEL)
+    from moeq.models import moe_layers_or_error
+
+    shapes = [layer.shapes for layer in moe_layers_or_error(source)[1]]
+    with pytest.raises(PlanError, match=r"is not a type vLLM \(compressed-tensors\) runs .* make the plan with --target vllm"):
+        TARGETS["vllm"].check_plan(free, shapes)

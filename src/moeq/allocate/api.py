@@ -216,7 +216,7 @@ def allocate(
             (``levels=(3, 2)``), and replace the config's.
     """
     config = _resolve_config(config, strategy, options)
-    strategy, levels, target = config.strategy, config.levels, get_target(config.target)
+    strategy, levels, target = config.strategy, config.levels, get_target(config.target, config.scheme, config.group_size)
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
     if (avg_bits is None) == (max_bytes is None):
@@ -228,7 +228,9 @@ def allocate(
         if target.free:
             levels = AUTO_LEVELS if strategy == "auto" else DEFAULT_LEVELS
         else:
-            levels = TARGET_AUTO_LEVELS if strategy in ("auto", "error-ilp") else TARGET_LEVELS
+            preferred = TARGET_AUTO_LEVELS if strategy in ("auto", "error-ilp") else TARGET_LEVELS
+            levels = tuple(b for b in preferred if b in target.widths)
+            levels = levels if len(levels) >= 2 else target.widths  # vLLM's 8 and 4
     if not target.free and set(levels) - set(target.widths):
         raise PlanError(f"--target {target.name} has levels {','.join(map(str, target.widths))}; "
                         f"{','.join(map(str, sorted(set(levels) - set(target.widths), reverse=True)))} is not one of them")
@@ -247,7 +249,8 @@ def allocate(
         method.update(scheme="the target's types", group_size=None, one_bit_scheme=None)
         method["target"] = {"name": target.name, "granularity": target.granularity, "runtime": target.runtime}
         if strategy not in ("auto", "error-ilp"):
-            method["target"]["widening"] = ("the strategy's widths per expert, then per (layer, projection) the largest "
+            stack = "(layer, projection)" if target.granularity == "tensor" else "MoE layer"
+            method["target"]["widening"] = (f"the strategy's widths per expert, then per {stack} the largest "
                                             "level whose stack fits the bytes its experts' own widths would take")
 
     def spec(bits: int, in_features: int | None = None) -> TensorSpec:
@@ -257,10 +260,14 @@ def allocate(
         return TensorSpec(base.bits, base.scheme, base.group_size, config.clip_search)
 
     linears = linear_specs(source.budget_model, config.other_linears) if config.other_linears is not None else {}
+    if not target.free:  # attention and other linears take the target's type at their width too
+        linears = {name: target.spec_at(s.bits, source.budget_model.get_submodule(name).weight.shape[1]) for name, s in linears.items()}
+    model_dtype = str(next(iter(source.budget_model.parameters())).dtype).removeprefix("torch.")
+    scale_dtype = target.scale_dtype_for(model_dtype)
     if not target.free and avg_bits is not None and strategy != "uniform":
         # The budget counts the file's true bytes: avg_bits expert bits per weight, plus the rest as is.
         expert_weights = sum(layer.expert_numel * layer.num_experts for layer in layers)
-        probe = BitPlan(source.budget_model.config.model_type, [layer.path for layer in layers], [], linears)
+        probe = BitPlan(source.budget_model.config.model_type, [layer.path for layer in layers], [], linears, scale_dtype)
         unquantized = plan_budget(source.budget_model, probe)
         fixed = unquantized["model_bytes"] - unquantized["expert_bytes"]
         max_bytes, avg_bits = int(fixed + avg_bits * expert_weights / 8), None
@@ -286,11 +293,11 @@ def allocate(
             settings = config.gptq or CalibrationConfig()
             damage = damage_table(
                 source.model if source.model is not None else source.lazy, token_ids, widths, spec, positions, config.damage_quantizer,
-                options=settings.gptq_options, min_tokens=settings.min_tokens, per_projection=not target.free,
+                options=settings.gptq_options, min_tokens=settings.min_tokens, per_projection=target.granularity == "tensor",
             )
         elif tuple(damage.widths) != widths:
             raise PlanError(f"the damage table covers widths {list(damage.widths)}, the levels are {list(widths)}")
-        elif not target.free and not damage.projection_damage:
+        elif target.granularity == "tensor" and not damage.projection_damage:
             raise PlanError(f"--target {target.name} needs a damage table with each projection's damage (per_projection=True)")
         errors = damage.damage
         scores["predicted_damage"] = damage.to_json()
@@ -341,13 +348,17 @@ def allocate(
             ExpertEntry(layer.index, e, name, spec(width(layer, e, p), layer.shapes[name][1]))
             for layer in layers for e in range(layer.num_experts) for p, name in enumerate(layer.projections)
         ]
-        plan = BitPlan(source.budget_model.config.model_type, [layer.path for layer in layers], entries, linears)
+        plan = BitPlan(source.budget_model.config.model_type, [layer.path for layer in layers], entries, linears, scale_dtype)
         plan.budget = plan_budget(source.budget_model, plan)
+        if not target.free:  # the target file's own bytes (compressed-tensors' int32 words differ a little from moeq's)
+            in_file = _target_expert_bytes(plan, layers, target)
+            plan.budget["model_bytes"] += in_file - plan.budget["expert_bytes"]
+            plan.budget["expert_bytes"] = in_file
         return plan
 
     tensor_levels = None  # the level of each (layer, projection), when a tensor ILP chose them
     if strategy in ("error-ilp", "auto") and not target.free:
-        group_errors = _projection_errors(layers, projection_errors, damage if strategy == "auto" else None)
+        group_errors = _stack_errors(layers, target, projection_errors, damage if strategy == "auto" else None)
         tensor_levels = _tensor_ilp(layers, widths, group_errors, target, max_bytes, build)
         plan = build(tensor_levels)
     elif strategy in ("error-ilp", "auto") and max_bytes is not None:
@@ -370,9 +381,10 @@ def allocate(
         if target.free:
             chosen = [[plan.expert_specs(layer.index)[(e, layer.projections[0])].bits for e in range(layer.num_experts)] for layer in layers]
             plan.budget["predicted_damage"] = damage.total(chosen)
-        elif tensor_levels is not None and damage.projection_damage:
+        elif tensor_levels is not None:
             # levels, not the types' bits: a level's fallback type may have more bits (Q8_0 for 6-bit rows of 384)
-            plan.budget["predicted_damage"] = damage.tensor_total(tensor_levels)
+            plan.budget["predicted_damage"] = (damage.tensor_total(tensor_levels) if target.granularity == "tensor" else
+                                               damage.total([[tensor_levels[(layer.index, 0)]] * layer.num_experts for layer in layers]))
             # What the runtime's one-type-per-tensor rule costs: the same types chosen per expert instead.
             free = _error_ilp_widths(layers, widths, damage.damage, max_bytes=max_bytes, spec=spec, build=build)
             plan.budget["predicted_damage_with_a_width_per_expert"] = damage.total(free)
@@ -530,44 +542,70 @@ def _expert_bytes(layer: MoELayer, spec: Callable[[int], TensorSpec], plan: BitP
     return float(total)
 
 
+def _stacks(layers: list[MoELayer], target: Target) -> list[tuple[MoELayer, tuple[int, ...]]]:
+    """The expert stacks that share one type: per (layer, projection), or per MoE layer."""
+    if target.granularity == "layer":
+        return [(layer, tuple(range(len(layer.projections)))) for layer in layers]
+    return [(layer, (p,)) for layer in layers for p in range(len(layer.projections))]
+
+
+def _stack_bytes(layer: MoELayer, projections: tuple[int, ...], target: Target, bits: int) -> int:
+    """Bytes of one expert's ``projections`` at level ``bits`` in the target's file."""
+    shapes = [layer.shapes[layer.projections[p]] for p in projections]
+    return sum(target.type_at(bits, shape[1]).nbytes(shape) for shape in shapes)
+
+
+def _target_expert_bytes(plan: BitPlan, layers: list[MoELayer], target: Target) -> int:
+    """Bytes of the plan's routed experts as the target's file holds them."""
+    total = 0
+    for entry in plan.experts:
+        shape = layers[entry.layer].shapes[entry.projection]
+        kind = target.type_of(entry.spec, shape[1])
+        total += kind.nbytes(shape) if kind is not None else 0
+    return total
+
+
 def _widen(layers: list[MoELayer], chosen: list[list[int]], target: Target) -> dict[tuple[int, int], int]:
-    """Per-expert widths made one per (layer, projection): the largest level whose bytes for the
-    whole expert stack fit what its experts' own widths would take (the smallest level if none does)."""
+    """Per-expert widths made one per expert stack (see :func:`_stacks`): the largest level whose
+    bytes for the whole stack fit what its experts' own widths would take (the smallest if none does)."""
     out = {}
-    for layer in layers:
-        for p, name in enumerate(layer.projections):
-            shape = layer.shapes[name]
-            share = sum(target.type_at(chosen[layer.index][e], shape[1]).nbytes(shape) for e in range(layer.num_experts))
-            fitting = [b for b in target.widths if target.type_at(b, shape[1]).nbytes(shape) * layer.num_experts <= share]
+    for layer, projections in _stacks(layers, target):
+        share = sum(_stack_bytes(layer, projections, target, chosen[layer.index][e]) for e in range(layer.num_experts))
+        fitting = [b for b in target.widths if _stack_bytes(layer, projections, target, b) * layer.num_experts <= share]
+        for p in projections:
             out[(layer.index, p)] = max(fitting) if fitting else min(target.widths)
     return out
 
 
-def _projection_errors(layers: list[MoELayer], errors, damage: DamageTable | None) -> list[list[list[float]]]:
-    """``[layer][projection][width index]`` summed over the layer's experts: the predicted damage
-    of each projection alone (``auto``), else the squared weight error per projection."""
-    if damage is not None:
-        return [[[damage.tensor_damage(layer.index, p, b) for b in damage.widths] for p in range(len(layer.projections))]
-                for layer in layers]
-    return [[[sum(expert[j][p] for expert in errors[layer.index]) for j in range(len(errors[layer.index][0]))]
-             for p in range(len(layer.projections))] for layer in layers]
+def _stack_errors(layers: list[MoELayer], target: Target, errors, damage: DamageTable | None) -> list[list[float]]:
+    """``[stack][width index]`` for the stacks of :func:`_stacks`, summed over their experts: the
+    predicted damage (``auto``: each projection alone for a tensor stack, the whole expert for a
+    layer stack), else the squared weight error."""
+    out = []
+    for layer, projections in _stacks(layers, target):
+        if damage is not None and target.granularity == "layer":
+            out.append([sum(row[j] for row in damage.damage[layer.index]) for j in range(len(damage.widths))])
+        elif damage is not None:
+            out.append([damage.tensor_damage(layer.index, projections[0], b) for b in damage.widths])
+        else:
+            rows = errors[layer.index]
+            out.append([sum(expert[j][p] for expert in rows for p in projections) for j in range(len(rows[0]))])
+    return out
 
 
 def _tensor_ilp(layers, widths, group_errors, target: Target, max_bytes: int, build) -> dict[tuple[int, int], int]:
-    """One level per (layer, projection) expert stack: least total error within ``max_bytes``."""
-    items = [(layer, p, name) for layer in layers for p, name in enumerate(layer.projections)]
-    flat = np.array([group_errors[layer.index][p] for layer, p, _ in items])
-    spend = np.array([
-        [float(target.type_at(b, layer.shapes[name][1]).nbytes(layer.shapes[name]) * layer.num_experts) for b in widths]
-        for layer, _, name in items
-    ])
-    base = build({(layer.index, p): min(widths) for layer, p, _ in items})
+    """One level per expert stack (see :func:`_stacks`): least total error within ``max_bytes``."""
+    stacks = _stacks(layers, target)
+    flat = np.array(group_errors)
+    spend = np.array([[float(_stack_bytes(layer, projections, target, b) * layer.num_experts) for b in widths]
+                      for layer, projections in stacks])
+    base = build({(layer.index, p): min(widths) for layer, projections in stacks for p in projections})
     fixed = base.budget["model_bytes"] - base.budget["expert_bytes"]
     if spend[:, -1].sum() > max_bytes - fixed:
         raise CountError(f"a budget of {max_bytes:,} bytes is impossible: the smallest plan at {min(widths)} bits takes "
                          f"{base.budget['model_bytes']:,} bytes")
     chosen = error_ilp(flat, widths, spend, max_bytes - fixed)
-    return {(layer.index, p): b for (layer, p, _), b in zip(items, chosen)}
+    return {(layer.index, p): b for (layer, projections), b in zip(stacks, chosen) for p in projections}
 
 
 def _smallest_feasible(widths_at, low: float, high: float) -> float:

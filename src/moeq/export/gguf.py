@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from ..atomic import OutputLock, OutputWriteError, ensure_output_free, write_failure
@@ -24,14 +23,11 @@ from ..plan import BitPlan, TensorSpec
 from ..quant.ggml import EXACT_TYPES, GGML_TYPES, GGMLType, exact_type, float_rows, ggml_blocks
 from ..quant.rtn import resolve_group_size
 from .gguf_arch import GGUFArchitecture, architecture_for, rope_permute_rows
+from .weights import ExportError, dense_expert, named_weights
 
 __all__ = ["ExportError", "GGUFReport", "export_gguf", "check_gguf_plan"]
 
 FLOAT_TYPES = ("F16", "BF16", "F32")
-
-
-class ExportError(ValueError):
-    """A checkpoint or plan that cannot become the requested file."""
 
 
 @dataclass
@@ -186,7 +182,7 @@ def _tensor_sources(model, arch: GGUFArchitecture, config, layers, expert_types,
     tied = bool(config.get("tie_word_embeddings", False))
     out: list[_Tensor] = []
     modules = dict(model.named_modules())
-    for name, tensor in _named_weights(model, modules):
+    for name, tensor in named_weights(model, modules):
         if name.startswith(expert_paths):
             continue
         if tied and name == "lm_head.weight":
@@ -221,34 +217,12 @@ def _tensor_sources(model, arch: GGUFArchitecture, config, layers, expert_types,
             if kind is None:  # the plan leaves this layer in full precision
                 kind = GGML_TYPES[float_type]
                 def produce(m=experts, p=projection, n=layer.num_experts, k=float_type):
-                    return np.stack([float_rows(_dense_expert(m, e, p), k)[1] for e in range(n)])
+                    return np.stack([float_rows(dense_expert(m, e, p), k)[1] for e in range(n)])
             else:
                 def produce(m=experts, p=projection, n=layer.num_experts):
                     return np.stack([ggml_blocks(m.expert(e)[p].quantized)[1] for e in range(n)])
             out.append(_Tensor(name, kind, produce, (layer.num_experts, rows, cols), expert=True))
     return sorted(out, key=_gguf_order)
-
-
-def _dense_expert(experts: nn.Module, expert: int, projection: str) -> torch.Tensor:
-    """One expert weight of a full-precision experts module (transformers 5's fused 3-D parameters)."""
-    if projection in ("gate_proj", "up_proj") and hasattr(experts, "gate_up_proj"):
-        gate, up = experts.gate_up_proj[expert].chunk(2, dim=0)
-        return gate if projection == "gate_proj" else up
-    return getattr(experts, projection)[expert]
-
-
-def _named_weights(model: nn.Module, modules: dict[str, nn.Module]):
-    """(parameter name, tensor or QuantizedLinear) for everything outside the routed experts."""
-    from ..modules.linear import QuantizedLinear
-
-    quantized = {path for path, m in modules.items() if isinstance(m, QuantizedLinear)}
-    for path in sorted(quantized):
-        yield f"{path}.weight", modules[path]
-    for name, tensor in model.state_dict().items():
-        owner = name.rsplit(".", 1)[0]
-        if any(owner == q or owner.startswith(q + ".") for q in quantized):
-            continue
-        yield name, tensor
 
 
 def _block_index(path: str) -> int:

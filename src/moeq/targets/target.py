@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..plan import BitPlan, PlanError, TensorSpec
 from ..quant.rtn import resolve_group_size
+from ..quant.schemes import Scheme
 from ..quant.tensor import storage_nbytes
 
-__all__ = ["GRANULARITIES", "TARGETS", "Target", "TargetType", "get_target"]
+__all__ = ["GRANULARITIES", "TARGETS", "Target", "TargetType", "compressed_tensors_nbytes", "get_target", "vllm_target"]
 
 # expert: a spec per (expert, projection); tensor: one per (layer, projection) across its experts;
 # layer: one per MoE layer across its experts and projections.
@@ -18,20 +19,25 @@ GRANULARITIES = ("expert", "tensor", "layer")
 @dataclass(frozen=True)
 class TargetType:
     """One weight type a target runs: its name there, the moeq spec that produces it exactly,
-    and the row lengths (input dimension) it accepts."""
+    the row lengths (input dimension) it accepts and how its file stores it (``layout``: ``moeq``,
+    GGML blocks the same size, or ``compressed-tensors``' int32 words)."""
 
     name: str
     spec: TensorSpec
     row_multiple: int
     equivalent: tuple[TensorSpec, ...] = ()  # other specs whose codes the type holds exactly
+    layout: str = "moeq"
 
     def accepts(self, in_features: int) -> bool:
         return in_features % self.row_multiple == 0
 
     def nbytes(self, shape: tuple[int, int]) -> int:
-        """True bytes of one ``[out, in]`` weight in this type (float16 scales)."""
+        """True bytes of one ``[out, in]`` weight in this type's file (16-bit scales)."""
         spec = self.spec
-        return storage_nbytes(shape, spec.bits, resolve_group_size(shape[1], spec.group_size, spec.scheme), spec.scheme, 2)
+        group = resolve_group_size(shape[1], spec.group_size, spec.scheme)
+        if self.layout == "compressed-tensors":
+            return compressed_tensors_nbytes(shape, spec.bits, group, spec.scheme is Scheme.ASYM)
+        return storage_nbytes(shape, spec.bits, group, spec.scheme, 2)
 
     def bits_per_weight(self, shape: tuple[int, int]) -> float:
         return self.nbytes(shape) * 8 / (shape[0] * shape[1])
@@ -48,6 +54,13 @@ class Target:
     granularity: str
     levels: dict[int, tuple[TargetType, ...]] | None = None
     runtime: str = ""
+    scale_dtype: str | None = None  # "model": scales stored in the model's dtype, as the runtime holds them
+
+    def scale_dtype_for(self, model_dtype: str) -> str:
+        """The plan's scale dtype for a model stored in ``model_dtype`` (moeq's float16 by default)."""
+        if self.scale_dtype == "model" and model_dtype in ("bfloat16", "float16"):
+            return model_dtype
+        return "float16"
 
     @property
     def free(self) -> bool:
@@ -96,13 +109,27 @@ class Target:
                     f"{self.runtime or self.name} runs (it runs {', '.join(names)}); make the plan with --target {self.name}"
                 )
             key = (entry.layer,) if self.granularity == "layer" else (entry.layer, entry.projection)
-            groups.setdefault(key, set()).add(_key(entry.spec, in_features))
+            # a layer's projections differ in rows: one scheme there means one (bits, scheme, group size) as written
+            spec_key = (entry.spec.bits, entry.spec.scheme, entry.spec.group_size) if self.granularity == "layer" else _key(entry.spec, in_features)
+            groups.setdefault(key, set()).add(spec_key)
         for key, specs in groups.items():
             if self.granularity != "expert" and len(specs) > 1:
                 where = f"layer {key[0]}" + (f" {key[1]}" if len(key) > 1 else "")
                 rule = "one type per layer" if self.granularity == "layer" else "one type per layer's expert tensor"
                 raise PlanError(f"{where}: its experts use {len(specs)} different specs, but {self.runtime or self.name} holds "
                                 f"{rule}; make the plan with --target {self.name}")
+
+
+def compressed_tensors_nbytes(shape: tuple[int, int], bits: int, group: int, zero_points: bool, scale_bytes: int = 2) -> int:
+    """Bytes compressed-tensors' ``pack-quantized`` format holds for one ``[out, in]`` weight: codes
+    packed into int32 words along the input, one scale per (row, group), zero points packed into
+    int32 words along the output, and the int64 ``weight_shape``."""
+    rows, cols = shape
+    groups = cols // group
+    total = rows * -(-cols * bits // 32) * 4 + rows * groups * scale_bytes + 2 * 8
+    if zero_points:
+        total += -(-rows * bits // 32) * groups * 4
+    return total
 
 
 def _key(spec: TensorSpec, in_features: int) -> tuple:
@@ -144,16 +171,53 @@ def _gguf() -> Target:
     )
 
 
+VLLM_GROUP_SIZES = (32, 64, 128, None)  # None: one scale per output channel
+VLLM_SCHEMES = ("sym", "asym")
+
+
+def vllm_target(scheme: str = "asym", group_size: int | None = None) -> Target:
+    """vLLM's MoE layers (compressed-tensors ``pack-quantized``, the Marlin / moe_wna16 kernels):
+    4-bit ``scheme`` (sym, or asym with zero points) and 8-bit sym (no 8-bit kernel takes zero
+    points), groups of ``group_size`` or one per output channel; one scheme per MoE layer, all its
+    experts and projections (vLLM's loader reads expert 0's scheme for the whole fused layer)."""
+    scheme = getattr(scheme, "value", scheme)
+    if scheme not in VLLM_SCHEMES:
+        raise PlanError(f"--target vllm quantizes with --scheme sym or asym (its MoE kernels' integer formats), not {scheme}")
+    if group_size not in VLLM_GROUP_SIZES:
+        raise PlanError(f"--target vllm takes --group-size 32, 64 or 128, or none for one scale per output channel; "
+                        f"got {group_size}")
+    rows = group_size or 1
+
+    def kind(bits: int, kind_scheme: str) -> TargetType:
+        name = f"W{bits}A16 {kind_scheme}" + (f" g{group_size}" if group_size else " channel")
+        return TargetType(name, TensorSpec(bits, kind_scheme, group_size), rows, layout="compressed-tensors")
+
+    return Target(name="vllm", granularity="layer", runtime="vLLM (compressed-tensors)",
+                  levels={4: (kind(4, scheme),), 8: (kind(8, "sym"),)}, scale_dtype="model")
+
+
+def _vllm_catalogue() -> Target:
+    """vLLM's target with every scheme and group it runs: what a finished plan is checked against
+    (planning configures one with :func:`vllm_target`)."""
+    four = tuple(vllm_target(scheme, group).levels[4][0] for scheme in VLLM_SCHEMES for group in VLLM_GROUP_SIZES)
+    eight = tuple(vllm_target("sym", group).levels[8][0] for group in VLLM_GROUP_SIZES)
+    return replace(vllm_target(), levels={4: four, 8: eight})
+
+
 TARGETS: dict[str, Target] = {
     "moeq": Target("moeq", "expert", None, "moeq"),
     "gguf": _gguf(),
+    "vllm": _vllm_catalogue(),
 }
 
 
-def get_target(target: str | Target) -> Target:
-    """A target by name (or as given); one line naming the known ones otherwise."""
+def get_target(target: str | Target, scheme: str | None = None, group_size: int | None = None) -> Target:
+    """A target by name (or as given); one line naming the known ones otherwise. ``scheme`` and
+    ``group_size`` configure a target whose types take them (vLLM's); the others ignore them."""
     if isinstance(target, Target):
         return target
     if target not in TARGETS:
         raise PlanError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+    if target == "vllm" and (scheme is not None or group_size is not None):
+        return vllm_target(scheme or "asym", group_size)
     return TARGETS[target]
