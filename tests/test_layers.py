@@ -15,7 +15,7 @@ import moeq
 
 ROOT = Path(moeq.__file__).parent
 LAYER = {
-    "quant": 0, "atomic": 0, "files": 0, "threads": 0,
+    "quant": 0, "atomic": 0, "files": 0, "threads": 0, "executors": 0,
     "plan": 1,
     "models": 2, "targets": 2,
     "kernels": 3, "config": 3,

@@ -15,6 +15,7 @@ from .allocate import AllocationConfig, allocate
 from .allocate.guard import GuardReport, compare_plan, uses_proxy
 from .calibrate.runner import CalibrationConfig, CalibrationReport
 from .config import QuantConfig, uniform_plan
+from .executors import Executor
 from .io.hf import MoeqConfig
 from .modules.convert import quantize_model
 from .plan import BitPlan
@@ -55,16 +56,19 @@ def plan_checkpoint(
     calibration: torch.Tensor | str | Path | None = None,
     guard: bool = True,
     on_plan: Callable[[BitPlan, float], None] | None = None,
+    executor: Executor | None = None,
 ) -> PlanResult:
     """Allocate a plan for the checkpoint folder ``model_path`` (:func:`moeq.allocate`) and, when
     calibration text is given and ``guard`` is set, price it beside the compared strategies on the
     same calibration slice (:func:`moeq.allocate.guard.compare_plan`). Data-free strategies without
     ``calibration`` read no text and run no guard. The guard informs and never fails the plan.
-    ``on_plan(plan, seconds)`` is called as soon as the plan exists (before the guard), e.g. to save it."""
+    ``on_plan(plan, seconds)`` is called as soon as the plan exists (before the guard), e.g. to save it;
+    ``executor`` runs ``auto``'s damage jobs."""
     if (avg_bits is None) == (max_bytes is None):
         raise ValueError("give exactly one budget: --avg-bits, or --max-bytes / --max-gb")
     started = time.perf_counter()
-    plan = allocate(model_path, avg_bits=avg_bits, max_bytes=max_bytes, reference=reference, calibration=calibration, config=config)
+    plan = allocate(model_path, avg_bits=avg_bits, max_bytes=max_bytes, reference=reference, calibration=calibration, config=config,
+                    executor=executor)
     if on_plan is not None:
         on_plan(plan, time.perf_counter() - started)
     result = PlanResult(plan, uses_proxy(plan))
@@ -135,6 +139,7 @@ def quantize_checkpoint(
     resume: bool = False,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    executor: Executor | None = None,
 ) -> CheckpointResult:
     """Quantize the checkpoint folder ``model_path`` into ``out``, one block at a time (models
     larger than memory), resumable with ``resume``.
@@ -147,6 +152,8 @@ def quantize_checkpoint(
         calibration_config: GPTQ's settings (token minimum, rare-expert fallback, damping...).
         seed: recorded in a plan made from ``config``.
         progress: called with each block's path as it is done (or found done).
+        executor: where the jobs run (:mod:`moeq.executors`: serial by default, a local process
+            pool, Ray); the output's bytes are the same whichever runs them.
     """
     from .calibrate.routing import tokenize_calibration
     from .calibrate.runner import quantize_calibrated
@@ -161,11 +168,12 @@ def quantize_checkpoint(
         plan = uniform_plan(meta_skeleton(model_path), config)
         plan.method["seed"] = seed
     if quantizer == "rtn":
-        quantize_streaming(model_path, plan, out, overwrite=overwrite, resume=resume, progress=progress)
+        quantize_streaming(model_path, plan, out, overwrite=overwrite, resume=resume, progress=progress, executor=executor)
         return CheckpointResult(Path(out), plan)
     token_ids = calibration if isinstance(calibration, torch.Tensor) else tokenize_calibration(model_path, calibration, calib_tokens, seq_len)
     report = quantize_calibrated(
-        model_path, plan, token_ids, out, calibration_config or CalibrationConfig(), overwrite=overwrite, progress=progress, resume=resume
+        model_path, plan, token_ids, out, calibration_config or CalibrationConfig(), overwrite=overwrite, progress=progress, resume=resume,
+        executor=executor,
     )
     from .io.checkpoint import read_plan
 

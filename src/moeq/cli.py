@@ -22,6 +22,7 @@ from .allocate import AllocationConfig
 from .api import PlanResult, check_calibration_file, check_quantizer, plan_checkpoint, quantize_checkpoint
 from .config import FULL_PRECISION_BITS, QuantConfig
 from .atomic import OutputBusyError, OutputExistsError, OutputNotWritableError, OutputWriteError, ensure_output_free
+from .executors import ExecutorError, make_executor
 from .io.checkpoint import CheckpointError
 from .io.inspect import CheckpointReport, inspect_checkpoint
 from .io.lazy import open_lazy
@@ -62,7 +63,7 @@ err_console = Console(stderr=True)
 
 USER_ERRORS = (
     AdapterError, CheckpointError, OutputExistsError, OutputBusyError, OutputNotWritableError, OutputWriteError, PlanError,
-    ValueError, FileNotFoundError,
+    ValueError, FileNotFoundError, ExecutorError,
 )
 
 
@@ -110,6 +111,9 @@ def quantize_command(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last finished block.")] = False,
     guard: Annotated[bool, typer.Option(help="When allocating with calibration text, show predicted damage beside the alternatives.")] = True,
     target: Annotated[str, typer.Option(help="moeq (a width per expert), gguf (llama.cpp's types, one per layer's expert tensor, for `moeq export --format gguf`) or vllm (W4A16/W8A16 with --scheme and --group-size, one per MoE layer, for `--format compressed-tensors`).")] = "moeq",
+    executor: Annotated[str, typer.Option(help="Where the jobs run: serial (here), local (a process pool) or ray (pip install 'moeq[ray]'); the output is the same bytes.")] = "serial",
+    workers: Annotated[int | None, typer.Option(help="Jobs at once for --executor local or ray (default: the CPUs there).")] = None,
+    address: Annotated[str | None, typer.Option(help="--executor ray: the cluster to join (`auto`, or ray://host:port); default a local Ray for this run.")] = None,
 ) -> None:
     """Quantize the routed experts of MODEL (and optionally other linears) and save to --out.
 
@@ -124,45 +128,48 @@ def quantize_command(
         if sum([bits is not None, plan_path is not None, allocating]) != 1:
             raise ValueError("give exactly one of --bits B, --plan PLAN.json, or --avg-bits / --max-gb with --strategy")
         check_quantizer(quantizer, calib)
+        _require_positive(workers=workers)
         ensure_output_free(out, overwrite, inputs=(model_path, plan_path, reference, calib))
         require_full_precision(model_path)
         runtime = get_target(target)
         plan = BitPlan.load(plan_path, plan_target_of(model_path)) if plan_path else None
         if plan is not None:
             runtime.check_plan(plan, [layer.shapes for layer in open_lazy(model_path).layers])
+        if avg_bits is not None and max_gb is not None:
+            raise ValueError("give one budget: --avg-bits or --max-gb")
         others = QuantConfig(bits=FULL_PRECISION_BITS, scheme=scheme, group_size=group_size, attn_bits=attn_bits,
                              shared_bits=shared_bits, dense_bits=dense_bits, lm_head_bits=lm_head_bits)
-        if bits is not None and not runtime.free:  # --bits B --target T: every tensor at T's B-bit type
-            uniform = AllocationConfig("uniform", scheme=scheme, group_size=group_size, clip_search=clip_search, seed=seed,
-                                       other_linears=others, damage_quantizer=quantizer, target=runtime.name)
-            plan = plan_checkpoint(model_path, uniform, avg_bits=float(bits)).plan
-        config = None if plan or allocating else QuantConfig(
+        config = None if plan or allocating or not runtime.free else QuantConfig(
             bits=bits, scheme=scheme, group_size=group_size, clip_search=clip_search, attn_bits=attn_bits,
             shared_bits=shared_bits, dense_bits=dense_bits, lm_head_bits=lm_head_bits,
         )
+        calibration = CalibrationConfig(quantizer="gptq", min_tokens=min_tokens, rare_fallback=rare_fallback, damp=damp, act_order=act_order)
         torch.manual_seed(seed)
         started = time.perf_counter()
-        calibration = CalibrationConfig(quantizer="gptq", min_tokens=min_tokens, rare_fallback=rare_fallback, damp=damp, act_order=act_order)
-        if allocating:
-            if avg_bits is not None and max_gb is not None:
-                raise ValueError("give one budget: --avg-bits or --max-gb")
-            # The same calibration slice (tokens, sequence length) for allocation, the guard and GPTQ after them.
-            chosen = AllocationConfig(
-                strategy, levels=_parse_levels(levels), scheme=scheme, group_size=group_size, clip_search=clip_search, seed=seed,
-                other_linears=others, damage_quantizer=quantizer, calib_tokens=calib_tokens, seq_len=seq_len, gptq=calibration,
-                target=target,
-            )
-            planned = plan_checkpoint(model_path, chosen, avg_bits=avg_bits, max_bytes=None if max_gb is None else int(max_gb * 1e9),
-                                      reference=reference, calibration=calib, guard=guard)
-            plan = planned.plan
-            render_plan(plan)
-            render_plan_checks(planned)
-        bar, advance = _block_progress(model_path, quantizer.upper() if quantizer == "gptq" else "quantizing")
-        with bar:
-            result = quantize_checkpoint(
-                model_path, out, plan or config, quantizer=quantizer, calibration=calib, calibration_config=calibration,
-                calib_tokens=calib_tokens, seq_len=seq_len, overwrite=overwrite, resume=resume, seed=seed, progress=advance,
-            )
+        with make_executor(executor, workers, address) as runner:
+            if bits is not None and not runtime.free:  # --bits B --target T: every tensor at T's B-bit type
+                uniform = AllocationConfig("uniform", scheme=scheme, group_size=group_size, clip_search=clip_search, seed=seed,
+                                           other_linears=others, damage_quantizer=quantizer, target=runtime.name)
+                plan = plan_checkpoint(model_path, uniform, avg_bits=float(bits), executor=runner).plan
+            if allocating:
+                # The same calibration slice (tokens, sequence length) for allocation, the guard and GPTQ after them.
+                chosen = AllocationConfig(
+                    strategy, levels=_parse_levels(levels), scheme=scheme, group_size=group_size, clip_search=clip_search, seed=seed,
+                    other_linears=others, damage_quantizer=quantizer, calib_tokens=calib_tokens, seq_len=seq_len, gptq=calibration,
+                    target=target,
+                )
+                planned = plan_checkpoint(model_path, chosen, avg_bits=avg_bits, max_bytes=None if max_gb is None else int(max_gb * 1e9),
+                                          reference=reference, calibration=calib, guard=guard, executor=runner)
+                plan = planned.plan
+                render_plan(plan)
+                render_plan_checks(planned)
+            bar, advance = _block_progress(model_path, quantizer.upper() if quantizer == "gptq" else "quantizing")
+            with bar:
+                result = quantize_checkpoint(
+                    model_path, out, plan or config, quantizer=quantizer, calibration=calib, calibration_config=calibration,
+                    calib_tokens=calib_tokens, seq_len=seq_len, overwrite=overwrite, resume=resume, seed=seed, progress=advance,
+                    executor=runner,
+                )
         report, plan = result.report, result.plan
     except (OutputWriteError, OutputBusyError) as err:
         _fail(err)
@@ -376,6 +383,9 @@ def allocate_command(
     guard: Annotated[bool, typer.Option(help="With calibration text, show the plan's predicted damage beside auto, uniform, router-maxvar, frequency.")] = True,
     target: Annotated[str, typer.Option(help="moeq (a width per expert), gguf (llama.cpp's types, one per layer's expert tensor) or vllm (W4A16/W8A16 with --scheme and --group-size, one per MoE layer); budgets count the file's bytes.")] = "moeq",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
+    executor: Annotated[str, typer.Option(help="Where auto's damage jobs (one per expert) run: serial, local or ray; the plan is the same.")] = "serial",
+    workers: Annotated[int | None, typer.Option(help="Jobs at once for --executor local or ray.")] = None,
+    address: Annotated[str | None, typer.Option(help="--executor ray: the cluster to join; default a local Ray.")] = None,
 ) -> None:
     """Choose a bit width per routed expert and write the plan (no weights are changed)."""
     try:
@@ -404,8 +414,10 @@ def allocate_command(
 
                 bits_heatmap(plan, heatmap)
 
-        planned = plan_checkpoint(model_path, chosen, avg_bits=avg_bits, max_bytes=bytes_budget, reference=reference,
-                                  calibration=calib, guard=guard, on_plan=save)
+        _require_positive(workers=workers)
+        with make_executor(executor, workers, address) as runner:
+            planned = plan_checkpoint(model_path, chosen, avg_bits=avg_bits, max_bytes=bytes_budget, reference=reference,
+                                      calibration=calib, guard=guard, on_plan=save, executor=runner)
         plan = planned.plan
     except USER_ERRORS as err:
         _fail(err)

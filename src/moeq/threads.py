@@ -10,11 +10,13 @@ runs on one thread; above it torch's default (all cores) stands. ``--threads N``
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-__all__ = ["SMALL_MODEL_BYTES", "threads_for", "use_threads"]
+__all__ = ["SMALL_MODEL_BYTES", "threads_for", "use_threads", "threads_pinned"]
 
 SMALL_MODEL_BYTES = 2 * 10**9
 
@@ -39,3 +41,20 @@ def use_threads(folder: str | Path | None, requested: int | None = None) -> int:
     if count is not None:
         torch.set_num_threads(count)
     return torch.get_num_threads()
+
+
+@contextmanager
+def threads_pinned(count: int | None) -> Iterator[None]:
+    """Run the block with ``count`` intra-op threads (``None``: as it stands), then restore.
+
+    Why: a matrix product's rounding depends on how many threads split its sums, so a job run by a
+    worker process (an executor) pins the count the run's own process uses: the same bytes as a
+    run in one process, whichever executor runs the job."""
+    before = torch.get_num_threads()
+    if count is not None and count != before:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)

@@ -99,13 +99,12 @@ def test_expert_without_tokens_is_quantized_with_the_recorded_fallback(tmp_path:
 def test_same_inputs_give_byte_identical_checkpoints(tmp_path: Path) -> None:
     """Twice in this process, and once with each layer's quantize_layer jobs run by a pool of two
     spawned processes: the same bytes (the per-layer step is a pure function of plain data)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from moeq.executors import LocalExecutor, SerialExecutor
 
     source, model = _source(tmp_path, "mixtral")
     digests = []
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for run, executor in (("a", map), ("b", map), ("pool", pool.map)):
+    with LocalExecutor(2) as pool:
+        for run, executor in (("a", None), ("b", SerialExecutor()), ("pool", pool)):
             plan = uniform_plan(model, QuantConfig(bits=3, group_size=32, attn_bits=4))
             quantize_calibrated(source, plan, _ids(), tmp_path / run, CalibrationConfig(act_order=True), executor=executor)
             digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / run).iterdir()})

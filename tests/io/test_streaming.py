@@ -91,16 +91,16 @@ def test_the_same_bytes_from_a_process_pool(tmp_path: Path) -> None:
     """Each unit is a pure job (UnitJob -> tensors): a pool of two processes writes the very bytes
     the serial road writes."""
     import hashlib
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+
+    from moeq.executors import LocalExecutor
 
     source = tmp_path / "source"
     model = tiny_model("deepseek_v3")
     model.save_pretrained(source, max_shard_size="100KB")
     plan = uniform_plan(model, QuantConfig(bits=3, attn_bits=4))
     quantize_checkpoint(source, plan, tmp_path / "serial")
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        quantize_checkpoint(source, plan, tmp_path / "pool", executor=pool.map)
+    with LocalExecutor(2) as pool:
+        quantize_checkpoint(source, plan, tmp_path / "pool", executor=pool)
 
     def digests(folder: Path) -> dict[str, str]:
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}

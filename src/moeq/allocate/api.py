@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..calibrate.runner import CalibrationConfig
+from ..executors import Executor
 from ..config import QuantConfig, linear_specs, plan_budget
 from ..models import MoELayer, moe_layers_or_error
 from ..plan import BitPlan, ExpertEntry, PlanError, TensorSpec
@@ -196,6 +197,7 @@ def allocate(
     calibration: torch.Tensor | str | Path | None = None,
     damage: DamageTable | None = None,
     config: AllocationConfig | None = None,
+    executor: Executor | None = None,
     **options,
 ) -> BitPlan:
     """Choose a width for every routed expert of every MoE layer and return the BitPlan.
@@ -214,6 +216,8 @@ def allocate(
         damage: a damage table already computed for these widths (``auto`` reuses it).
         config: an :class:`AllocationConfig`; ``**options`` are its fields, given by keyword
             (``levels=(3, 2)``), and replace the config's.
+        executor: where ``auto``'s damage jobs (one per expert) run (:mod:`moeq.executors`); the
+            plan is the same whichever runs them.
     """
     config = _resolve_config(config, strategy, options)
     strategy, levels, target = config.strategy, config.levels, get_target(config.target, config.scheme, config.group_size)
@@ -294,6 +298,7 @@ def allocate(
             damage = damage_table(
                 source.model if source.model is not None else source.lazy, token_ids, widths, spec, positions, config.damage_quantizer,
                 options=settings.gptq_options, min_tokens=settings.min_tokens, per_projection=target.granularity == "tensor",
+                executor=executor,
             )
         elif tuple(damage.widths) != widths:
             raise PlanError(f"the damage table covers widths {list(damage.widths)}, the levels are {list(widths)}")

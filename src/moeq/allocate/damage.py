@@ -41,10 +41,12 @@ import torch
 from torch import nn
 
 from ..calibrate.hessian import HessianSum
+from ..executors import Executor, SerialExecutor
 from ..kernels.reference import expert_hidden
 from ..models import MoEAdapter, MoELayer
 from ..modules.recipe import GPTQOptions, LayerJob, WeightJob, expert_method, quantize_layer
 from ..plan import TensorSpec
+from ..threads import threads_pinned
 
 __all__ = ["DAMAGE_QUANTIZERS", "DamageTable", "RoutedInputs", "layer_damage", "damage_table", "layer_sensitivity", "predicted_damage", "predicted_damages", "probe_ids"]
 
@@ -140,31 +142,109 @@ class RoutedInputs:
         return torch.cat(self.inputs[expert]), torch.cat(self.weights[expert])
 
 
-def _expert_output(layer: MoELayer, weights: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def _expert_output(act_fn, gated: bool, weights: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     *first, down = weights
-    return expert_hidden([x @ w.T for w in first], layer.act_fn, layer.gated) @ down.T
+    return expert_hidden([x @ w.T for w in first], act_fn, gated) @ down.T
 
 
-def _quantized_weights(
-    layer: MoELayer, originals: list[torch.Tensor], spec: Callable[[int], TensorSpec], method: str, x: torch.Tensor,
-    hessian: HessianSum | None, options: GPTQOptions,
-) -> list[torch.Tensor]:
-    """Every projection of one expert quantized at ``spec(in_features)`` as the runner would (the
-    shared recipe), dequantized in float32; ``hessian``: of the routed inputs ``x``, for gate/up."""
+@dataclass(frozen=True)
+class ExpertDamageJob:
+    """One expert's part of the damage table as plain, picklable data: its weights (float32, one per
+    projection), the routed inputs kept for it and their routing weights, the spec of each (width,
+    input size), the method the runner will give it, and what to measure."""
+
+    weights: tuple[torch.Tensor, ...]
+    inputs: torch.Tensor  # [rows, hidden]
+    routing: torch.Tensor  # [rows]
+    scale: float  # routed tokens / kept rows: the kept rows stand for every routed token
+    widths: tuple[int, ...]
+    specs: dict[tuple[int, int], TensorSpec]  # (bits, in_features) -> spec
+    method: str
+    act_fn: object
+    gated: bool
+    options: GPTQOptions = GPTQOptions()
+    per_projection: bool = False
+    threads: int | None = None  # intra-op threads to compute with (the scheduler's own: the same table anywhere)
+
+
+@dataclass
+class ExpertDamage:
+    """What :func:`expert_damage` measured: per width, the routed output change, each projection's
+    alone, the squared weight error and each projection's; and the expert's routed output energy."""
+
+    damage: list[float]
+    parts: list[list[float]]
+    weight_error: list[float]
+    part_error: list[list[float]]
+    energy: float
+
+
+def _quantized_weights(job: ExpertDamageJob, bits: int, hessian: HessianSum | None) -> list[torch.Tensor]:
+    """Every projection of the expert quantized at ``bits`` as the runner would (the shared
+    recipe), dequantized in float32; ``hessian``: of the routed inputs, for gate/up."""
     def quantized(weights: list[torch.Tensor], inputs: HessianSum | None) -> list[torch.Tensor]:
         matrix = inputs.matrix if inputs is not None and inputs.rows > 0 else None
-        job = LayerJob(tuple(WeightJob(f"projection {i}", w, spec(w.shape[1]), method, matrix) for i, w in enumerate(weights)),
-                       options=options)
-        return [packed.dequantize(torch.float32) for packed in quantize_layer(job)]
+        items = tuple(WeightJob(f"projection {i}", w, job.specs[(bits, w.shape[1])], job.method, matrix) for i, w in enumerate(weights))
+        return [packed.dequantize(torch.float32) for packed in quantize_layer(LayerJob(items, options=job.options))]
 
-    if method != "gptq":
-        return quantized(originals, None)
-    *first, down = originals
+    if job.method != "gptq":
+        return quantized(list(job.weights), None)
+    *first, down = job.weights
     upstream = quantized(first, hessian)
-    h = expert_hidden([x @ w.T for w in upstream], layer.act_fn, layer.gated)
+    h = expert_hidden([job.inputs @ w.T for w in upstream], job.act_fn, job.gated)
     down_hessian = HessianSum(h.shape[1])  # the down projection sees the quantized gate/up outputs
     down_hessian.add(h)
     return [*upstream, *quantized([down], down_hessian)]
+
+
+def expert_damage(job: ExpertDamageJob) -> ExpertDamage:
+    """The damage-table row of one expert: a pure function of the job, so any executor can run it."""
+    with threads_pinned(job.threads), torch.no_grad():
+        return _expert_damage(job)
+
+
+def _expert_damage(job: ExpertDamageJob) -> ExpertDamage:
+    originals, x, g = list(job.weights), job.inputs, job.routing
+    projections = len(originals)
+    reference = _expert_output(job.act_fn, job.gated, originals, x) if x.shape[0] else None
+    energy = job.scale * float((reference.pow(2).sum(-1) * g.pow(2)).sum(dtype=torch.float64)) if reference is not None else 0.0
+    hessian = None
+    if job.method == "gptq":  # one Hessian of the routed inputs for every width of this expert
+        hessian = HessianSum(x.shape[1])
+        hessian.add(x)
+    result = ExpertDamage([0.0] * len(job.widths), [[0.0] * projections for _ in job.widths], [0.0] * len(job.widths),
+                          [[0.0] * projections for _ in job.widths], energy)
+    for j, bits in enumerate(job.widths):
+        quantized = _quantized_weights(job, bits, hessian)
+        result.part_error[j] = [float((w - q).pow(2).sum(dtype=torch.float64)) for w, q in zip(originals, quantized)]
+        result.weight_error[j] = sum(result.part_error[j])
+        if reference is None:
+            continue
+
+        def routed_change(weights: list[torch.Tensor]) -> float:
+            error = (_expert_output(job.act_fn, job.gated, weights, x) - reference).pow(2).sum(-1)
+            return job.scale * float((error * g.pow(2)).sum(dtype=torch.float64))
+
+        result.damage[j] = routed_change(quantized)
+        if job.per_projection and projections > 1:  # each projection alone, the others original
+            result.parts[j] = [routed_change(originals[:p] + [quantized[p]] + originals[p + 1:]) for p in range(projections)]
+        else:
+            result.parts[j] = [result.damage[j]]
+    return result
+
+
+def _expert_jobs(layer: MoELayer, routed: RoutedInputs, widths, spec, quantizer: str, min_tokens: int, options: GPTQOptions,
+                 per_projection: bool):
+    """One :class:`ExpertDamageJob` per expert of ``layer``, each read when the executor takes it."""
+    specs = {(b, layer.shapes[p][1]): spec(b, layer.shapes[p][1]) for b in widths for p in layer.projections}
+    for e in range(layer.num_experts):
+        x, g = routed.rows(e)
+        yield ExpertDamageJob(
+            tuple(layer.expert_weight(e, p).detach().to(torch.float32) for p in layer.projections), x, g,
+            routed.counts[e] / max(routed.kept[e], 1), tuple(widths), specs,
+            expert_method(quantizer, routed.counts[e] < max(min_tokens, 1)), layer.act_fn, layer.gated, options, per_projection,
+            torch.get_num_threads(),
+        )
 
 
 @torch.no_grad()
@@ -179,6 +259,7 @@ def layer_damage(
     normalize: bool = True,
     options: GPTQOptions = GPTQOptions(),
     per_projection: bool = False,
+    executor: Executor | None = None,
 ) -> tuple[list[list[float]], list[bool], list[list[list[float]]]]:
     """``[expert][width index]`` predicted damage of one layer, which experts got the prior, and
     (with ``per_projection``, else empty) ``[expert][width index][projection]`` the damage of each
@@ -187,42 +268,19 @@ def layer_damage(
     ``spec(bits, in_features)``: the spec a projection with ``in_features`` inputs gets at ``bits``.
     ``prior_position[e]``: expert e's position in the data-free order (0 = most bits).
     ``min_tokens``: with GPTQ, experts routed fewer tokens are rounded (the runner's fallback).
+    ``executor``: runs the experts' :func:`expert_damage` jobs (default: here, one after another).
     """
     if quantizer not in DAMAGE_QUANTIZERS:
         raise ValueError(f"unknown quantizer {quantizer!r} for predicted damage; choose one of: {', '.join(DAMAGE_QUANTIZERS)}")
-    experts, projections = layer.num_experts, len(layer.projections)
-    damage = [[0.0] * len(widths) for _ in range(experts)]
-    parts = [[[0.0] * projections for _ in widths] for _ in range(experts)]
-    weight_error = [[0.0] * len(widths) for _ in range(experts)]
-    part_error = [[[0.0] * projections for _ in widths] for _ in range(experts)]
+    experts = layer.num_experts
+    jobs = _expert_jobs(layer, routed, widths, spec, quantizer, min_tokens, options, per_projection)
+    rows = list((executor or SerialExecutor()).map(expert_damage, jobs))
+    damage = [row.damage for row in rows]
+    parts = [row.parts for row in rows]
+    weight_error = [row.weight_error for row in rows]
+    part_error = [row.part_error for row in rows]
+    energy = sum(row.energy for row in rows)
     prior = [routed.counts[e] == 0 for e in range(experts)]
-    energy = 0.0
-    for e in range(experts):
-        originals = [layer.expert_weight(e, p).detach().to(torch.float32) for p in layer.projections]
-        x, g = routed.rows(e)
-        scale = routed.counts[e] / max(routed.kept[e], 1)
-        reference = _expert_output(layer, originals, x) if x.shape[0] else None
-        if reference is not None:
-            energy += scale * float((reference.pow(2).sum(-1) * g.pow(2)).sum(dtype=torch.float64))
-        method = expert_method(quantizer, routed.counts[e] < max(min_tokens, 1))
-        hessian = None
-        if method == "gptq":  # one Hessian of the routed inputs for every width of this expert
-            hessian = HessianSum(x.shape[1])
-            hessian.add(x)
-        for j, bits in enumerate(widths):
-            quantized = _quantized_weights(layer, originals, lambda n, b=bits: spec(b, n), method, x, hessian, options)
-            part_error[e][j] = [float((w - q).pow(2).sum(dtype=torch.float64)) for w, q in zip(originals, quantized)]
-            weight_error[e][j] = sum(part_error[e][j])
-            if reference is not None:
-                def routed_change(weights: list[torch.Tensor]) -> float:
-                    error = (_expert_output(layer, weights, x) - reference).pow(2).sum(-1)
-                    return scale * float((error * g.pow(2)).sum(dtype=torch.float64))
-
-                damage[e][j] = routed_change(quantized)
-                if per_projection and projections > 1:  # each projection alone, the others original
-                    parts[e][j] = [routed_change(originals[:p] + [quantized[p]] + originals[p + 1:]) for p in range(projections)]
-                else:
-                    parts[e][j] = [damage[e][j]]
     if any(prior):
         ratios = sorted(
             damage[e][j] / weight_error[e][j]
@@ -260,10 +318,12 @@ def predicted_damages(
     batch_size: int = 8,
     options: GPTQOptions = GPTQOptions(),
     per_projection: bool = False,
+    executor: Executor | None = None,
 ) -> list[DamageTable]:
     """One :class:`DamageTable` per quantizer in ``quantizers``, of every MoE layer of ``source``
     (a loaded model, or a :class:`~moeq.io.lazy.LazyModel` walked one block at a time) on
-    ``token_ids``, all from the same walk."""
+    ``token_ids``, all from the same walk; ``executor`` runs each layer's experts' jobs (the walk
+    itself is sequential: a layer's inputs are the previous layer's outputs)."""
     from ..calibrate.runner import visit_moe_layers
 
     tables = [DamageTable(widths=tuple(widths), quantizer=q) for q in quantizers]
@@ -273,7 +333,7 @@ def predicted_damages(
         results[layer.index] = []
         for q in quantizers:
             damage, prior, parts = layer_damage(layer, routed, widths, spec, prior_positions[layer.index], q, min_tokens, normalize,
-                                                options, per_projection)
+                                                options, per_projection, executor)
             results[layer.index].append((damage, list(routed.counts), prior, parts))
 
     if isinstance(source, nn.Module):
@@ -380,6 +440,7 @@ def damage_table(
     options: GPTQOptions = GPTQOptions(),
     min_tokens: int = 16,
     per_projection: bool = False,
+    executor: Executor | None = None,
 ) -> DamageTable:
     """:func:`predicted_damage`, then calibrated by :func:`layer_sensitivity` when the model is in
     memory or its checkpoint is at most ``sensitivity_max_bytes`` (else left per-layer relative;
@@ -387,7 +448,7 @@ def damage_table(
     # The probes' ratios are over rounding's own damage; with GPTQ that table comes from the same walk.
     quantizers = (quantizer,) if quantizer == "rtn" else (quantizer, "rtn")
     tables = predicted_damages(source, token_ids, widths, spec, prior_positions, quantizers, min_tokens=min_tokens, options=options,
-                               per_projection=per_projection)
+                               per_projection=per_projection, executor=executor)
     table, rounding = tables[0], tables[-1]
     model = source if isinstance(source, nn.Module) else None
     if model is None and sum(f.stat().st_size for f in source.folder.glob("*.safetensors")) <= sensitivity_max_bytes:

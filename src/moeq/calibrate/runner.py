@@ -43,7 +43,8 @@ from torch import nn
 from ..io.lazy import LazyModel, open_lazy
 from ..io.resumable import ResumableOutput, fingerprint_inputs
 from ..io.source import require_full_precision
-from ..io.streaming import REST_UNIT, Executor, block_paths, metadata_writer, rest_tensors
+from ..executors import Executor, SerialExecutor
+from ..io.streaming import REST_UNIT, block_paths, metadata_writer, rest_tensors
 from ..models import MoELayer
 from ..modules.convert import packed_linear, prepare_block, validate_plan
 from ..modules.experts import quantized_experts_for
@@ -228,7 +229,7 @@ def quantize_calibrated(
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
     resume: bool = False,
-    executor: Executor = map,
+    executor: Executor | None = None,
 ) -> CalibrationReport:
     """Quantize the checkpoint at ``folder`` by ``plan`` with calibration, writing ``out``.
 
@@ -236,9 +237,12 @@ def quantize_calibrated(
     killed run continues from its last finished block (same model, plan, options and tokens).
     The finished blocks are run again, quantized as written, to recompute the next block's inputs.
     The saved plan records the calibration (tokens and method per expert); ``plan`` is not changed.
-    ``executor`` runs each layer's :func:`~moeq.modules.recipe.quantize_layer` jobs (default: here);
-    the bytes do not depend on it.
+    ``executor`` (:mod:`moeq.executors`) runs each layer's :func:`~moeq.modules.recipe.quantize_layer`
+    jobs, the layer's weights split into one job per worker (default: here, one job); GPTQ's layers
+    stay in order, as each layer's inputs are the quantized previous layer's outputs. The bytes do
+    not depend on the executor or its workers.
     """
+    executor = executor or SerialExecutor()
     plan = BitPlan.from_json(plan.to_json())
     require_full_precision(folder)
     lazy = open_lazy(folder)
@@ -415,12 +419,18 @@ def _expert_jobs(path, bound, specs, methods, stats, projections, stage) -> list
     return jobs
 
 
-def _run_jobs(keyed: list[tuple], config: CalibrationConfig, scale_dtype: torch.dtype, executor) -> dict:
-    """The packed weight of every ``(key, WeightJob)``, the jobs run as one :class:`LayerJob` by ``executor``."""
+def _run_jobs(keyed: list[tuple], config: CalibrationConfig, scale_dtype: torch.dtype, executor: Executor) -> dict:
+    """The packed weight of every ``(key, WeightJob)``: the weights split into ``executor.workers``
+    contiguous :class:`LayerJob` s (each result equals its weight quantized alone, so the split
+    never changes a byte), run by ``executor``, placed in order."""
     if not keyed:
         return {}
-    job = LayerJob(tuple(item for _, item in keyed), str(scale_dtype).removeprefix("torch."), config.gptq_options)
-    (results,) = executor(quantize_layer, [job])
+    size = -(-len(keyed) // max(1, executor.workers))
+    dtype = str(scale_dtype).removeprefix("torch.")
+    threads = torch.get_num_threads()  # the workers compute as this process would: the same bytes
+    jobs = [LayerJob(tuple(item for _, item in keyed[i:i + size]), dtype, config.gptq_options, threads)
+            for i in range(0, len(keyed), size)]
+    results = [result for part in executor.map(quantize_layer, jobs) for result in part]
     return {key: result for (key, _), result in zip(keyed, results)}
 
 

@@ -22,7 +22,7 @@ from ..models.base import TensorSource
 from .checkpoint import CheckpointError
 from ..files import INITIAL_ROUTER_FILE
 from .shards import shard_files
-from .source import meta_skeleton, read_config
+from .source import meta_skeleton, read_config, source_quantization
 
 __all__ = ["LazyCheckpoint", "LazyModel", "open_lazy"]
 
@@ -35,9 +35,10 @@ class LazyCheckpoint:
     refused before its bytes are read.
     """
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, fp8_block: tuple[int, int] | None = None) -> None:
         self.folder = Path(folder)
         self.bytes_read = 0
+        self.fp8_block = fp8_block  # a block-scaled FP8 source's weight_block_size: its weights are dequantized on read
         # Only the model's weights: a folder may also hold other safetensors files (such as the
         # initial routers a trained checkpoint ships for the router-norm change).
         self._tensors = shard_files(self.folder, exclude=(INITIAL_ROUTER_FILE,))
@@ -69,9 +70,36 @@ class LazyCheckpoint:
             )
 
     def read(self, source: TensorSource, expected: tuple[int, ...] | None = None) -> torch.Tensor:
-        """The tensor (or the indexed part of it) at ``source``, checked against ``expected``."""
+        """The tensor (or the indexed part of it) at ``source``, checked against ``expected``; an
+        FP8 weight comes back dequantized by its block scales (:mod:`moeq.quant.sources`)."""
         self.check(source, expected)
-        file = self._tensors[source.key][0]
+        file, header = self._tensors[source.key]
+        if header.dtype.startswith("F8_"):
+            return self._read_fp8(source, file)
+        return self._read_raw(source, file)
+
+    def _read_fp8(self, source: TensorSource, file: Path) -> torch.Tensor:
+        from ..quant.sources import dequantize_fp8_blocks
+
+        key = source.key
+        scale_key = key[: -len("weight")] + "weight_scale_inv" if key.endswith("weight") else None
+        if self.fp8_block is None or scale_key not in self._tensors:
+            raise CheckpointError(
+                f"tensor {key} in {file.name} is float8 without block scales (a {scale_key or key + '_scale_inv'} tensor and "
+                "quantization_config.weight_block_size in config.json); moeq reads FP8 checkpoints in DeepSeek-V3's block-scaled layout"
+            )
+        if len(self._tensors[key][1].shape) != 2:
+            raise CheckpointError(f"tensor {key} in {file.name} is a {len(self._tensors[key][1].shape)}-D float8 tensor; "
+                                  "moeq reads block-scaled FP8 weights stored one 2-D matrix per tensor")
+        weight = self._read_raw(TensorSource(key), file)
+        scales = self._read_raw(TensorSource(scale_key), self._tensors[scale_key][0])
+        try:
+            dense = dequantize_fp8_blocks(weight, scales, self.fp8_block, name=f"tensor {key} in {file.name}")
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
+        return dense[source.index] if source.index else dense
+
+    def _read_raw(self, source: TensorSource, file: Path) -> torch.Tensor:
         try:
             # Opened per read and closed after it: a long-lived memory map would keep every page
             # read so far resident in this process, and its memory would grow with the checkpoint.
@@ -185,7 +213,8 @@ def open_lazy(folder: str | Path) -> LazyModel:
     skeleton = meta_skeleton(folder)
     config = skeleton.config
     adapter, meta_layers = moe_layers_or_error(skeleton)
-    reader = LazyCheckpoint(folder)
+    stored = source_quantization(raw, folder)
+    reader = LazyCheckpoint(folder, tuple(stored["weight_block_size"]) if stored else None)
     layers = []
     for layer in meta_layers:
         router = reader.read_first(adapter.router_sources(layer), f"the router of {layer.path}", tuple(layer.router_weight.shape))

@@ -33,11 +33,29 @@ def read_config(path: str | Path) -> dict:
         raise CheckpointError(f"{config_path} is not valid JSON ({err})") from None
 
 
+def source_quantization(raw: dict, path: str | Path = "the checkpoint") -> dict | None:
+    """How a source checkpoint's own weights are stored, when not in plain floats: block-scaled FP8
+    (``quant_method`` ``fp8`` with ``weight_block_size``, DeepSeek-V3's layout), which moeq reads
+    by dequantizing each weight as it is read (``None``: plain floats). Any other format is refused."""
+    quantization = raw.get("quantization_config") or {}
+    method = quantization.get("quant_method")
+    if not method:
+        return None
+    block = quantization.get("weight_block_size")
+    if method == "fp8" and isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block):
+        return {"quant_method": "fp8", "fmt": quantization.get("fmt", "e4m3"), "weight_block_size": list(block),
+                "read_as": "each weight dequantized on read: float8 x its block's weight_scale_inv in float32, to bfloat16"}
+    if method == "fp8":
+        raise CheckpointError(f"{path} is FP8 without a weight_block_size of two positive integers in its quantization_config; "
+                              "moeq reads block-scaled FP8 (DeepSeek-V3's layout)")
+    raise CheckpointError(f"{path} is already quantized ({method}); start from the full-precision model (or its block-scaled FP8 release)")
+
+
 def require_full_precision(path: str | Path) -> dict:
-    """The config of a supported, not yet quantized MoE checkpoint; errors name what is wrong."""
+    """The config of a supported MoE checkpoint moeq can quantize: full precision, or block-scaled
+    FP8 read as floats; errors name what is wrong."""
     raw = read_config(path)
-    if (raw.get("quantization_config") or {}).get("quant_method"):
-        raise CheckpointError(f"{path} is already quantized ({raw['quantization_config']['quant_method']}); start from the full-precision model")
+    source_quantization(raw, path)
     get_adapter(raw.get("model_type"))
     return raw
 

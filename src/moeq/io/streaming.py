@@ -18,22 +18,23 @@ from __future__ import annotations
 
 import copy
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..executors import Executor, SerialExecutor
 from ..modules.convert import quantize_experts, quantize_linear, validate_plan
 from ..plan import BitPlan
 from .checkpoint import TOKENIZER_FILES
 from .hf import MoeqConfig
 from .lazy import LazyModel, open_lazy
 from .resumable import ResumableOutput, fingerprint_inputs
-from .source import require_full_precision
+from .source import read_config, require_full_precision, source_quantization
 
-__all__ = ["quantize_checkpoint", "block_paths", "rest_tensors", "metadata_writer", "run_unit", "UnitJob", "Executor", "REST_UNIT"]
+__all__ = ["quantize_checkpoint", "block_paths", "rest_tensors", "metadata_writer", "run_unit", "UnitJob", "REST_UNIT"]
 
 REST_UNIT = "rest"  # the unit (and shard) of every tensor outside the decoder blocks
 
@@ -105,6 +106,11 @@ def rest_tensors(lazy: LazyModel, plan: BitPlan) -> dict[str, torch.Tensor]:
 def metadata_writer(lazy: LazyModel, plan: BitPlan) -> Callable[[Path], None]:
     """Writes ``config.json`` (with the plan), the generation config and the tokenizer files."""
 
+    stored = source_quantization(read_config(lazy.folder), lazy.folder)
+    if stored:  # the saved plan says what the source itself was stored as (the caller's plan is not changed)
+        plan = BitPlan.from_json(plan.to_json())
+        plan.method["source_quantization"] = stored
+
     def write(work: Path) -> None:
         config = copy.deepcopy(lazy.config)
         config.architectures = [type(lazy.skeleton).__name__]
@@ -146,11 +152,6 @@ def run_unit(job: UnitJob) -> dict[str, torch.Tensor]:
     return rest_tensors(lazy, plan) if job.unit == REST_UNIT else _block_tensors(lazy, plan, job.unit)
 
 
-# An executor maps a pure job function (run_unit, quantize_layer) over picklable jobs and yields
-# the results in the jobs' order (builtin map: in this process; a process pool's map, or Ray).
-Executor = Callable[[Callable[[Any], Any], Iterable[Any]], Iterable[Any]]
-
-
 def quantize_checkpoint(
     folder: str | Path,
     plan: BitPlan,
@@ -158,14 +159,15 @@ def quantize_checkpoint(
     overwrite: bool = False,
     resume: bool = False,
     progress: Callable[[str], None] | None = None,
-    executor: Executor = map,
+    executor: Executor | None = None,
 ) -> Path:
     """Quantize the checkpoint at ``folder`` by ``plan`` with rounding, writing ``out`` block by block.
 
     With ``resume`` a run killed before it finished continues after its last finished block (the
     inputs must be unchanged); ``progress(unit)`` is called as each block is done (or found done).
-    ``executor`` runs the units' :func:`run_unit` jobs (default: here, one after another); results
-    are written in the units' order whatever the executor, so the output's bytes do not depend on it.
+    ``executor`` (:mod:`moeq.executors`) runs the units' :func:`run_unit` jobs (default: here, one
+    after another); results are written in the units' order whatever the executor, so the output's
+    bytes do not depend on it.
     """
     require_full_precision(folder)
     lazy = open_lazy(folder)
@@ -178,7 +180,7 @@ def quantize_checkpoint(
         todo = [UnitJob(key, unit, plan.to_json()) for unit in units if not output.finished(unit)]
         _OPEN[key] = lazy
         try:
-            results = iter(executor(run_unit, todo))
+            results = iter((executor or SerialExecutor()).map(run_unit, todo))
             for unit in units:
                 if not output.finished(unit):
                     output.write(unit, next(results))

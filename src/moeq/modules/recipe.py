@@ -25,6 +25,7 @@ from ..quant.gptq import gptq_quantize_batch
 from ..quant.rtn import quantize_rtn
 from ..quant.schemes import Scheme
 from ..quant.tensor import QuantizedTensor
+from ..threads import threads_pinned
 
 __all__ = ["GPTQOptions", "METHODS", "WeightJob", "LayerJob", "expert_method", "quantize_weight", "quantize_layer"]
 
@@ -97,6 +98,12 @@ class LayerJob:
     weights: tuple[WeightJob, ...]
     scale_dtype: str = "float16"
     options: GPTQOptions = GPTQOptions()
+    threads: int | None = None  # intra-op threads to compute with (the scheduler's own: the same bytes anywhere)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors the job carries (weights and Hessians), for executors that size tasks."""
+        return sum(w.weight.nbytes + (w.hessian.nbytes if w.hessian is not None else 0) for w in self.weights)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -106,6 +113,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def quantize_layer(job: LayerJob) -> list[QuantizedTensor]:
     """The packed weights of ``job``, in its order: a pure function of the job (nothing is read or
     changed elsewhere). Weights GPTQ solves are batched by (spec, shape); the others are rounded."""
+    with threads_pinned(job.threads):
+        return _quantize_layer(job)
+
+
+def _quantize_layer(job: LayerJob) -> list[QuantizedTensor]:
     scale_dtype = getattr(torch, job.scale_dtype)
     results: list[QuantizedTensor | None] = [None] * len(job.weights)
     batches: dict[tuple[TensorSpec, tuple[int, ...]], list[int]] = {}
