@@ -2,6 +2,7 @@
 
     python benchmarks/executors.py [--layers 2] [--hidden 1024] [--intermediate 3584] [--experts 8]
                                    [--workers 1 2] [--calib-tokens 2048] [--workdir /tmp/moeq-executors]
+                                   [--threads N] [--executors serial local ray] [--name executors]
 
 Writes (unless present) the streaming benchmark's synthetic Mixtral checkpoint (per-expert
 ``block_sparse_moe.experts.E.w1/w3/w2``, random bf16 weights) at the given shape, then for every
@@ -18,7 +19,9 @@ theirs: an assumption stated, not a measurement. The calibration forward passes 
 order are the sequential part; the projection leaves the forward out (it is stated per model as
 the number of sequential layer steps).
 
-Writes benchmarks/results/executors.json.
+Each job computes with the driver's thread count (``--threads``; default torch's, all cores), so
+the bytes match; with N workers, ``--threads`` cores/N keeps them from oversubscribing the machine.
+Writes benchmarks/results/<--name>.json.
 """
 
 from __future__ import annotations
@@ -86,7 +89,11 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, default=2048)
     parser.add_argument("--executors", nargs="+", default=["serial", "local", "ray"])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/moeq-executors"))
+    parser.add_argument("--threads", type=int, default=None, help="the driver's intra-op threads (jobs compute with the same)")
+    parser.add_argument("--name", default="executors")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from moeq.calibrate.runner import CalibrationConfig, quantize_calibrated
     from moeq.config import QuantConfig, uniform_plan
@@ -124,7 +131,7 @@ def main() -> None:
                 reference.setdefault(road, digest)
                 row[f"{road}_same_bytes"] = digest == reference[road]
         rows.append(row)
-        write_json("executors", rows, machine=machine(), args={k: str(v) for k, v in vars(args).items()})
+        write_json(args.name, rows, machine=machine(), args={k: str(v) for k, v in vars(args).items()})
         table.append([name, workers, f"{row['rtn_s']:.1f}", f"{row['gptq_s']:.1f}", f"{row['rtn_peak_worker_mib']:.0f}",
                       f"{row['gptq_peak_worker_mib']:.0f}", f"{row['overhead_per_job_ms']:.2f}",
                       "yes" if row["rtn_same_bytes"] and row["gptq_same_bytes"] else "NO"])
@@ -142,7 +149,7 @@ def main() -> None:
         serial_hours = layers * experts * per_expert * cost(hidden, intermediate) / cost(args.hidden, args.intermediate) / 3600
         projections.append({"model": model, "jobs": layers * experts * 3, "sequential_layer_steps": layers,
                             "serial_h": serial_hours, **{f"workers_{n}_h": serial_hours / n for n in (2, 8, 16, 64)}})
-    write_json("executors", rows, machine=machine(), args={k: str(v) for k, v in vars(args).items()}, projections=projections,
+    write_json(args.name, rows, machine=machine(), args={k: str(v) for k, v in vars(args).items()}, projections=projections,
                seconds_per_expert=per_expert)
     print_table(["model", "expert weight jobs", "sequential layers", "1 worker h", "8 workers h", "16 workers h", "64 workers h"],
                 [[p["model"], p["jobs"], p["sequential_layer_steps"], f"{p['serial_h']:.1f}", f"{p['workers_8_h']:.2f}",

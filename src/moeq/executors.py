@@ -114,6 +114,8 @@ class RayExecutor(Executor):
             ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False, **options)
         self.workers = workers or max(1, int(ray.available_resources().get("CPU", 1)))
         self._memory = memory  # bytes a job needs, declared so Ray can pack jobs onto nodes
+        # Never more than the cluster has: a task no node can hold would wait forever.
+        self._memory_cap = int(ray.cluster_resources().get("memory", 0))
         self._remote = ray.remote(max_retries=0)(_call)
 
     def map(self, fn, jobs):
@@ -122,9 +124,10 @@ class RayExecutor(Executor):
         function = ray.put(fn)
         try:
             for job in jobs:
-                options = {"memory": self._memory(job)} if self._memory else {}
-                if not options and getattr(job, "nbytes", 0):  # a GPTQ job: its tensors, float32 copies and the column loop
-                    options = {"memory": JOB_MEMORY_FACTOR * job.nbytes + JOB_MEMORY_BASE}
+                need = self._memory(job) if self._memory else 0
+                if not need and getattr(job, "nbytes", 0):  # the job's tensors, float32 copies of them and its working set
+                    need = JOB_MEMORY_FACTOR * job.nbytes + JOB_MEMORY_BASE
+                options = {"memory": min(need, self._memory_cap)} if need and self._memory_cap else {}
                 pending.append(self._remote.options(**options).remote(function, job))
                 if len(pending) >= 2 * self.workers:
                     yield self._get(pending.popleft())

@@ -131,6 +131,7 @@ class UnitJob:
     folder: str
     unit: str
     plan: dict[str, Any]  # BitPlan JSON
+    nbytes: int = 0  # the unit's weights in the source: the most a worker holds for it, for executors that size tasks
 
 
 # The lazy view of the folder being quantized, per process: set by quantize_checkpoint for its run
@@ -142,6 +143,16 @@ def _opened(folder: str) -> LazyModel:
     if folder not in _OPEN:
         _OPEN[folder] = open_lazy(folder)
     return _OPEN[folder]
+
+
+def _unit_bytes(lazy: LazyModel, units: list[str]) -> dict[str, int]:
+    """Bytes of each unit's weights, from the skeleton's shapes (the rest unit: everything else)."""
+    sizes = dict.fromkeys(units, 0)
+    blocks = [unit for unit in units if unit != REST_UNIT]
+    for name, tensor in lazy.skeleton.state_dict(keep_vars=True).items():
+        owner = next((unit for unit in blocks if name.startswith(unit + ".")), REST_UNIT)
+        sizes[owner] += tensor.numel() * tensor.element_size()
+    return sizes
 
 
 def run_unit(job: UnitJob) -> dict[str, torch.Tensor]:
@@ -177,7 +188,8 @@ def quantize_checkpoint(
     with ResumableOutput(out, fingerprint, overwrite=overwrite, resume=resume, inputs=(folder,)) as output:
         units = [*block_paths(lazy), REST_UNIT]
         key = str(Path(folder).resolve())
-        todo = [UnitJob(key, unit, plan.to_json()) for unit in units if not output.finished(unit)]
+        sizes = _unit_bytes(lazy, units)
+        todo = [UnitJob(key, unit, plan.to_json(), sizes[unit]) for unit in units if not output.finished(unit)]
         _OPEN[key] = lazy
         try:
             results = iter((executor or SerialExecutor()).map(run_unit, todo))
