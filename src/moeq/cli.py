@@ -269,13 +269,40 @@ def render_report(report: CheckpointReport) -> None:
 
 
 @app.command("info")
-def info_command(path: Annotated[Path, typer.Argument(metavar="DIR", help="A folder written by `moeq quantize`.")]) -> None:
-    """Print per layer and expert the bits, the bytes and the compression against 16 bits."""
+def info_command(path: Annotated[Path, typer.Argument(metavar="DIR", help="A folder written by `moeq quantize`, or a model to quantize.")]) -> None:
+    """A moeq checkpoint: per layer and expert the bits, the bytes and the compression against 16
+    bits. A model folder: whether moeq can quantize it, and what it found (MoE layers, experts,
+    routers, shared experts, dense blocks, how the weights are stored)."""
+    from .io.inspect import inspect_source
+    from .io.source import read_config
+
     try:
-        report = inspect_checkpoint(path)
+        is_checkpoint = (read_config(path).get("quantization_config") or {}).get("quant_method") == "moeq"
+        report = inspect_checkpoint(path) if is_checkpoint else inspect_source(path)
     except USER_ERRORS as err:
         _fail(err)
-    render_report(report)
+    if is_checkpoint:
+        render_report(report)
+    else:
+        render_source(report)
+
+
+def render_source(report) -> None:
+    """What moeq found in a model folder, and that it can quantize it."""
+    table = Table(title=f"{report.model_type}: moeq can quantize this model (adapter {report.family})", title_justify="left",
+                  show_header=False)
+    experts = sorted({n for _, n, _ in report.moe_layers})
+    shapes = report.moe_layers[0][2]
+    table.add_row("weights", f"{report.stored_as}; {report.parameters:,} parameters, {report.checkpoint_bytes:,} B on disk")
+    table.add_row("MoE layers", f"{len(report.moe_layers)} ({report.moe_layers[0][0]} ... {report.moe_layers[-1][0]})")
+    table.add_row("routed experts", f"{'/'.join(map(str, experts))} per layer, {report.experts_per_token or '?'} per token; "
+                  + ", ".join(f"{p} {o}x{i}" for p, (o, i) in shapes.items()))
+    table.add_row("expert weights", f"{report.expert_parameters:,} ({100 * report.expert_parameters / max(report.parameters, 1):.1f} % of all)")
+    table.add_row("routers", f"{len(report.routers)}, {report.routers[0][1][0]}x{report.routers[0][1][1]} each")
+    table.add_row("shared experts", ", ".join(report.shared_experts[:4]) + (" ..." if len(report.shared_experts) > 4 else "") or "none")
+    table.add_row("dense blocks", ", ".join(report.dense_blocks) or "none")
+    table.add_row("other linears", ", ".join(f"{count} {role}" for role, count in sorted(report.linears_by_role.items())) or "none")
+    console.print(table)
 
 
 @app.command("demo")

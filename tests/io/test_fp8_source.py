@@ -103,6 +103,9 @@ def test_an_fp8_source_quantizes_to_the_bytes_of_its_dequantized_weights(sources
     assert loaded(input_ids=ids).logits.isfinite().all()
     plan = moeq.allocate(fp8, "router-maxvar", avg_bits=2.5)  # data-free allocation reads it too
     assert plan.budget["avg_expert_bits"] <= 2.5
+    from moeq.io.inspect import inspect_source
+
+    assert inspect_source(fp8).stored_as.startswith("FP8 (e4m3) with 16x16 block scales")  # moeq info says so
 
 
 def test_fp8_sources_without_block_scales_are_refused(sources, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""What a saved moeq checkpoint holds, per MoE layer and expert, read without loading weights.
+"""What a saved moeq checkpoint holds, per MoE layer and expert, and what moeq finds in a model it
+would quantize; both read without loading weights.
 
 Shapes come from the model skeleton built on the meta device (the adapter is the one source of
 truth for where experts are); bytes come from the safetensors headers, so they are the true
@@ -15,7 +16,7 @@ from ..modules.linear import QuantizedLinear
 from .checkpoint import moeq_quantization_config, read_plan
 from .shards import shard_files, weight_files
 
-__all__ = ["ExpertReport", "LayerReport", "CheckpointReport", "inspect_checkpoint"]
+__all__ = ["ExpertReport", "LayerReport", "CheckpointReport", "SourceReport", "inspect_checkpoint", "inspect_source"]
 
 _FP16_BYTES = 2
 
@@ -96,3 +97,61 @@ def inspect_checkpoint(path: str | Path) -> CheckpointReport:
         method=plan.method,
     )
 
+
+
+@dataclass
+class SourceReport:
+    """What moeq finds in a model folder it would quantize: the family, how the weights are stored,
+    the MoE layers (experts, projections and shapes, routers), shared experts, dense blocks and the
+    other linears by role; read from config.json and the safetensors headers only."""
+
+    model_type: str
+    family: str
+    stored_as: str
+    moe_layers: list[tuple[str, int, dict[str, tuple[int, int]]]]  # path, experts, projection -> (out, in)
+    experts_per_token: int | None
+    routers: list[tuple[str, tuple[int, ...]]]
+    linears_by_role: dict[str, int]
+    shared_experts: list[str]
+    dense_blocks: list[str]
+    parameters: int
+    expert_parameters: int
+    checkpoint_bytes: int
+
+
+def inspect_source(path: str | Path) -> SourceReport:
+    """Whether moeq can quantize the model folder at ``path`` and what it found there; errors (no
+    adapter, not an MoE, missing or mis-shaped tensors, an unreadable format) name the problem."""
+    from ..models.base import LinearRole
+    from .lazy import open_lazy
+    from .source import read_config, source_quantization
+
+    folder = Path(path)
+    raw = read_config(folder)
+    stored = source_quantization(raw, folder)
+    lazy = open_lazy(folder)
+    lazy.check_tensors()  # every tensor the config implies, present and of its shape (headers only)
+    skeleton, adapter = lazy.skeleton, lazy.adapter
+    roles = adapter.linear_roles(skeleton)
+    counts: dict[str, int] = {}
+    for role in roles.values():
+        counts[role] = counts.get(role, 0) + 1
+    moe_blocks = {layer.path.rsplit(".", 1)[0] for layer in lazy.layers}
+    blocks = [f"{stack.path}.{stack.blocks}.{n}" for stack in adapter.layer_stacks(skeleton)
+              for n in range(len(skeleton.get_submodule(f"{stack.path}.{stack.blocks}")))]
+    shared = sorted({name.rsplit(".", 1)[0] for name, role in roles.items() if role == LinearRole.SHARED})
+    dtype = str(raw.get("dtype") or raw.get("torch_dtype") or next(skeleton.parameters()).dtype).removeprefix("torch.")
+    expert_parameters = sum(layer.expert_numel * layer.num_experts for layer in lazy.layers)
+    top_k = next((getattr(skeleton.config, k) for k in ("num_experts_per_tok", "moe_topk", "top_k") if hasattr(skeleton.config, k)), None)
+    return SourceReport(
+        model_type=str(raw.get("model_type")), family=adapter.family,
+        stored_as=(f"FP8 ({stored['fmt']}) with {stored['weight_block_size'][0]}x{stored['weight_block_size'][1]} block scales, "
+                   "dequantized on read" if stored else dtype),
+        moe_layers=[(layer.path, layer.num_experts, dict(layer.shapes)) for layer in lazy.layers],
+        experts_per_token=top_k,
+        routers=[(layer.path, tuple(layer.router_weight.shape)) for layer in lazy.layers],
+        linears_by_role=counts, shared_experts=shared,
+        dense_blocks=[b for b in blocks if b not in moe_blocks and not any(m.startswith(b + ".") for m in moe_blocks)],
+        parameters=sum(p.numel() for p in skeleton.parameters()), expert_parameters=expert_parameters,
+        checkpoint_bytes=sum(f.stat().st_size for f in weight_files(folder)),
+    )
