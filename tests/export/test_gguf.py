@@ -230,14 +230,15 @@ def test_per_expert_widths_in_one_tensor_are_refused(tmp_path: Path) -> None:
             object.__setattr__(entry, "spec", type(entry.spec)(8, "sym", 32))
     moeq.save(moeq.quantize(source, plan), tmp_path / "q", source=DEFAULT_MODEL)
     _refused([str(tmp_path / "q"), "--out", str(tmp_path / "m.gguf")], tmp_path,
-             "layer 1 down_proj: its experts use 4-bit sym g32, 8-bit sym g32, but GGUF holds one type per layer's expert tensor")
+             "layer 1 gate_proj: its experts use 4-bit sym group 32, 8-bit sym group 32, but llama.cpp (GGUF) holds one type per "
+             "layer's expert tensor; make the plan with --target gguf")
 
 
 def test_a_spec_with_no_gguf_type_is_refused(tmp_path: Path) -> None:
     source = load_source(DEFAULT_MODEL)
     moeq.save(moeq.quantize(source, moeq.QuantConfig(bits=4, scheme="asym", group_size=64)), tmp_path / "q", source=DEFAULT_MODEL)
     _refused([str(tmp_path / "q"), "--out", str(tmp_path / "m.gguf")], tmp_path,
-             "layer 0 down_proj is 4-bit asym with groups of 64, which no GGUF type holds exactly")
+             "layer 0 expert 0 gate_proj: 4-bit asym group 64 is not a type llama.cpp (GGUF) runs")
 
 
 def test_a_family_without_a_gguf_mapping_is_refused(tmp_path: Path) -> None:

@@ -93,7 +93,7 @@ def test_a_plan_the_target_cannot_hold_is_refused_naming_the_rule() -> None:
     for entry in plan.experts:
         if entry.layer == 2 and entry.projection == "up_proj" and entry.expert == 5:
             object.__setattr__(entry, "spec", TensorSpec(5, "q5_k"))
-    with pytest.raises(PlanError, match="layer 2 up_proj: its experts use 2 different specs, but llama.cpp \\(GGUF\\) holds one type per"):
+    with pytest.raises(PlanError, match="layer 2 up_proj: its experts use 4-bit q4_k, 5-bit q5_k, but llama.cpp \\(GGUF\\) holds one type per"):
         GGUF.check_plan(plan, shapes)
     TARGETS["moeq"].check_plan(plan, shapes)  # moeq's own runtime holds anything
 

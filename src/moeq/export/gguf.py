@@ -19,7 +19,8 @@ import numpy as np
 from torch import nn
 
 from ..atomic import OutputLock, OutputWriteError, ensure_output_free, write_failure
-from ..plan import BitPlan, TensorSpec
+from ..plan import BitPlan, PlanError, TensorSpec
+from ..targets import TARGETS
 from ..quant.ggml import EXACT_TYPES, GGML_TYPES, GGMLType, exact_type, float_rows, ggml_blocks
 from ..quant.rtn import resolve_group_size
 from .gguf_arch import GGUFArchitecture, architecture_for, rope_permute_rows
@@ -60,24 +61,15 @@ def _exact_or_error(spec: TensorSpec, in_features: int, what: str) -> GGMLType:
 
 def check_gguf_plan(plan: BitPlan, shapes: list[dict[str, tuple[int, int]]]) -> dict[tuple[int, str], GGMLType]:
     """The GGML type of every (layer, projection) expert stack the plan quantizes, or one line
-    naming the first stack GGUF cannot hold: experts of different specs (GGUF keeps one type per
-    layer's expert tensor) or a spec with no exact GGML type. ``shapes``: per MoE layer,
-    projection -> (out, in)."""
-    rows: dict[tuple[int, str], dict[int, TensorSpec]] = {}
-    for entry in plan.experts:
-        rows.setdefault((entry.layer, entry.projection), {})[entry.expert] = entry.spec
-    types = {}
-    for (layer, projection), specs in sorted(rows.items()):
-        distinct = sorted({(s.bits, s.scheme.value, s.group_size) for s in specs.values()})
-        if len(distinct) > 1:
-            widths = ", ".join(f"{b}-bit {s}" + (f" g{g}" if g else "") for b, s, g in distinct)
-            raise ExportError(
-                f"layer {layer} {projection}: its experts use {widths}, but GGUF holds one type per layer's expert "
-                "tensor; make the plan for llama.cpp with --target gguf"
-            )
-        spec = next(iter(specs.values()))
-        types[(layer, projection)] = _exact_or_error(spec, shapes[layer][projection][1], f"layer {layer} {projection}")
-    return types
+    naming the first stack GGUF cannot hold (the gguf target's own rule, :mod:`moeq.targets`).
+    ``shapes``: per MoE layer, projection -> (out, in)."""
+    try:
+        TARGETS["gguf"].check_plan(plan, shapes)
+    except PlanError as err:
+        raise ExportError(str(err)) from None
+    return {(entry.layer, entry.projection): _exact_or_error(entry.spec, shapes[entry.layer][entry.projection][1],
+                                                             f"layer {entry.layer} {entry.projection}")
+            for entry in plan.experts}
 
 
 def _tokenizer_metadata(folder: Path, vocab_size: int) -> dict:

@@ -99,7 +99,7 @@ class Target:
         MoE layer, projection -> (out, in)."""
         if self.free:
             return
-        groups: dict[tuple, set] = {}
+        groups: dict[tuple, dict] = {}  # stack -> {spec key: spec}
         for entry in plan.experts:
             in_features = shapes[entry.layer][entry.projection][1]
             if self.type_of(entry.spec, in_features) is None:
@@ -111,12 +111,13 @@ class Target:
             key = (entry.layer,) if self.granularity == "layer" else (entry.layer, entry.projection)
             # a layer's projections differ in rows: one scheme there means one (bits, scheme, group size) as written
             spec_key = (entry.spec.bits, entry.spec.scheme, entry.spec.group_size) if self.granularity == "layer" else _key(entry.spec, in_features)
-            groups.setdefault(key, set()).add(spec_key)
+            groups.setdefault(key, {}).setdefault(spec_key, entry.spec)
         for key, specs in groups.items():
             if self.granularity != "expert" and len(specs) > 1:
                 where = f"layer {key[0]}" + (f" {key[1]}" if len(key) > 1 else "")
                 rule = "one type per layer" if self.granularity == "layer" else "one type per layer's expert tensor"
-                raise PlanError(f"{where}: its experts use {len(specs)} different specs, but {self.runtime or self.name} holds "
+                used = ", ".join(sorted(_label(spec) for spec in specs.values()))
+                raise PlanError(f"{where}: its experts use {used}, but {self.runtime or self.name} holds "
                                 f"{rule}; make the plan with --target {self.name}")
 
 
