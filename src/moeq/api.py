@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from .io.hf import MoeqConfig
 from .modules.convert import quantize_model
 from .plan import BitPlan
 
-__all__ = ["quantize", "quantize_checkpoint", "plan_checkpoint", "check_calibration_file", "check_quantizer", "plan_for",
+__all__ = ["quantize", "quantize_checkpoint", "plan_checkpoint", "choose_plan", "check_calibration_file", "check_quantizer", "plan_for",
            "CheckpointResult", "PlanResult"]
 
 
@@ -85,6 +85,46 @@ def plan_checkpoint(
     except (ValueError, OSError) as err:
         result.guard_skipped = str(err).splitlines()[0]
     return result
+
+
+def choose_plan(
+    model_path: str | Path,
+    allocation: AllocationConfig,
+    *,
+    uniform: QuantConfig | None = None,
+    plan_path: str | Path | None = None,
+    avg_bits: float | None = None,
+    max_bytes: int | None = None,
+    reference: str | Path | None = None,
+    calibration: torch.Tensor | str | Path | None = None,
+    guard: bool = True,
+    executor: Executor | None = None,
+) -> tuple[BitPlan | QuantConfig, PlanResult | None]:
+    """What ``moeq quantize`` quantizes ``model_path`` by, from exactly one of: ``uniform`` (every
+    expert at its bits; for a target with fixed types, that width's type: a uniform plan),
+    ``plan_path`` (a saved plan, checked against the model and ``allocation.target``), or a budget
+    (``avg_bits`` / ``max_bytes``: :func:`plan_checkpoint` with ``allocation``, the guard beside it).
+    Returns it and, when a plan was allocated, the :class:`PlanResult` to show."""
+    from .io.lazy import open_lazy
+    from .io.source import plan_target_of
+    from .targets import get_target
+
+    budgets = [b for b in (avg_bits, max_bytes) if b is not None]
+    if sum([uniform is not None, plan_path is not None, bool(budgets)]) != 1 or len(budgets) > 1:
+        raise ValueError("give exactly one of --bits B, --plan PLAN.json, or one budget (--avg-bits or --max-gb) with --strategy")
+    runtime = get_target(allocation.target)
+    if plan_path is not None:
+        plan = BitPlan.load(plan_path, plan_target_of(model_path))
+        runtime.check_plan(plan, [layer.shapes for layer in open_lazy(model_path).layers])
+        return plan, None
+    if uniform is not None and runtime.free:
+        return uniform, None
+    if uniform is not None:  # --bits B --target T: every tensor at T's B-bit type
+        return plan_checkpoint(model_path, replace(allocation, strategy="uniform", levels=None), avg_bits=float(uniform.bits),
+                               executor=executor).plan, None
+    planned = plan_checkpoint(model_path, allocation, avg_bits=avg_bits, max_bytes=max_bytes, reference=reference,
+                              calibration=calibration, guard=guard, executor=executor)
+    return planned.plan, planned
 
 
 def plan_for(model: nn.Module, config: QuantConfig | BitPlan) -> BitPlan:

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .allocate import AllocationConfig
-from .api import PlanResult, check_calibration_file, check_quantizer, plan_checkpoint, quantize_checkpoint
+from .api import PlanResult, check_calibration_file, check_quantizer, choose_plan, plan_checkpoint, quantize_checkpoint
 from .config import FULL_PRECISION_BITS, QuantConfig
 from .atomic import OutputBusyError, OutputExistsError, OutputNotWritableError, OutputWriteError, ensure_output_free
 from .executors import ExecutorError, make_executor
@@ -31,7 +31,6 @@ from .io.source import plan_target_of, require_full_precision
 from .calibrate.runner import CalibrationConfig
 from .models import AdapterError
 from .plan import BitPlan, PlanError
-from .targets import get_target
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Expert-wise mixed-precision quantization of MoE models.")
 
@@ -124,49 +123,38 @@ def quantize_command(
     try:
         _threads(model_path)
         _require_positive(calib_tokens=calib_tokens, seq_len=seq_len)
-        allocating = avg_bits is not None or max_gb is not None
-        if sum([bits is not None, plan_path is not None, allocating]) != 1:
-            raise ValueError("give exactly one of --bits B, --plan PLAN.json, or --avg-bits / --max-gb with --strategy")
         check_quantizer(quantizer, calib)
         _require_positive(workers=workers)
         ensure_output_free(out, overwrite, inputs=(model_path, plan_path, reference, calib))
         require_full_precision(model_path)
-        runtime = get_target(target)
-        plan = BitPlan.load(plan_path, plan_target_of(model_path)) if plan_path else None
-        if plan is not None:
-            runtime.check_plan(plan, [layer.shapes for layer in open_lazy(model_path).layers])
-        if avg_bits is not None and max_gb is not None:
-            raise ValueError("give one budget: --avg-bits or --max-gb")
         others = QuantConfig(bits=FULL_PRECISION_BITS, scheme=scheme, group_size=group_size, attn_bits=attn_bits,
                              shared_bits=shared_bits, dense_bits=dense_bits, lm_head_bits=lm_head_bits)
-        config = None if plan or allocating or not runtime.free else QuantConfig(
+        uniform = None if bits is None else QuantConfig(
             bits=bits, scheme=scheme, group_size=group_size, clip_search=clip_search, attn_bits=attn_bits,
             shared_bits=shared_bits, dense_bits=dense_bits, lm_head_bits=lm_head_bits,
         )
         calibration = CalibrationConfig(quantizer="gptq", min_tokens=min_tokens, rare_fallback=rare_fallback, damp=damp, act_order=act_order)
+        # The same calibration slice (tokens, sequence length) for allocation, the guard and GPTQ after them.
+        allocation = AllocationConfig(
+            strategy, levels=_parse_levels(levels), scheme=scheme, group_size=group_size, clip_search=clip_search, seed=seed,
+            other_linears=others, damage_quantizer=quantizer, calib_tokens=calib_tokens, seq_len=seq_len, gptq=calibration,
+            target=target,
+        )
         torch.manual_seed(seed)
         started = time.perf_counter()
         with make_executor(executor, workers, address) as runner:
-            if bits is not None and not runtime.free:  # --bits B --target T: every tensor at T's B-bit type
-                uniform = AllocationConfig("uniform", scheme=scheme, group_size=group_size, clip_search=clip_search, seed=seed,
-                                           other_linears=others, damage_quantizer=quantizer, target=runtime.name)
-                plan = plan_checkpoint(model_path, uniform, avg_bits=float(bits), executor=runner).plan
-            if allocating:
-                # The same calibration slice (tokens, sequence length) for allocation, the guard and GPTQ after them.
-                chosen = AllocationConfig(
-                    strategy, levels=_parse_levels(levels), scheme=scheme, group_size=group_size, clip_search=clip_search, seed=seed,
-                    other_linears=others, damage_quantizer=quantizer, calib_tokens=calib_tokens, seq_len=seq_len, gptq=calibration,
-                    target=target,
-                )
-                planned = plan_checkpoint(model_path, chosen, avg_bits=avg_bits, max_bytes=None if max_gb is None else int(max_gb * 1e9),
-                                          reference=reference, calibration=calib, guard=guard, executor=runner)
-                plan = planned.plan
-                render_plan(plan)
+            chosen, planned = choose_plan(
+                model_path, allocation, uniform=uniform, plan_path=plan_path, avg_bits=avg_bits,
+                max_bytes=None if max_gb is None else int(max_gb * 1e9), reference=reference, calibration=calib, guard=guard,
+                executor=runner,
+            )
+            if planned is not None:
+                render_plan(planned.plan)
                 render_plan_checks(planned)
             bar, advance = _block_progress(model_path, quantizer.upper() if quantizer == "gptq" else "quantizing")
             with bar:
                 result = quantize_checkpoint(
-                    model_path, out, plan or config, quantizer=quantizer, calibration=calib, calibration_config=calibration,
+                    model_path, out, chosen, quantizer=quantizer, calibration=calib, calibration_config=calibration,
                     calib_tokens=calib_tokens, seq_len=seq_len, overwrite=overwrite, resume=resume, seed=seed, progress=advance,
                     executor=runner,
                 )

@@ -67,7 +67,7 @@ class LocalExecutor(Executor):
     name = "local"
 
     def __init__(self, workers: int | None = None) -> None:
-        self.workers = workers or max(1, os.cpu_count() or 1)
+        self.workers = workers if workers is not None else max(1, os.cpu_count() or 1)
         if self.workers < 1:
             raise ValueError(f"--workers must be at least 1, got {self.workers}")
         self._pool: ProcessPoolExecutor | None = None
@@ -107,18 +107,35 @@ class RayExecutor(Executor):
             import ray
         except ImportError:
             raise ExecutorError("--executor ray needs Ray: pip install 'moeq[ray]'") from None
-        self._ray = ray
-        self._started = not ray.is_initialized()
-        if self._started:
-            options = {"num_cpus": workers} if address is None and workers else {}
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False, **options)
-        self.workers = workers or max(1, int(ray.available_resources().get("CPU", 1)))
+        if workers is not None and workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {workers}")
+        self._ray, self._address, self._requested = ray, address, workers
         self._memory = memory  # bytes a job needs, declared so Ray can pack jobs onto nodes
+        self._started = False  # this executor started the local Ray (and shuts it down)
+        self._remote = None
+
+    def _start(self) -> None:
+        """Join (or start) Ray on first use, so checks made before the work cost no start-up."""
+        ray = self._ray
+        if self._remote is not None:
+            return
+        if not ray.is_initialized():
+            options = {"num_cpus": self._requested} if self._address is None and self._requested else {}
+            ray.init(address=self._address, include_dashboard=False, log_to_driver=False, configure_logging=False, **options)
+            self._started = True
         # Never more than the cluster has: a task no node can hold would wait forever.
         self._memory_cap = int(ray.cluster_resources().get("memory", 0))
         self._remote = ray.remote(max_retries=0)(_call)
 
+    @property
+    def workers(self) -> int:
+        if self._requested:
+            return self._requested
+        self._start()
+        return max(1, int(self._ray.available_resources().get("CPU", 1)))
+
     def map(self, fn, jobs):
+        self._start()
         ray = self._ray
         pending: deque = deque()
         function = ray.put(fn)
