@@ -123,3 +123,19 @@ def test_auto_plans_the_same_whichever_executor_prices_the_experts(source, ray_e
             plan = allocate(folder, "auto", avg_bits=2.5, calibration=IDS, damage_quantizer="gptq", executor=executor)
             plans.append((plan.to_json()["experts"], plan.scores["predicted_damage"]))
     assert plans[0] == plans[1] == plans[2]
+
+
+def test_ctrl_c_during_a_ray_run_cancels_its_tasks_and_resume_finishes(source, ray_executor, tmp_path: Path) -> None:
+    folder, model = source
+    plan = uniform_plan(model, QuantConfig(bits=3))
+    quantize_checkpoint(folder, plan, tmp_path / "whole")
+
+    def interrupt(unit: str) -> None:
+        if unit == "model.layers.0":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(folder, plan, tmp_path / "out", executor=ray_executor, progress=interrupt)
+    assert work_folder_of(tmp_path / "out").is_dir() and not (tmp_path / "out").exists()
+    quantize_checkpoint(folder, plan, tmp_path / "out", resume=True, executor=ray_executor)  # Ray is still usable
+    assert _digests(tmp_path / "out") == _digests(tmp_path / "whole")

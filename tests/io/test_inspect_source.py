@@ -39,7 +39,7 @@ def test_what_moeq_cannot_read_gets_one_line(tmp_path: Path) -> None:
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
-    assert "has no moeq adapter; supported MoE families" in one_line_error(runner.invoke(app, ["info", str(tmp_path / "other")]))
+    assert "has no moeq adapter and no routed experts" in one_line_error(runner.invoke(app, ["info", str(tmp_path / "other")]))
     tensors = load_file(tmp_path / "q" / "model.safetensors")
     missing = next(name for name in tensors if "experts" in name)
     del tensors[missing]

@@ -222,15 +222,27 @@ class FusedExpertsAdapter(MoEAdapter):
 
     projections = ("gate_proj", "up_proj", "down_proj")
 
+    def router_weight(self, block: nn.Module, experts: nn.Module) -> torch.Tensor | None:
+        """The router weight ``[experts, hidden]`` of an MoE block (``None``: not an MoE block)."""
+        router = getattr(block, "gate", None)
+        return None if router is None else router.weight
+
+    def check_experts(self, path: str, experts: nn.Module) -> None:
+        """Refuse, in one line, an experts module this adapter cannot read (the named families' are known)."""
+
     def moe_layers(self, model: nn.Module) -> list[MoELayer]:
         layers = []
         for path, block in model.named_modules():
             experts = getattr(block, "experts", None)
-            router = getattr(block, "gate", None)
-            if router is not None and isinstance(experts, PackedExperts):
-                layers.append(quantized_layer(len(layers), path, experts, router.weight))
+            if experts is None or not (isinstance(experts, PackedExperts) or hasattr(experts, "gate_up_proj")):
                 continue
-            if experts is None or router is None or not hasattr(experts, "gate_up_proj"):
+            if not isinstance(experts, PackedExperts):
+                self.check_experts(f"{path}.experts", experts)
+            router = self.router_weight(block, experts)
+            if router is None:
+                continue
+            if isinstance(experts, PackedExperts):
+                layers.append(quantized_layer(len(layers), path, experts, router))
                 continue
             hidden, intermediate = experts.down_proj.shape[1], experts.down_proj.shape[2]
             layers.append(
@@ -240,7 +252,7 @@ class FusedExpertsAdapter(MoEAdapter):
                     experts_path=f"{path}.experts",
                     num_experts=experts.gate_up_proj.shape[0],
                     projections=self.projections,
-                    router_weight=router.weight,
+                    router_weight=router,
                     expert_weight=_fused_expert_weight(experts),
                     shapes={"gate_proj": (intermediate, hidden), "up_proj": (intermediate, hidden),
                             "down_proj": (hidden, intermediate)},
@@ -325,10 +337,19 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+_FALLBACK: list[Callable[[str | None], MoEAdapter]] = []  # the structural adapter's, for model types no family names
+
+
+def register_fallback(adapter_for: Callable[[str | None], MoEAdapter]) -> None:
+    """Make ``adapter_for(model_type)`` the adapter of model types no registered family claims."""
+    _FALLBACK[:] = [adapter_for]
+
+
 def get_adapter(model_or_type: nn.Module | str) -> MoEAdapter:
-    """The adapter for a model (or a ``model_type``); a clear error if there is none."""
+    """The adapter for a model (or a ``model_type``): its family's, else the structural fallback
+    (which finds the experts by structure once the model is built); an error if there is neither."""
     model_type = model_or_type if isinstance(model_or_type, str) else getattr(model_or_type.config, "model_type", None)
-    adapter = _REGISTRY.get(model_type)
+    adapter = _REGISTRY.get(model_type) or (_FALLBACK[0](model_type) if _FALLBACK else None)
     if adapter is None:
         raise AdapterError(
             f"model type {model_type!r} has no moeq adapter; supported MoE families: {', '.join(supported_model_types())}"
@@ -340,6 +361,12 @@ def moe_layers_or_error(model: nn.Module) -> tuple[MoEAdapter, list[MoELayer]]:
     """The adapter and MoE layers of ``model``; errors name the problem when it is not an MoE model."""
     adapter = get_adapter(model)
     layers = adapter.moe_layers(model)
+    if not layers and adapter not in _REGISTRY.values():
+        raise AdapterError(
+            f"model type {model.config.model_type!r} has no moeq adapter and no routed experts moeq can find by structure "
+            "(an experts module with transformers 5's gate_up_proj/down_proj beside a router); families by name: "
+            f"{', '.join(supported_model_types())}"
+        )
     if not layers:
         raise AdapterError(
             f"found no routed-expert layers in this {model.config.model_type} model; "

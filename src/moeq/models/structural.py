@@ -1,0 +1,140 @@
+"""Any transformers 5 MoE written against its experts interface, found by structure, not by name.
+
+transformers 5 stores a layer's routed experts as one module (decorated ``@use_experts_implementation``)
+holding 3-D ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``, called with ``(hidden,
+top_k_index, top_k_weights)``; about sixty model types share it (GLM-4.5, ERNIE-4.5, MiniMax-M2,
+Qwen3-Next, Qwen3.5-MoE, DeepSeek-V2, HunYuan, Phi-MoE, GraniteMoE, Jamba, EXAONE-MoE, AFMoE ...).
+For a model type no named family claims, this adapter finds every such experts module, its router
+beside it (a child ``gate`` or ``router`` whose weight, or a parameter inside it, is ``[E, H]``)
+and any shared experts beside it (a child whose name contains ``shared``), and reads the experts
+as the named families do. What it cannot read exactly (experts stored transposed, with biases,
+gate and up interleaved, or with the model's own gate function, as gpt-oss's) is refused in one
+line naming it; the model's routing and shared experts run as the model defines them.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import torch
+from torch import nn
+
+from .base import AdapterError, FusedExpertsAdapter, TensorSource, register_fallback
+
+__all__ = ["StructuralAdapter", "structural_adapter"]
+
+ROUTER_NAMES = ("gate", "router")
+
+
+class StructuralAdapter(FusedExpertsAdapter):
+    """The fallback adapter: fused experts found by structure (see the module docstring). The
+    checkpoint's own names come from transformers' conversion mapping for ``model_type`` (the
+    renames it applies when loading, and the per-expert names it merges), read as data."""
+
+    family = "structural"
+    model_types = ()
+    shared_markers = ("shared_expert", "shared_experts", "shared_mlp")
+    router_markers = ("gate", "router", "shared_expert_gate")
+
+    def __init__(self, model_type: str | None = None) -> None:
+        self.model_type = model_type
+        self.disk_renames, self.disk_projection_names = _disk_rules(model_type)
+
+    def _with_renames(self, sources: list[TensorSource]) -> list[TensorSource]:
+        # transformers applies its renames one after another, so a name on disk may differ by several
+        out = list(sources)
+        for memory, disk in self.disk_renames:
+            out += [TensorSource(s.key.replace(memory, disk), s.index) for s in out if memory in s.key]
+        unique: dict[tuple[str, str], TensorSource] = {}
+        for source in out:
+            unique.setdefault((source.key, repr(source.index)), source)
+        return list(unique.values())
+
+    def router_weight(self, block: nn.Module, experts: nn.Module) -> torch.Tensor | None:
+        count = _experts_count(experts)
+        hidden = _hidden_size(experts)
+        for name in ROUTER_NAMES:
+            router = getattr(block, name, None)
+            if not isinstance(router, nn.Module):
+                continue
+            for parameter in [getattr(router, "weight", None), *router.parameters()]:
+                if isinstance(parameter, torch.Tensor) and tuple(parameter.shape) == (count, hidden):
+                    return parameter
+        return None
+
+    def check_experts(self, path: str, experts: nn.Module) -> None:
+        problems = []
+        if getattr(experts, "is_transposed", False):
+            problems.append("stored transposed")
+        if getattr(experts, "has_bias", False) or any(n.endswith("_bias") for n, _ in experts.named_parameters()):
+            problems.append("with biases")
+        if getattr(experts, "is_concatenated", True) is False:
+            problems.append("with gate and up interleaved")
+        gate = getattr(type(experts), "_apply_gate", None)
+        if gate is not None and gate.__name__ != "_default_apply_gate":
+            problems.append("with the model's own gate function")
+        if not hasattr(experts, "act_fn"):
+            problems.append("without an act_fn")
+        if problems:
+            raise AdapterError(
+                f"{path} ({type(experts).__name__}) keeps its experts {', '.join(problems)}; moeq reads experts stored as "
+                "untransposed gate_up_proj/down_proj without biases and gated as act(gate) * up, so it cannot quantize this model yet"
+            )
+
+    def router_sources(self, layer) -> list[TensorSource]:
+        names = [f"{layer.path}.{name}.weight" for name in ROUTER_NAMES]
+        names += [f"{layer.path}.gate.wg.weight"]  # HunYuan's router keeps its weight one module down
+        return self._with_renames([TensorSource(name) for name in names])
+
+
+def _experts_count(experts: nn.Module) -> int:
+    if hasattr(experts, "num_experts"):
+        return int(experts.num_experts)
+    return int(experts.gate_up_proj.shape[0])
+
+
+def _hidden_size(experts: nn.Module) -> int:
+    if hasattr(experts, "gate_up_proj"):
+        return int(experts.gate_up_proj.shape[-1])
+    first = experts.expert(0)
+    return int(first[experts.projections[0]].in_features)
+
+
+def _plain(pattern: str) -> str | None:
+    """A conversion pattern as the plain substring it matches (``None``: a real regular expression)."""
+    text = pattern.replace("\\.", ".")
+    return None if re.search(r"[\\^$*+?()\[\]{}|]", text) else text
+
+
+def _disk_rules(model_type: str | None) -> tuple[tuple[tuple[str, str], ...], dict[str, str]]:
+    """``(renames memory -> disk, projection -> per-expert name on disk)`` from transformers'
+    checkpoint conversion mapping of ``model_type`` (none when it has no mapping)."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        mapping = get_checkpoint_conversion_mapping(model_type) or [] if model_type else []
+    except Exception:  # noqa: BLE001 - an older transformers, or a type it does not know: plain names
+        mapping = []
+    renames, names = [], {}
+    for rule in mapping:
+        sources, targets = list(getattr(rule, "source_patterns", [])), list(getattr(rule, "target_patterns", []))
+        if type(rule).__name__ == "WeightRenaming" and len(sources) == len(targets) == 1:
+            disk, memory = _plain(sources[0]), _plain(targets[0])
+            if disk is not None and memory is not None:
+                renames.append((memory, disk))
+        elif type(rule).__name__ == "WeightConverter" and len(targets) == 1:
+            merged = [re.fullmatch(r".*experts\.\*\.(\w+)\.weight", source) for source in sources]
+            projections = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}.get(targets[0].rsplit(".", 1)[-1], ())
+            if all(merged) and len(merged) == len(projections):
+                names.update({projection: match.group(1) for projection, match in zip(projections, merged)})
+    return tuple(renames), names
+
+
+@functools.cache
+def structural_adapter(model_type: str | None) -> StructuralAdapter:
+    """The structural adapter for ``model_type`` (one per type: its checkpoint names differ)."""
+    return StructuralAdapter(model_type)
+
+
+register_fallback(structural_adapter)
