@@ -21,7 +21,7 @@ def test_shared_experts_dense_blocks_and_routers_are_found(tmp_path: Path) -> No
     model.save_pretrained(tmp_path / "ds")
     report = inspect_source(tmp_path / "ds")
     first_dense = model.config.first_k_dense_replace
-    assert report.family == "deepseek_v3" and report.dense_blocks == [f"model.layers.{i}" for i in range(first_dense)]
+    assert report.family == "structural" and report.dense_blocks == [f"model.layers.{i}" for i in range(first_dense)]
     assert len(report.moe_layers) == model.config.num_hidden_layers - first_dense
     assert report.shared_experts and all(".shared_experts" in name for name in report.shared_experts)
     assert all(shape == (model.config.n_routed_experts, model.config.hidden_size) for _, shape in report.routers)

@@ -364,8 +364,8 @@ def moe_layers_or_error(model: nn.Module) -> tuple[MoEAdapter, list[MoELayer]]:
     if not layers and adapter not in _REGISTRY.values():
         raise AdapterError(
             f"model type {model.config.model_type!r} has no moeq adapter and no routed experts moeq can find by structure "
-            "(an experts module with transformers 5's gate_up_proj/down_proj beside a router); families by name: "
-            f"{', '.join(supported_model_types())}"
+            "(an experts module with transformers 5's gate_up_proj/down_proj beside a router); is it an MoE model? "
+            f"(by name moeq also reads: {', '.join(supported_model_types())})"
         )
     if not layers:
         raise AdapterError(

@@ -4,12 +4,15 @@ transformers 5 stores a layer's routed experts as one module (decorated ``@use_e
 holding 3-D ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``, called with ``(hidden,
 top_k_index, top_k_weights)``; about sixty model types share it (GLM-4.5, ERNIE-4.5, MiniMax-M2,
 Qwen3-Next, Qwen3.5-MoE, DeepSeek-V2, HunYuan, Phi-MoE, GraniteMoE, Jamba, EXAONE-MoE, AFMoE ...).
-For a model type no named family claims, this adapter finds every such experts module, its router
+For every model type but Switch Transformers (one module per expert, its own adapter) this adapter
+finds every such experts module, its router
 beside it (a child ``gate`` or ``router`` whose weight, or a parameter inside it, is ``[E, H]``)
 and any shared experts beside it (a child whose name contains ``shared``), and reads the experts
 as the named families do. What it cannot read exactly (experts stored transposed, with biases,
 gate and up interleaved, or with the model's own gate function, as gpt-oss's) is refused in one
 line naming it; the model's routing and shared experts run as the model defines them.
+Mixtral, Qwen2/3-MoE, OLMoE and DeepSeek-V3 had hand-written family files; they are read this way
+now, and the golden bytes test (``tests/test_golden.py``) holds them to what those files wrote.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ ROUTER_NAMES = ("gate", "router")
 
 
 class StructuralAdapter(FusedExpertsAdapter):
-    """The fallback adapter: fused experts found by structure (see the module docstring). The
+    """Fused experts found by structure (see the module docstring). The
     checkpoint's own names come from transformers' conversion mapping for ``model_type`` (the
     renames it applies when loading, and the per-expert names it merges), read as data."""
 
