@@ -199,7 +199,7 @@ def test_plans_vllm_cannot_run_are_refused_before_anything_is_written(tmp_path: 
     _refused([str(DEFAULT_MODEL), "--out", str(tmp_path / "ct")], "is not a moeq checkpoint")
     switch = tiny_model("switch_transformers")
     moeq.save(moeq.quantize(switch, QuantConfig(bits=4, scheme="sym", group_size=32)), tmp_path / "switch")
-    _refused([str(tmp_path / "switch"), "--out", str(tmp_path / "ct")], "compressed-tensors export knows vLLM's checkpoint names for")
+    _refused([str(tmp_path / "switch"), "--out", str(tmp_path / "ct")], "an encoder-decoder; vLLM's compressed-tensors MoE layers")
     assert not (tmp_path / "ct").exists()
 
 
@@ -211,3 +211,49 @@ def test_outputs_that_overlap_or_exist_are_refused(tmp_path: Path) -> None:
     result = runner.invoke(app, ["export", str(checkpoint), "--format", "compressed-tensors", "--out", str(tmp_path / "ct"), "--overwrite"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "ct" / "model.safetensors").is_file() and not list(tmp_path.glob(".ct.*"))
+
+
+STRUCTURAL_FAMILIES = ["glm4_moe", "ernie4_5_moe", "minimax_m2", "phimoe", "hunyuan_v1_moe"]
+
+
+def _structural(model_type: str) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type)
+    small = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=128, num_experts=4, n_routed_experts=4, num_local_experts=4,
+                 num_experts_per_tok=2, head_dim=16, max_position_embeddings=64)
+    for key, value in small.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("model_type", STRUCTURAL_FAMILIES)
+def test_families_read_by_structure_export_under_their_checkpoint_names(model_type: str, tmp_path: Path) -> None:
+    """The names transformers' conversion mapping merges (per-expert, renamed blocks) are what the
+    export writes, so transformers reads the folder back as moeq runs the checkpoint."""
+    import transformers
+
+    model = _structural(model_type)
+    model.save_pretrained(tmp_path / "src")
+    moeq.quantize_checkpoint(tmp_path / "src", tmp_path / "q", uniform_plan(model, QuantConfig(bits=4, scheme="sym")))
+    report = export_compressed(tmp_path / "q", tmp_path / "ct")
+    assert report.transformers_note is None
+    saved = load_file(tmp_path / "src" / "model.safetensors")  # transformers' own on-disk names for the experts
+    exported = load_file(tmp_path / "ct" / "model.safetensors")
+    expert_weights = {k[: -len(".weight")] for k in saved if ".experts." in k and k.endswith(".weight")}
+    assert expert_weights == {k[: -len(".weight_packed")] for k in exported if k.endswith(".weight_packed")}
+    served = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(served(input_ids=ids).logits, moeq.load(tmp_path / "q")(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_a_family_with_fused_experts_on_disk_is_refused(tmp_path: Path) -> None:
+    model = _structural("granitemoe")  # its checkpoints hold one input_linear/output_linear tensor per layer
+    model.save_pretrained(tmp_path / "src")
+    moeq.quantize_checkpoint(tmp_path / "src", tmp_path / "q", uniform_plan(model, QuantConfig(bits=4, scheme="sym")))
+    _refused([str(tmp_path / "q"), "--out", str(tmp_path / "ct")], "whose checkpoints do not name one linear per expert")
+    assert not (tmp_path / "ct").exists()

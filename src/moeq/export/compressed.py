@@ -37,7 +37,9 @@ from .weights import ExportError, dense_expert, named_weights
 
 __all__ = ["CompressedReport", "FAMILIES", "export_compressed"]
 
-# Families whose per-expert checkpoint names vLLM's and transformers' loaders both map.
+# Families whose per-expert checkpoint names vLLM's and transformers' loaders both map (checked by
+# reading vLLM's model files); others are written when transformers' conversion mapping names
+# their experts per expert, as their published checkpoints do.
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 EXPERT_PROJECTIONS = "(w1|w2|w3|gate_proj|up_proj|down_proj)"  # both spellings: older vLLM looks up gate_proj for all
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -142,12 +144,17 @@ def export_compressed(checkpoint: str | Path, out: str | Path, *, overwrite: boo
     config = read_config(checkpoint)
     plan = read_plan(checkpoint)  # a folder that is not a moeq checkpoint is refused here
     model_type = str(config.get("model_type"))
-    if model_type not in FAMILIES:
-        raise ExportError(f"compressed-tensors export knows vLLM's checkpoint names for {', '.join(FAMILIES)}; "
-                          f"{checkpoint} is {model_type}")
     skeleton = meta_skeleton(checkpoint)
     plan.check_fits(plan_target(skeleton))
     adapter, meta_layers = moe_layers_or_error(skeleton)
+    if config.get("is_encoder_decoder"):
+        raise ExportError(f"{checkpoint} is {model_type}, an encoder-decoder; vLLM's compressed-tensors MoE layers serve "
+                          "decoder-only models")
+    names = getattr(adapter, "disk_projection_names", {})
+    if model_type not in FAMILIES and not all(names.get(p) for p in meta_layers[0].projections):
+        raise ExportError(f"{checkpoint} is {model_type}, whose checkpoints do not name one linear per expert (vLLM's "
+                          f"compressed-tensors MoE loader reads experts.E.<projection>); the export writes "
+                          f"{', '.join(FAMILIES)} and the families transformers maps from per-expert names")
     linear_shapes = {name: tuple(skeleton.get_submodule(name).weight.shape) for name in plan.linears}
     check_compressed_plan(plan, [layer.shapes for layer in meta_layers], linear_shapes)
     ensure_output_free(out, overwrite, inputs=[checkpoint])
