@@ -129,10 +129,10 @@ class RayExecutor(Executor):
 
     @property
     def workers(self) -> int:
-        if self._requested:
-            return self._requested
-        self._start()
-        return max(1, int(self._ray.available_resources().get("CPU", 1)))
+        if not self._requested:  # the cluster's CPUs, asked once
+            self._start()
+            self._requested = max(1, int(self._ray.cluster_resources().get("CPU", 1)))
+        return self._requested
 
     def map(self, fn, jobs):
         self._start()

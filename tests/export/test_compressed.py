@@ -106,8 +106,7 @@ def test_compressed_tensors_decompresses_every_tensor_to_moeqs_weights(tmp_path:
         assert torch.equal(theirs.float(), modules[name].quantized.dequantize(torch.float32)), name
         checked += 1
     assert checked == sum(3 * layer.num_experts for layer in layers) + len(moeq.read_plan(checkpoint).linears)
-    assert all(re.match(pattern[3:], "model.layers.0.block_sparse_moe.gate") for pattern in config["quantization_config"]["ignore"]
-               if pattern.startswith("re:")) and "model.layers.0.block_sparse_moe.gate" in config["quantization_config"]["ignore"]
+    assert "model.layers.0.block_sparse_moe.gate" in config["quantization_config"]["ignore"]  # routers stay unquantized
 
 
 def test_the_vllm_target_plans_what_the_export_writes_byte_for_byte(tmp_path: Path) -> None:

@@ -11,8 +11,9 @@ compressed-tensors library's own (``pack_to_int32``, ``QuantizationConfig``).
 
 Routed experts are written one linear per expert under the names the family's checkpoints use
 (Mixtral ``block_sparse_moe.experts.E.w1/w2/w3``; Qwen2/3-MoE, OLMoE, DeepSeek-V3
-``mlp.experts.E.{gate,up,down}_proj``), which both vLLM's and transformers' loaders map onto
-their fused expert tensors. vLLM holds one scheme per MoE layer (it reads expert 0's for the
+``mlp.experts.E.{gate,up,down}_proj``; other families by the per-expert names transformers'
+conversion mapping merges), which both vLLM's and transformers' loaders map onto their fused
+expert tensors. vLLM holds one scheme per MoE layer (it reads expert 0's for the
 fused layer) and runs W4A16 (sym, or asym with zero points) and W8A16 sym, which is what the
 ``vllm`` target plans (:mod:`moeq.targets`); the export refuses anything else before it writes.
 """
@@ -42,8 +43,6 @@ __all__ = ["CompressedReport", "FAMILIES", "export_compressed"]
 # their experts per expert, as their published checkpoints do.
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 EXPERT_PROJECTIONS = "(w1|w2|w3|gate_proj|up_proj|down_proj)"  # both spellings: older vLLM looks up gate_proj for all
-COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                "tokenizer.model", "generation_config.json", "chat_template.jinja")
 
 
 @dataclass
@@ -90,10 +89,11 @@ def check_compressed_plan(plan: BitPlan, shapes: list[dict[str, tuple[int, int]]
     """Refuse, in one line, a plan vLLM cannot run: a MoE layer whose experts or projections differ
     in scheme, or a scheme its kernels do not take. ``shapes``: per MoE layer, projection -> (out, in);
     ``linear_shapes``: the planned linears' (out, in)."""
-    TARGETS["vllm"].check_plan(plan, shapes)
-    for entry in plan.experts:
-        out_features, in_features = shapes[entry.layer][entry.projection]
-        _check_linear(f"layer {entry.layer} expert {entry.expert} {entry.projection}", entry.spec, in_features, out_features)
+    TARGETS["vllm"].check_plan(plan, shapes)  # every expert's type, one scheme per layer
+    stacks = {(entry.layer, entry.projection): entry.spec for entry in plan.experts}
+    for (layer, projection), spec in stacks.items():  # zero points' packing rule, per expert tensor shape
+        out_features, in_features = shapes[layer][projection]
+        _check_linear(f"layer {layer} {projection}", spec, in_features, out_features)
     for name, spec in plan.linears.items():
         out_features, in_features = linear_shapes[name]
         _check_linear(name, spec, in_features, out_features)
@@ -135,7 +135,7 @@ def export_compressed(checkpoint: str | Path, out: str | Path, *, overwrite: boo
         from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
     except ImportError:
         raise ExportError("--format compressed-tensors needs the compressed-tensors library: pip install 'moeq[vllm]'") from None
-    from ..io.checkpoint import load, read_plan
+    from ..io.checkpoint import TOKENIZER_FILES, load, read_plan
     from ..io.source import meta_skeleton, read_config
     from ..models import moe_layers_or_error
     from ..modules.convert import plan_target
@@ -178,7 +178,6 @@ def export_compressed(checkpoint: str | Path, out: str | Path, *, overwrite: boo
     quantization = QuantizationConfig(config_groups=groups, format="pack-quantized", quantization_status="compressed", ignore=ignore)
     saved = {key: value for key, value in config.items() if key != "quantization_config"}
     saved["quantization_config"] = quantization.model_dump(mode="json")
-    saved["moeq_plan_method"] = plan.method.get("strategy")
     report.groups = labels
     report.transformers_note = _transformers_note(plan, layers)
 
@@ -187,7 +186,7 @@ def export_compressed(checkpoint: str | Path, out: str | Path, *, overwrite: boo
     with atomic_directory(out, overwrite, inputs=[checkpoint]) as work:
         save_file(tensors, str(work / "model.safetensors"), metadata={"format": "pt"})
         (work / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
-        for name in COPIED_FILES:
+        for name in (*TOKENIZER_FILES, "generation_config.json"):  # what a moeq checkpoint carries beside its weights
             if (checkpoint / name).is_file():
                 shutil.copy2(checkpoint / name, work / name)
     report.path = out
