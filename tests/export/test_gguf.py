@@ -323,16 +323,21 @@ def test_a_k_quant_block_with_a_broken_scale_is_refused(default_k: Path, tmp_pat
         moeq.load(folder)
 
 
-def _tiny_moe(family: str, folder: Path) -> Path:
-    """A tiny Qwen-MoE or OLMoE with peaked logits (weights at 10x the usual scale) and widths GGUF's
-    32-blocks divide, saved with a byte-level BPE tokenizer, experts as Q8_0."""
+def _tiny_moe(family: str, folder: Path, config_change=None, quant=None) -> Path:
+    """A tiny Qwen-MoE, OLMoE or DeepSeek-V3 with peaked logits (weights at 10x the usual scale) and
+    widths GGUF's 32-blocks divide, saved with a byte-level BPE tokenizer, experts as Q8_0."""
     from moeq.models import auto_model_class
     from moeq.models.tiny import tiny_config
     from tests.conftest import add_tokenizer
 
     config = tiny_config(family)
-    config.vocab_size, config.initializer_range, config.moe_intermediate_size = 320, 0.2, 64
-    if family == "qwen2_moe":
+    config.vocab_size, config.initializer_range = 320, 0.2
+    config.moe_intermediate_size = 32 if family == "deepseek_v3" else 64
+    if config_change:
+        config_change(config)
+    if family == "deepseek_v3":
+        pass  # 2 groups of 4 experts, 1 group chosen, a shared expert, a dense first layer, q/kv ranks 32
+    elif family == "qwen2_moe":
         config.shared_expert_intermediate_size = 64
     elif family == "qwen3_moe":
         config.norm_topk_prob = True  # what llama.cpp's qwen3moe graph does
@@ -340,10 +345,13 @@ def _tiny_moe(family: str, folder: Path) -> Path:
         config.intermediate_size, config.num_key_value_heads = 64, config.num_attention_heads
     torch.manual_seed(0)
     model = auto_model_class(config).from_config(config).eval()
+    if family == "deepseek_v3":  # a router bias that changes which experts are chosen
+        for layer in model.model.layers[config.first_k_dense_replace:]:
+            layer.mlp.gate.e_score_correction_bias.data = torch.randn(config.n_routed_experts) * 0.5
     source = folder / "source"
     model.save_pretrained(source)
     add_tokenizer(source, vocab_size=320)
-    moeq.save(moeq.quantize(model, moeq.QuantConfig(bits=8, scheme="sym", group_size=32)), folder / "q", source=source)
+    moeq.save(moeq.quantize(model, quant or moeq.QuantConfig(bits=8, scheme="sym", group_size=32)), folder / "q", source=source)
     return folder / "q"
 
 
@@ -382,6 +390,55 @@ def test_qwen_moe_and_olmoe_exports_run_in_llama_cpp_and_read_back_in_transforme
     ids = torch.tensor(prompts[:2])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-4, rtol=0)  # measured 3e-6
+
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+@pytest.mark.parametrize("rope", ["default", "yarn"])
+def test_deepseek_v3_export_runs_in_llama_cpp(rope: str, tmp_path: Path) -> None:
+    def with_rope(config):
+        if rope == "yarn":  # DeepSeek-V3's own scaling (its factor 40 over 4096 positions, here 4 over 16)
+            config.rope_parameters = dict(YARN)
+
+    checkpoint = _tiny_moe("deepseek_v3", tmp_path, with_rope)
+    path = export_gguf(checkpoint, tmp_path / "m.gguf", float_type="F32").path
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.architecture"].contents() == "deepseek2"
+    tensors = {t.name: t for t in reader.tensors}
+    assert {"blk.0.ffn_gate.weight", "blk.1.ffn_gate_exps.weight", "blk.1.ffn_up_shexp.weight", "blk.1.exp_probs_b.bias",
+            "blk.1.attn_q_a.weight", "blk.1.attn_kv_a_mqa.weight"} <= set(tensors)
+    # multi-head latent attention as llama.cpp absorbs it: kv_b_proj split into k_b (transposed per head) and v_b
+    reference = moeq.load(checkpoint)
+    kv_b = reference.model.layers[1].self_attn.kv_b_proj.weight.detach().float().reshape(4, 8 + 16, 32)
+    k_b = torch.from_numpy(np.array(tensors["blk.1.attn_k_b.weight"].data)).reshape(4, 32, 8)
+    v_b = torch.from_numpy(np.array(tensors["blk.1.attn_v_b.weight"].data)).reshape(4, 16, 32)
+    assert torch.equal(k_b, kv_b[:, :8].transpose(1, 2)) and torch.equal(v_b, kv_b[:, 8:])
+    assert "blk.1.attn_kv_b.weight" not in tensors
+
+    prompts = [torch.randint(1, 320, (12,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(8)]
+    ours = _moeq_logprobs(checkpoint, prompts)
+    theirs = _llama_cpp_logprobs(path, prompts)
+    compared = [(i, top) for i, top in enumerate(theirs) if top]
+    assert len(compared) >= 5
+    # Q8_0 experts, F32 elsewhere (measured worst 0.048 default, 0.038 YaRN; without the router's
+    # score-correction bias 4.8, without group-limited routing 2.0: both reach llama.cpp's graph)
+    assert max(abs(ours[i, t].item() - lp) for i, top in compared for t, lp in top.items()) <= 0.1
+    assert float(ours.std()) > 1.0
+
+
+def test_deepseek_v3_refusals_name_llama_cpps_rule(tmp_path: Path) -> None:
+    def without_q_lora(config):
+        config.q_lora_rank = None
+
+    checkpoint = _tiny_moe("deepseek_v3", tmp_path / "a", without_q_lora)
+    _refused([str(checkpoint), "--out", str(tmp_path / "m.gguf")], tmp_path,
+             "llama.cpp's deepseek2 reads q_a/q_b (q_lora_rank) at every layer count but 26 and 27, where it reads q_proj alone, "
+             "but this model's config has q_lora_rank = None")
+    checkpoint = _tiny_moe("deepseek_v3", tmp_path / "b", quant=moeq.QuantConfig(bits=8, scheme="sym", group_size=32, attn_bits=8))
+    _refused([str(checkpoint), "--out", str(tmp_path / "m.gguf")], tmp_path,
+             "model.layers.0.self_attn.kv_b_proj.weight is quantized, but llama.cpp's deepseek2 holds it split and transposed")
 
 
 def test_a_config_llama_cpp_computes_differently_is_refused(tmp_path: Path) -> None:

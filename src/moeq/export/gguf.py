@@ -179,6 +179,18 @@ def _tensor_sources(model, arch: GGUFArchitecture, config, layers, expert_types,
             continue
         if tied and name == "lm_head.weight":
             continue  # llama.cpp reuses the embedding when the file has no output tensor
+        split = arch.split(name)
+        if split is not None:
+            if isinstance(tensor, QuantizedLinear):
+                raise ExportError(
+                    f"{name} is quantized, but llama.cpp's {arch.arch} holds it split and transposed, so its codes cannot be "
+                    "copied; leave it in full precision (drop it from the plan's linears, or quantize without --attn-bits)"
+                )
+            bid = _block_index(name)
+            kind = GGML_TYPES[float_type]
+            for part, piece in split(tensor, config).items():
+                out.append(_Tensor(part.format(bid=bid), kind, lambda t=piece, k=float_type: float_rows(t, k)[1], tuple(piece.shape)))
+            continue
         target = arch.gguf_name(name)
         if target is None:
             raise ExportError(f"{name}: the {arch.arch} GGUF layout has no tensor for it; this family's export is incomplete")
@@ -237,7 +249,11 @@ def _write(path: Path, arch: GGUFArchitecture, config: dict, tokenizer: dict, te
     writer = gguf.GGUFWriter(path, arch.arch)
     writer.add_name(str(config.get("_name_or_path") or config.get("model_type")))
     for key, value in arch.hparams(config).items():
-        if isinstance(value, float):
+        if isinstance(value, bool):
+            writer.add_bool(f"{arch.arch}.{key}", value)
+        elif isinstance(value, str):
+            writer.add_string(f"{arch.arch}.{key}", value)
+        elif isinstance(value, float):
             writer.add_float32(f"{arch.arch}.{key}", value)
         else:
             writer.add_uint32(f"{arch.arch}.{key}", int(value))

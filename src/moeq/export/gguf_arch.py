@@ -37,6 +37,9 @@ class GGUFArchitecture:
     flatten: tuple[str, ...] = ()  # regexes of tensors llama.cpp holds 1-D (Hugging Face: [1, n])
     # config key -> (value, or a function of the config giving it; what llama.cpp does)
     requires: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    # regex of a Hugging Face weight -> function (weight [out, in], config) giving the
+    # GGUF tensors llama.cpp holds in its place, as {name ({bid} = block index): array}
+    splits: dict[str, Callable[[Any, dict[str, Any]], dict[str, Any]]] = field(default_factory=dict)
 
     def check_config(self, config: dict[str, Any]) -> None:
         """Refuse a model whose config asks for something llama.cpp's graph for this architecture
@@ -61,6 +64,13 @@ class GGUFArchitecture:
                 return target.format(bid=groups[0], kind=groups[1] if len(groups) > 1 else "weight") if groups else target
         return None
 
+    def split(self, hf_name: str) -> Callable[[Any, dict[str, Any]], dict[str, Any]] | None:
+        """The function splitting ``hf_name`` into several GGUF tensors, or ``None``."""
+        for pattern, function in self.splits.items():
+            if re.fullmatch(pattern, hf_name):
+                return function
+        return None
+
     def permutation(self, hf_name: str) -> str | None:
         """``"q"`` or ``"k"`` for a tensor whose rows llama.cpp reorders for its rotary layout."""
         for pattern, which in self.permute.items():
@@ -82,7 +92,7 @@ def _decoder_hparams(config: dict[str, Any]) -> dict[str, Any]:
         "attention.head_count_kv": config.get("num_key_value_heads", heads),
         "attention.layer_norm_rms_epsilon": float(config["rms_norm_eps"]),
         "rope.freq_base": float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
-        "expert_count": config.get("num_local_experts") or config["num_experts"],
+        "expert_count": config.get("num_local_experts") or config.get("num_experts") or config["n_routed_experts"],
         "expert_used_count": config["num_experts_per_tok"],
         "vocab_size": config["vocab_size"],
     }
@@ -176,7 +186,93 @@ OLMOE = GGUFArchitecture(
     },
 )
 
-ARCHITECTURES: dict[str, GGUFArchitecture] = {"mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE, "qwen3_moe": QWEN3_MOE, "olmoe": OLMOE}
+
+def _deepseek_hparams(config: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's deepseek2 reads multi-head latent attention as one key/value head of width
+    kv_lora_rank + rope dims, decompressed per head by k_b/v_b (as its converter writes it)."""
+    kv_rank, rope_dims = config["kv_lora_rank"], config["qk_rope_head_dim"]
+    out = {
+        **_decoder_hparams(config),
+        "attention.head_count_kv": 1,
+        "leading_dense_block_count": config.get("first_k_dense_replace") or 0,
+        "attention.kv_lora_rank": kv_rank,
+        "attention.key_length": kv_rank + rope_dims,
+        "attention.value_length": kv_rank,
+        "attention.key_length_mla": config["qk_nope_head_dim"] + rope_dims,
+        "attention.value_length_mla": config["v_head_dim"],
+        "expert_feed_forward_length": config["moe_intermediate_size"],
+        "expert_shared_count": config.get("n_shared_experts") or 0,
+        "expert_weights_scale": float(config.get("routed_scaling_factor") or 1.0),
+        "expert_weights_norm": bool(config.get("norm_topk_prob")),
+        "expert_gating_func": 2,  # sigmoid: transformers' DeepSeek-V3 router scores experts so
+        "expert_group_count": config.get("n_group") or 1,
+        "expert_group_used_count": config.get("topk_group") or 1,
+        "rope.dimension_count": rope_dims,
+    }
+    if config.get("q_lora_rank"):
+        out["attention.q_lora_rank"] = config["q_lora_rank"]
+    rope = config.get("rope_parameters") or {}
+    if rope.get("rope_type") == "yarn":
+        out.update({
+            "rope.scaling.type": "yarn",
+            "rope.scaling.factor": float(rope["factor"]),
+            "rope.scaling.original_context_length": rope["original_max_position_embeddings"],
+            # llama.cpp's deepseek2 reads mscale_all_dim as this multiplier (its converter's rule)
+            "rope.scaling.yarn_log_multiplier": 0.1 * float(rope.get("mscale_all_dim") or 0.0),
+        })
+        for key, gguf_key in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
+            if rope.get(key) is not None:
+                out[f"rope.scaling.{gguf_key}"] = float(rope[key])
+    return out
+
+
+def _split_kv_b(weight, config: dict[str, Any]) -> dict[str, Any]:
+    """kv_b_proj [heads * (nope + v), kv_rank] as llama.cpp's absorbed MLA holds it: k_b per head
+    transposed [heads, kv_rank, nope] and v_b [heads, v, kv_rank]."""
+    heads, nope, v = config["num_attention_heads"], config["qk_nope_head_dim"], config["v_head_dim"]
+    per_head = weight.reshape(heads, nope + v, weight.shape[-1])
+    return {"blk.{bid}.attn_k_b.weight": per_head[:, :nope].transpose(1, 2).contiguous(),
+            "blk.{bid}.attn_v_b.weight": per_head[:, nope:].contiguous()}
+
+
+_ATTENTION = _LAYER + r"self_attn\."
+DEEPSEEK_V3 = GGUFArchitecture(
+    arch="deepseek2",
+    hparams=_deepseek_hparams,
+    tensors={
+        r"model\.embed_tokens\.weight": "token_embd.weight",
+        r"model\.norm\.weight": "output_norm.weight",
+        r"lm_head\.weight": "output.weight",
+        _LAYER + r"input_layernorm\.weight": "blk.{bid}.attn_norm.weight",
+        _LAYER + r"post_attention_layernorm\.weight": "blk.{bid}.ffn_norm.weight",
+        _ATTENTION + r"q_proj\.weight": "blk.{bid}.attn_q.weight",
+        _ATTENTION + r"q_a_proj\.weight": "blk.{bid}.attn_q_a.weight",
+        _ATTENTION + r"q_a_layernorm\.weight": "blk.{bid}.attn_q_a_norm.weight",
+        _ATTENTION + r"q_b_proj\.weight": "blk.{bid}.attn_q_b.weight",
+        _ATTENTION + r"kv_a_proj_with_mqa\.weight": "blk.{bid}.attn_kv_a_mqa.weight",
+        _ATTENTION + r"kv_a_layernorm\.weight": "blk.{bid}.attn_kv_a_norm.weight",
+        _ATTENTION + r"o_proj\.weight": "blk.{bid}.attn_output.weight",
+        _LAYER + r"mlp\.gate\.weight": "blk.{bid}.ffn_gate_inp.weight",
+        _LAYER + r"mlp\.gate\.e_score_correction_bias": "blk.{bid}.exp_probs_b.bias",
+        **{_LAYER + rf"mlp\.{p}_proj\.weight": f"blk.{{bid}}.ffn_{p}.weight" for p in ("gate", "up", "down")},
+        **{_LAYER + rf"mlp\.shared_experts\.{p}_proj\.weight": f"blk.{{bid}}.ffn_{p}_shexp.weight" for p in ("gate", "up", "down")},
+    },
+    splits={_ATTENTION + r"kv_b_proj\.weight": _split_kv_b},
+    requires={
+        "rope_interleave": (True, "rotates q/k pairs as interleaved (rope_interleave = True)"),
+        "attention_bias": (False, "has no attention biases"),
+        # llama.cpp takes a deepseek2 of 26 or 27 layers for DeepSeek-V2-Lite (q_proj, no q_lora_rank), every other one for q_a/q_b
+        "q_lora_rank": (lambda c: c.get("q_lora_rank") if bool(c.get("q_lora_rank")) != (c["num_hidden_layers"] in (26, 27))
+                        else "a rank" if c.get("q_lora_rank") is None else None,
+                        "reads q_a/q_b (q_lora_rank) at every layer count but 26 and 27, where it reads q_proj alone"),
+        "rope_parameters": (lambda c: c["rope_parameters"] if (c.get("rope_parameters") or {}).get("rope_type") in (None, "default", "yarn")
+                            else {"rope_type": "default or yarn"}, "implements default and YaRN rotary scaling only"),
+    },
+)
+
+ARCHITECTURES: dict[str, GGUFArchitecture] = {
+    "mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE, "qwen3_moe": QWEN3_MOE, "olmoe": OLMOE, "deepseek_v3": DEEPSEEK_V3,
+}
 
 
 def architecture_for(model_type: str) -> GGUFArchitecture:
