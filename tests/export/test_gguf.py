@@ -180,6 +180,9 @@ def k_plan(source, scheme: str = "q3_k"):
         ("q4_0", "F16", 0.25),
         # Q3_K gate/up and Q4_0 down (measured worst 0.039 over 8 prompts).
         ("q3_k", "F16", 0.25),
+        # Every expert Q1_0 (moeq's sign codes, groups of 128), F32 elsewhere: measured worst 0.056
+        # (with the bits of each byte read in the other order: 9.0).
+        ("q1_0", "F32", 0.25),
     ],
 )
 def test_llama_cpp_runs_the_export_like_moeq(tmp_path: Path, plan: str, float_type: str, tolerance: float) -> None:
@@ -187,6 +190,8 @@ def test_llama_cpp_runs_the_export_like_moeq(tmp_path: Path, plan: str, float_ty
     checkpoint = tmp_path / "q"
     if plan == "q3_k":
         config = k_plan(source)
+    elif plan == "q1_0":
+        config = moeq.QuantConfig(bits=1, scheme="sign", group_size=128)
     elif plan == "q4_0":
         config = moeq.QuantConfig(bits=4, scheme="sym", group_size=32, attn_bits=8)
     else:

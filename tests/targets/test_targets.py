@@ -33,6 +33,9 @@ def test_every_gguf_type_has_llama_cpps_size(kind) -> None:
 def test_rows_no_k_quant_divides_fall_back_as_llama_cpp_does() -> None:
     assert [GGUF.type_at(b, 256).name for b in (2, 3, 4, 5, 6, 8)] == ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
     assert [GGUF.type_at(b, 384).name for b in (2, 3, 4, 5, 6, 8)] == ["Q4_0", "Q4_0", "Q4_0", "Q5_0", "Q8_0", "Q8_0"]
+    assert GGUF.type_at(1, 384).name == "Q1_0" and GGUF.type_at(1, 384).bits_per_weight((2, 384)) == 1.125
+    with pytest.raises(PlanError, match=r"target gguf has no 1-bit type for rows of 320 \(tried Q1_0\)"):
+        GGUF.type_at(1, 320)  # Q1_0's blocks are 128 long, and llama.cpp has no other 1-bit type to fall back to
     with pytest.raises(PlanError, match="no 7-bit level"):
         GGUF.type_at(7, 256)
     with pytest.raises(PlanError, match="unknown target 'onnx'; choose one of: moeq, gguf"):
@@ -63,6 +66,13 @@ def test_every_strategy_plans_within_the_target_and_its_budget_is_the_files(stra
         assert plan.budget["expert_bits_per_weight"] <= avg
         assert plan.method["target"]["name"] == "gguf"
         assert ("levels" if strategy == "error-ilp" else "widening") in plan.method["target"]
+
+
+def test_a_one_bit_level_plans_q1_0_stacks(tmp_path: Path) -> None:
+    plan = moeq.allocate(DEFAULT_MODEL, "router-maxvar", avg_bits=2.5, target="gguf", levels=(3, 2, 1))
+    moeq.save(moeq.quantize(load_source(DEFAULT_MODEL), plan), tmp_path / "q", source=DEFAULT_MODEL)
+    report = export_gguf(tmp_path / "q", tmp_path / "m.gguf")
+    assert report.type_counts()["Q1_0"] >= 1 and report.expert_bits_per_weight == plan.budget["expert_bits_per_weight"] <= 2.5
 
 
 def test_auto_chooses_per_layer_and_projection_and_beats_every_uniform_plan_it_could_have_made() -> None:

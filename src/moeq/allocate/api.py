@@ -54,7 +54,7 @@ STRATEGIES = (*ORDER_STRATEGIES, "uniform", "pmq", "error-ilp", "auto")
 CALIBRATED_STRATEGIES = ("frequency", "routing-weight", "pmq", "auto")
 DEFAULT_LEVELS = (3, 2, 1)
 AUTO_LEVELS = (4, 3, 2, 1)
-TARGET_LEVELS = (4, 3, 2)  # the count rules' default for a target with fixed types (no 1-bit type)
+TARGET_LEVELS = (4, 3, 2)  # the count rules' default for a target with fixed types (its 1-bit type only when asked)
 TARGET_AUTO_LEVELS = (6, 5, 4, 3, 2)
 
 

@@ -12,9 +12,11 @@ Q4_0     ``sym``, 4 bits, group 32        ``d``, then 16 bytes: byte j = code j 
 Q5_0     ``sym``, 5 bits, group 32        ``d``, 4 bytes whose bit j is bit 4 of code j (little
                                           endian), then the low 4 bits of the codes as in Q4_0
 Q8_0     ``sym``, 8 bits, group 32        ``d``, then 32 signed bytes, code - 128
+Q1_0     ``sign``, 1 bit, group 128       ``d``, then 16 bytes: bit j of byte i = code 8i + j
 =======  ==============================  ===========================================================
 
-Each decodes ``(code - 2^(b-1)) * d``, which is moeq's ``sym`` decode, in the same float32 product.
+Each decodes ``(code - 2^(b-1)) * d``, which is moeq's ``sym`` decode, in the same float32 product;
+Q1_0 decodes ``d`` or ``-d``, which is ``sign``'s ``(2c - 1) d`` (its ``d`` is the group's mean |w|).
 moeq's K-quant schemes (``q2_k`` ... ``q6_k``, :mod:`moeq.quant.kquants`) are stored as the GGML
 blocks themselves: their bytes are copied as they are.
 """
@@ -58,6 +60,7 @@ GGML_TYPES: dict[str, GGMLType] = {
     for t in (
         GGMLType("F32", 0, 1, 4),
         GGMLType("F16", 1, 1, 2),
+        GGMLType("Q1_0", 41, 128, 18),
         GGMLType("Q4_0", 2, 32, 18),
         GGMLType("Q5_0", 6, 32, 22),
         GGMLType("Q8_0", 8, 32, 34),
@@ -78,6 +81,7 @@ EXACT_TYPES: dict[tuple[Scheme, int, int], str] = {
     (Scheme.SYMX, 4, 32): "Q4_0",
     (Scheme.SYMX, 5, 32): "Q5_0",
     (Scheme.SYMX, 8, 32): "Q8_0",
+    (Scheme.SIGN, 1, 128): "Q1_0",
 }
 
 
@@ -101,9 +105,11 @@ def ggml_blocks(tensor: QuantizedTensor) -> tuple[GGMLType, np.ndarray]:
     rows, cols = tensor.shape
     if tensor.scheme.is_kquant:
         return kind, np.ascontiguousarray(tensor.codes.view(rows, -1).numpy())
-    codes = tensor.unpacked_codes().numpy().reshape(rows * cols // 32, 32)
+    codes = tensor.unpacked_codes().numpy().reshape(rows * cols // kind.block_size, kind.block_size)
     scales = tensor.scales.to(torch.float16).numpy().reshape(-1, 1).view(np.uint8)
-    if kind.name == "Q8_0":
+    if kind.name == "Q1_0":
+        payload = np.packbits(codes.astype(np.uint8), axis=-1, bitorder="little")
+    elif kind.name == "Q8_0":
         payload = (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
     else:
         low = codes & 0x0F

@@ -162,6 +162,7 @@ def _gguf() -> Target:
         granularity="tensor",
         runtime="llama.cpp (GGUF)",
         levels={
+            1: (t("Q1_0", 1, "sign", 128, 128),),  # no fallback: a row 128 does not divide has no 1-bit type
             2: (t("Q2_K", 2, "q2_k", None, 256), q4_0),
             3: (t("Q3_K", 3, "q3_k", None, 256), q4_0),
             4: (t("Q4_K", 4, "q4_k", None, 256), q4_0),
