@@ -127,12 +127,14 @@ def test_metadata_is_what_llama_cpp_reads(default_q4: Path, tmp_path: Path) -> N
     assert len(value("tokenizer.ggml.merges")) > 0
 
 
-def _llama_cpp_logprobs(path: Path, prompts: list[list[int]]) -> list[dict[int, float]]:
-    """Top-10 next-token log-probabilities per prompt from llama.cpp (empty where it withholds the token)."""
+def llama_cpp_next_tokens(path: Path, prompts: list) -> list[tuple[int, dict[int, float]]]:
+    """Per prompt (token ids, or text llama.cpp tokenizes itself): the number of prompt tokens
+    llama.cpp evaluated and its top-10 next-token log-probabilities (empty where it withholds the
+    token, e.g. half a UTF-8 character)."""
     xllamacpp = pytest.importorskip("xllamacpp")
     params = xllamacpp.CommonParams()
     params.model.path = str(path)
-    params.n_ctx = 128
+    params.n_ctx = 256
     params.n_parallel = 1
     params.cpuparams.n_threads = 1
     server = xllamacpp.Server(params)
@@ -143,9 +145,14 @@ def _llama_cpp_logprobs(path: Path, prompts: list[list[int]]) -> list[dict[int, 
         )
         logprobs = result["choices"][0]["logprobs"]
         top = logprobs["content"][0]["top_logprobs"] if logprobs else []
-        out.append({t["id"]: t["logprob"] for t in top})
+        out.append((result["usage"]["prompt_tokens"], {t["id"]: t["logprob"] for t in top}))
     del server
     return out
+
+
+def _llama_cpp_logprobs(path: Path, prompts: list[list[int]]) -> list[dict[int, float]]:
+    """Top-10 next-token log-probabilities per prompt of token ids from llama.cpp."""
+    return [top for _, top in llama_cpp_next_tokens(path, prompts)]
 
 
 def _moeq_logprobs(checkpoint: Path, prompts: list[list[int]]) -> torch.Tensor:

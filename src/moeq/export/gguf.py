@@ -24,6 +24,7 @@ from ..targets import TARGETS
 from ..quant.ggml import EXACT_TYPES, GGML_TYPES, GGMLType, exact_type, float_rows, ggml_blocks
 from ..quant.rtn import resolve_group_size
 from .gguf_arch import GGUFArchitecture, architecture_for, rope_permute_rows
+from .gguf_vocab import GGUFVocab, read_vocab
 from .weights import ExportError, dense_expert, named_weights
 
 __all__ = ["ExportError", "GGUFReport", "export_gguf", "check_gguf_plan"]
@@ -72,37 +73,6 @@ def check_gguf_plan(plan: BitPlan, shapes: list[dict[str, tuple[int, int]]]) -> 
             for entry in plan.experts}
 
 
-def _tokenizer_metadata(folder: Path, vocab_size: int) -> dict:
-    """Tokens, types, merges and special ids of a GPT-2-style byte-level BPE tokenizer."""
-    import gguf
-
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        raise ExportError(f"{folder} has no tokenizer.json; GGUF files carry their tokenizer: copy it into the checkpoint")
-    data = json.loads(path.read_text())
-    pre, decoder = data.get("pre_tokenizer") or {}, data.get("decoder") or {}
-    if ((data.get("model") or {}).get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True)
-            or decoder.get("type") != "ByteLevel"):
-        raise ExportError(
-            f"{path}: GGUF export supports GPT-2-style byte-level BPE tokenizers so far (tokenizer.ggml.model gpt2, "
-            f"pre gpt-2); this one is a {(data.get('model') or {}).get('type')} model with a {pre.get('type')} "
-            f"pre-tokenizer and a {decoder.get('type')} decoder"
-        )
-    vocab = gguf.vocab.BpeVocab(folder)
-    tokens, types = [], []
-    special = {t["id"] for t in data.get("added_tokens", []) if t.get("special")}
-    for index, (text, _, _) in enumerate(vocab.all_tokens()):
-        tokens.append(text)
-        types.append(gguf.TokenType.CONTROL if index in special else gguf.TokenType.NORMAL)
-    if len(tokens) > vocab_size:
-        raise ExportError(f"{path} has {len(tokens)} tokens, more than the model's vocab_size {vocab_size}")
-    while len(tokens) < vocab_size:  # rows of the embedding no token names (padding), as llama.cpp's converter does
-        tokens.append(f"[PAD{len(tokens)}]")
-        types.append(gguf.TokenType.UNUSED)
-    special_vocab = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
-    return {"tokens": tokens, "types": types, "special": special_vocab}
-
-
 def _permuted(array: np.ndarray, heads: int) -> np.ndarray:
     return array[rope_permute_rows(array.shape[0], heads)]
 
@@ -136,7 +106,7 @@ def export_gguf(
     skeleton = meta_skeleton(checkpoint)
     plan.check_fits(plan_target(skeleton))
     expert_types = check_gguf_plan(plan, [layer.shapes for layer in moe_layers_or_error(skeleton)[1]])
-    tokenizer = _tokenizer_metadata(checkpoint, int(config["vocab_size"]))
+    vocab = read_vocab(checkpoint, int(config["vocab_size"]))
     model = model if model is not None else load(checkpoint)
     layers = moe_layers_or_error(model)[1]
 
@@ -144,7 +114,7 @@ def export_gguf(
     with OutputLock(out):
         partial = out.with_name(f".{out.name}.partial")
         try:
-            report = _write(partial, arch, config, tokenizer, tensors, plan)
+            report = _write(partial, arch, config, vocab, tensors, plan)
             os.replace(partial, out)
         except OSError as err:
             partial.unlink(missing_ok=True)
@@ -243,7 +213,7 @@ def _gguf_order(tensor: _Tensor) -> tuple:
     return (0 if parts[0] == "token_embd" else 2, 0, tensor.name)
 
 
-def _write(path: Path, arch: GGUFArchitecture, config: dict, tokenizer: dict, tensors: list[_Tensor], plan: BitPlan) -> GGUFReport:
+def _write(path: Path, arch: GGUFArchitecture, config: dict, vocab: GGUFVocab, tensors: list[_Tensor], plan: BitPlan) -> GGUFReport:
     import gguf
 
     writer = gguf.GGUFWriter(path, arch.arch)
@@ -259,11 +229,7 @@ def _write(path: Path, arch: GGUFArchitecture, config: dict, tokenizer: dict, te
             writer.add_uint32(f"{arch.arch}.{key}", int(value))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_file_type(_file_type(tensors))
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
-    writer.add_token_list(tokenizer["tokens"])
-    writer.add_token_types(tokenizer["types"])
-    tokenizer["special"].add_to_gguf(writer, quiet=True)
+    vocab.add_to(writer)
     writer.add_string("moeq.plan.method", json.dumps(plan.method, sort_keys=True, default=str)[:65000])
 
     types = gguf.GGMLQuantizationType
