@@ -107,3 +107,15 @@ def test_int4_copy_is_counted_at_four_bits_per_weight_plus_scales() -> None:
             out, inp = linear.out_features, linear.in_features
             expected += out * inp // 2 + (inp // 32) * out * 2 * 4  # codes at 4 bits; float32 scale and zero per group
     assert experts.kernel_copy_nbytes() == expected
+
+
+@pytest.mark.parametrize("bits", [4, 5])
+def test_affine_experts_run_on_the_cpu_paths_and_triton_refuses_them(bits: int) -> None:
+    experts = quantized_experts("mixtral", TensorSpec(bits, "affine", 32), seed=6)  # llama.cpp's Q4_1/Q5_1
+    x, index, weights = routing(16, 64, experts.num_experts, 2)
+    expected = moe_experts_forward(x, index, weights, experts, backend="reference")
+    for backend in ("cpu", "cpu-int4"):  # int4 leaves float minima to the just-in-time path
+        torch.testing.assert_close(moe_experts_forward(x, index, weights, experts, backend), expected, atol=ATOL, rtol=0)
+    assert not getattr(experts, "_int4_weights", {})
+    with pytest.raises(ValueError, match="not K-quant blocks .* or affine minima: run this model with backend='cpu'"):
+        moe_experts_forward(x, index, weights, experts, "triton")

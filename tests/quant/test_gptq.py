@@ -23,10 +23,12 @@ def _output_error(inputs, weight, quantized) -> float:
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group_size", [None, 32])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_beats_rounding_on_the_output(bits: int, group_size, act_order: bool) -> None:
+@pytest.mark.parametrize("scheme", ["asym", "affine"])  # affine: llama.cpp's Q4_1/Q5_1 float minima
+def test_gptq_beats_rounding_on_the_output(bits: int, group_size, act_order: bool, scheme: str) -> None:
     weight, inputs, hessian = _layer()
-    gptq = gptq_quantize(weight, hessian, bits, "asym", group_size, act_order=act_order)
-    rtn = quantize_rtn(weight, bits, "asym", group_size)
+    gptq = gptq_quantize(weight, hessian, bits, scheme, group_size, act_order=act_order)
+    rtn = quantize_rtn(weight, bits, scheme, group_size)
+    assert (gptq.zeros is None) == (rtn.zeros is None) and (gptq.zeros is None or gptq.zeros.dtype == rtn.zeros.dtype)
     assert _output_error(inputs, weight, gptq) < 0.9 * _output_error(inputs, weight, rtn)
 
 

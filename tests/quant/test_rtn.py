@@ -11,7 +11,7 @@ from moeq.quant import Scheme, quantize_rtn
 from moeq.quant.rtn import CLIP_RATIOS
 
 SCHEME_BITS = [("sym", b) for b in range(2, 9)] + [("asym", b) for b in range(1, 9)]
-SCHEME_BITS += [("log", b) for b in range(2, 9)] + [("sign", 1)]
+SCHEME_BITS += [("log", b) for b in range(2, 9)] + [("sign", 1)] + [("affine", b) for b in range(2, 9)]
 
 
 def _weight(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -32,8 +32,9 @@ def test_container_shapes_and_true_bytes(pair, rows: int, groups: int, group: in
     q = quantize_rtn(_weight(rows, cols, seed), bits, scheme, group_size=group)
     assert q.codes.numel() == math.ceil(rows * cols * bits / 8)
     assert q.scales.shape == (rows, groups) and q.scales.dtype == torch.float16
-    assert (q.zeros is not None) == (scheme == "asym")
-    expected = q.codes.numel() + 2 * rows * groups + (rows * groups if scheme == "asym" else 0)
+    assert (q.zeros is not None) == (scheme in ("asym", "affine"))
+    zero_bytes = {"asym": 1, "affine": 2}.get(scheme, 0)  # uint8 zero points, float16 minima
+    expected = q.codes.numel() + 2 * rows * groups + zero_bytes * rows * groups
     assert q.nbytes == expected
     assert q.dequantize().shape == (rows, cols)
 
@@ -51,7 +52,7 @@ def test_linear_schemes_err_by_at_most_half_a_step(bits: int, seed: int, scheme:
 
 def test_error_shrinks_with_bits() -> None:
     w = _weight(64, 128, 0)
-    for scheme, widths in [("sym", range(2, 9)), ("asym", range(1, 9)), ("log", range(2, 6))]:
+    for scheme, widths in [("sym", range(2, 9)), ("asym", range(1, 9)), ("log", range(2, 6)), ("affine", range(2, 9))]:
         errors = [(quantize_rtn(w, b, scheme).dequantize() - w).pow(2).sum().item() for b in widths]
         assert all(a >= b for a, b in zip(errors, errors[1:])), (scheme, errors)
 
@@ -62,6 +63,9 @@ def test_representable_weights_are_exact() -> None:
         w = torch.tensor([steps]) * 0.125
         q = quantize_rtn(w, 3, scheme, scale_dtype=torch.float32)
         assert torch.equal(q.dequantize(), w), scheme
+    # affine, 3 bits: min -0.5 and max 1.25 give step 0.25 from -0.5 (zero need not be in the range)
+    w = torch.tensor([[-0.5, -0.25, 0.25, 1.25]])
+    assert torch.equal(quantize_rtn(w, 3, "affine", scale_dtype=torch.float32).dequantize(), w)
     powers = torch.tensor([[1.0, -0.5, 0.25, -0.125, 0.0]])
     assert torch.equal(quantize_rtn(powers, 4, "log").dequantize(), powers)
 
@@ -83,7 +87,7 @@ def test_sign_uses_mean_absolute_value_per_group() -> None:
 def test_all_zero_and_constant_groups_are_exact() -> None:
     w = torch.zeros(3, 8)
     w[1] = 0.7
-    for scheme, bits in [("sym", 4), ("asym", 2), ("log", 3), ("asym", 1)]:
+    for scheme, bits in [("sym", 4), ("asym", 2), ("log", 3), ("asym", 1), ("affine", 4)]:
         assert torch.allclose(quantize_rtn(w, bits, scheme).dequantize(), w, atol=1e-3), scheme
 
 
@@ -91,7 +95,7 @@ def test_clip_search_never_increases_the_searched_error() -> None:
     w = _weight(32, 128, 3)
     w[0, 0] = 1.0  # an outlier the search should learn to clip
     assert len(CLIP_RATIOS) == 101
-    for scheme, bits in [("asym", 2), ("asym", 3), ("sym", 3), ("log", 3)]:
+    for scheme, bits in [("asym", 2), ("asym", 3), ("sym", 3), ("log", 3), ("affine", 3)]:
         plain = quantize_rtn(w, bits, scheme, group_size=32)
         searched = quantize_rtn(w, bits, scheme, group_size=32, clip_search=True)
         e_plain = (plain.dequantize() - w).abs().pow(2.4).sum()

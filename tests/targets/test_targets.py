@@ -23,7 +23,8 @@ runner = CliRunner()
 GGUF = TARGETS["gguf"]
 
 
-@pytest.mark.parametrize("kind", sorted({k for kinds in GGUF.levels.values() for k in kinds}, key=lambda k: k.name), ids=lambda k: k.name)
+@pytest.mark.parametrize("kind", sorted({k for kinds in (*GGUF.levels.values(), GGUF.held) for k in kinds}, key=lambda k: k.name),
+                         ids=lambda k: k.name)
 def test_every_gguf_type_has_llama_cpps_size(kind) -> None:
     block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind.name]]
     shape = (3, 768)

@@ -97,7 +97,10 @@ def _check_values(packed: dict[str, nn.Module], stored: dict[str, tuple[Path, Te
                 if key.endswith(".scales") and not (torch.isfinite(values).all() and ((values != 0) if signed else (values > 0)).all()):
                     raise CheckpointError(f"{file.name}: tensor {key} holds non-finite or non-positive scales; the checkpoint is corrupt: re-export it")
                 bits = packed[key].spec.bits
-                if key.endswith(".zeros") and values.numel() and int(values.max()) >= 2**bits:
+                if key.endswith(".zeros") and values.is_floating_point():  # affine's float16 minima
+                    if not torch.isfinite(values).all():
+                        raise CheckpointError(f"{file.name}: tensor {key} holds non-finite minima; the checkpoint is corrupt: re-export it")
+                elif key.endswith(".zeros") and values.numel() and int(values.max()) >= 2**bits:
                     raise CheckpointError(f"{file.name}: tensor {key} holds zero points of {int(values.max())}, beyond {bits} bits; the checkpoint is corrupt: re-export it")
 
 

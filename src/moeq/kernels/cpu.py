@@ -47,8 +47,8 @@ def _dequantize_into(linear, out: torch.Tensor) -> torch.Tensor:
         out.copy_(linear.weight_for(out.dtype))
         return out
     codes = unpack_codes(linear.codes, linear.spec.bits, rows * cols).view(rows, -1, linear.group_size)
-    if scheme is Scheme.LOG:
-        out.copy_(decode(codes, linear.scales, None, scheme, linear.spec.bits).view(rows, cols))
+    if scheme in (Scheme.LOG, Scheme.AFFINE):
+        out.copy_(decode(codes, linear.scales, linear.zeros, scheme, linear.spec.bits).view(rows, cols))
         return out
     scales, zeros = (t.to(out.dtype).unsqueeze(-1) for t in scales_and_zeros(linear))
     view = out.view(codes.shape)
@@ -73,7 +73,8 @@ class _JustInTime:
 
 def int4_group(linear) -> int | None:
     """The CPU int4 kernel's group size for ``linear``, or None when the layout cannot hold it."""
-    if linear.spec.bits > 4 or linear.spec.scheme is Scheme.LOG or linear.spec.scheme.is_kquant or linear.out_features % 16:
+    scheme = linear.spec.scheme
+    if linear.spec.bits > 4 or scheme in (Scheme.LOG, Scheme.AFFINE) or scheme.is_kquant or linear.out_features % 16:
         return None
     return next((g for g in INT4_GROUPS if linear.group_size % g == 0 and linear.in_features % g == 0), None)
 

@@ -13,6 +13,7 @@ import importlib.util
 
 import torch
 
+from ..quant.schemes import Scheme
 from .cpu import experts_forward_cpu
 from .layout import KernelLayout, build_layout
 from .reference import experts_forward_reference
@@ -32,15 +33,17 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def has_kquants(experts) -> bool:
-    """Whether any projection of the layer is stored as llama.cpp K-quant blocks."""
-    return any(experts.expert(e)[p].spec.scheme.is_kquant for e in range(experts.num_experts) for p in experts.projections)
+def has_cpu_only_codes(experts) -> bool:
+    """Whether any projection of the layer is stored as llama.cpp K-quant blocks or with ``affine``'s
+    float minima, which the Triton kernels (integer zero points) do not decode."""
+    return any(experts.expert(e)[p].spec.scheme.is_kquant or experts.expert(e)[p].spec.scheme is Scheme.AFFINE
+               for e in range(experts.num_experts) for p in experts.projections)
 
 
 def triton_supports(experts) -> bool:
     """Whether the Triton kernels can run this layer (they fuse SiLU and ReLU only, and decode
-    moeq's own packing, not K-quant blocks: those run on the CPU path)."""
-    if not triton_available() or has_kquants(experts):
+    moeq's own packing, not K-quant blocks or affine minima: those run on the CPU path)."""
+    if not triton_available() or has_cpu_only_codes(experts):
         return False
     from .triton_moe import activation_code
 
@@ -88,8 +91,8 @@ def moe_experts_forward(
         if backend == "cpu-int4" and hidden_states.device.type != "cpu":
             raise ValueError("the cpu-int4 backend runs CPU tensors only; use backend='triton' or 'auto' on a GPU")
         return experts_forward_cpu(hidden_states, top_k_index, top_k_weights, experts, int4=backend == "cpu-int4")
-    if has_kquants(experts):
-        raise ValueError("the triton kernels decode moeq's own packing, not K-quant blocks (q2_k ... q6_k): run this model "
+    if has_cpu_only_codes(experts):
+        raise ValueError("the triton kernels decode moeq's own packing, not K-quant blocks (q2_k ... q6_k) or affine minima: run this model "
                          "with backend='cpu', or in llama.cpp after `moeq export --format gguf`")
     if not triton_supports(experts):
         raise ValueError(

@@ -99,6 +99,8 @@ def scales_and_zeros(linear) -> tuple[torch.Tensor, torch.Tensor]:
     sym folds into ``zero = 2^(b-1)``; sign, ``(2c - 1) s``, into ``zero = 1/2`` with scale ``2s``.
     """
     scheme, bits = linear.spec.scheme, linear.spec.bits
+    if scheme is Scheme.AFFINE:  # c s + m: folding m into a float16 zero point would round it
+        raise ValueError("affine codes carry float minima, not zero points; decode them with moeq.quant.schemes.decode")
     scales = linear.scales.float()
     if scheme is Scheme.ASYM:
         return scales, linear.zeros.float()

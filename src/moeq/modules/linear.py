@@ -47,8 +47,8 @@ class QuantizedLinear(nn.Module):
             self.scales = None
         else:
             self.register_buffer("scales", torch.empty(out_features, groups, dtype=scale_dtype))
-        if spec.scheme is Scheme.ASYM:
-            self.register_buffer("zeros", torch.empty(out_features, groups, dtype=torch.uint8))
+        if spec.scheme.zero_dtype is not None:
+            self.register_buffer("zeros", torch.empty(out_features, groups, dtype=spec.scheme.zero_dtype))
         else:
             self.zeros = None
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None

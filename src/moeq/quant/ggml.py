@@ -13,10 +13,13 @@ Q5_0     ``sym``, 5 bits, group 32        ``d``, 4 bytes whose bit j is bit 4 of
                                           endian), then the low 4 bits of the codes as in Q4_0
 Q8_0     ``sym``, 8 bits, group 32        ``d``, then 32 signed bytes, code - 128
 Q1_0     ``sign``, 1 bit, group 128       ``d``, then 16 bytes: bit j of byte i = code 8i + j
+Q4_1     ``affine``, 4 bits, group 32     ``d``, ``m`` (the group's float16 minimum), then as Q4_0
+Q5_1     ``affine``, 5 bits, group 32     ``d``, ``m``, then as Q5_0
 =======  ==============================  ===========================================================
 
 Each decodes ``(code - 2^(b-1)) * d``, which is moeq's ``sym`` decode, in the same float32 product;
-Q1_0 decodes ``d`` or ``-d``, which is ``sign``'s ``(2c - 1) d`` (its ``d`` is the group's mean |w|).
+Q1_0 decodes ``d`` or ``-d``, which is ``sign``'s ``(2c - 1) d`` (its ``d`` is the group's mean |w|);
+Q4_1 and Q5_1 decode ``code * d + m``, which is ``affine``'s.
 moeq's K-quant schemes (``q2_k`` ... ``q6_k``, :mod:`moeq.quant.kquants`) are stored as the GGML
 blocks themselves: their bytes are copied as they are.
 """
@@ -62,6 +65,8 @@ GGML_TYPES: dict[str, GGMLType] = {
         GGMLType("F16", 1, 1, 2),
         GGMLType("Q1_0", 41, 128, 18),
         GGMLType("Q4_0", 2, 32, 18),
+        GGMLType("Q4_1", 3, 32, 20),
+        GGMLType("Q5_1", 7, 32, 24),
         GGMLType("Q5_0", 6, 32, 22),
         GGMLType("Q8_0", 8, 32, 34),
         GGMLType("Q2_K", 10, 256, 84),
@@ -82,6 +87,8 @@ EXACT_TYPES: dict[tuple[Scheme, int, int], str] = {
     (Scheme.SYMX, 5, 32): "Q5_0",
     (Scheme.SYMX, 8, 32): "Q8_0",
     (Scheme.SIGN, 1, 128): "Q1_0",
+    (Scheme.AFFINE, 4, 32): "Q4_1",
+    (Scheme.AFFINE, 5, 32): "Q5_1",
 }
 
 
@@ -107,6 +114,8 @@ def ggml_blocks(tensor: QuantizedTensor) -> tuple[GGMLType, np.ndarray]:
         return kind, np.ascontiguousarray(tensor.codes.view(rows, -1).numpy())
     codes = tensor.unpacked_codes().numpy().reshape(rows * cols // kind.block_size, kind.block_size)
     scales = tensor.scales.to(torch.float16).numpy().reshape(-1, 1).view(np.uint8)
+    if tensor.scheme is Scheme.AFFINE:  # d, then the minimum m
+        scales = np.concatenate([scales, tensor.zeros.to(torch.float16).numpy().reshape(-1, 1).view(np.uint8)], axis=-1)
     if kind.name == "Q1_0":
         payload = np.packbits(codes.astype(np.uint8), axis=-1, bitorder="little")
     elif kind.name == "Q8_0":
@@ -114,7 +123,7 @@ def ggml_blocks(tensor: QuantizedTensor) -> tuple[GGMLType, np.ndarray]:
     else:
         low = codes & 0x0F
         payload = low[:, :16] | (low[:, 16:] << 4)
-        if kind.name == "Q5_0":
+        if kind.name in ("Q5_0", "Q5_1"):
             high = np.packbits((codes >> 4) & 1, axis=-1, bitorder="little")  # bit j of the uint32 = bit 4 of code j
             payload = np.concatenate([high, payload], axis=-1)
     blocks = np.concatenate([scales, payload.astype(np.uint8)], axis=-1)

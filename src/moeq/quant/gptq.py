@@ -166,7 +166,7 @@ def gptq_quantize_batch(
         zeros = None if z is None else z.reshape(batch, rows, groups_per_row)
     else:
         scales = torch.zeros(batch, rows, groups_per_row)
-        zeros = torch.zeros(batch, rows, groups_per_row) if scheme is Scheme.ASYM else None
+        zeros = torch.zeros(batch, rows, groups_per_row) if scheme.zero_dtype is not None else None
 
     diagonal = torch.diagonal(h, dim1=1, dim2=2)
     if act_order:
@@ -225,7 +225,7 @@ def gptq_quantize_batch(
         QuantizedTensor(
             codes=pack_codes(codes[b], bits),
             scales=scales[b].to(scale_dtype),
-            zeros=None if zeros is None else zeros[b].to(torch.uint8),
+            zeros=None if zeros is None else zeros[b].to(scheme.zero_dtype),
             bits=bits,
             group_size=group,
             scheme=scheme,

@@ -125,7 +125,7 @@ def quantize_rtn(
     return QuantizedTensor(
         codes=pack_codes(codes, bits),
         scales=scales,
-        zeros=None if zeros is None else zeros.to(torch.uint8),
+        zeros=None if zeros is None else zeros.to(scheme.zero_dtype),
         bits=bits,
         group_size=group,
         scheme=scheme,

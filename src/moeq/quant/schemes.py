@@ -18,6 +18,10 @@ Schemes (``b`` bits, code ``c``, scale ``s``):
   ``hi = max(max w, 0)``, ``s = (hi - lo) / (2^b - 1)``, ``z = round(-lo/s)``,
   ``c = clamp(round(w/s) + z, 0, 2^b-1)``, ``w' = (c - z) s``. Including 0 in the range (as GPTQ
   does) keeps zero exactly representable and makes a constant group exact.
+- ``affine``: llama.cpp's Q4_1/Q5_1 rule, a float offset instead of an integer zero point:
+  ``m = min w`` and ``s = (max w - m) / (2^b - 1)`` (both float16, as the file stores them: ``m``
+  is rounded here, ``s`` with the other schemes' scales), ``c = clamp(round((w - m)/s), 0, 2^b-1)``,
+  ``w' = c s + m``. The group's extremes are exact up to the rounding; zero need not be.
 - ``log``: MoQE's log-scale quantizer, a sign bit and ``b-1`` bits of power-of-two magnitude.
   With ``L = 2^(b-1) - 1`` magnitude levels ``s·2^0, s·2^-1, ..., s·2^-(L-1)`` and ``s = max|w|``,
   a weight's exponent is rounded in the log domain, ``k = clamp(round(-log2(|w|/s)), 0, L-1)``;
@@ -50,6 +54,7 @@ class Scheme(str, Enum):
     SYM = "sym"
     SYMX = "symx"
     ASYM = "asym"
+    AFFINE = "affine"
     LOG = "log"
     SIGN = "sign"
     Q2_K = "q2_k"
@@ -57,6 +62,11 @@ class Scheme(str, Enum):
     Q4_K = "q4_k"
     Q5_K = "q5_k"
     Q6_K = "q6_k"
+
+    @property
+    def zero_dtype(self) -> torch.dtype | None:
+        """Storage of the per-group offsets: ``asym``'s integer zero points, ``affine``'s float16 minima."""
+        return {"asym": torch.uint8, "affine": torch.float16}.get(self.value)
 
     @property
     def is_kquant(self) -> bool:
@@ -68,6 +78,7 @@ _BIT_RANGE = {
     Scheme.SYM: (2, 8),
     Scheme.SYMX: (2, 8),
     Scheme.ASYM: (1, 8),
+    Scheme.AFFINE: (2, 8),
     Scheme.LOG: (2, 8),
     Scheme.SIGN: (1, 1),
     Scheme.Q2_K: (2, 2),
@@ -101,7 +112,8 @@ def check_scheme_bits(scheme: Scheme | str, bits: int) -> Scheme:
 def fit_scales(
     groups: torch.Tensor, scheme: Scheme, bits: int, clip: torch.Tensor | float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scales ``[rows, groups]`` (float32) and, for ``asym``, integer zero points, for ``groups``.
+    """Scales ``[rows, groups]`` (float32) and, for ``asym``, integer zero points (``affine``: float16
+    minima, as float32), for ``groups``.
 
     ``groups`` is float32 ``[rows, groups, group_size]``; ``clip`` is a scalar or ``[rows, groups]``.
     """
@@ -115,6 +127,10 @@ def fit_scales(
         scales = _positive((hi - lo) / maxq)
         zeros = torch.round(-lo / scales).clamp(0, maxq)
         return scales, zeros
+    if scheme is Scheme.AFFINE:
+        lo = (groups.amin(dim=-1) * clip).to(torch.float16).to(torch.float32)
+        hi = groups.amax(dim=-1) * clip
+        return _positive((hi - lo) / ((1 << bits) - 1)), lo
     if scheme is Scheme.SYMX:
         index = groups.abs().argmax(dim=-1, keepdim=True)
         extreme = torch.gather(groups, -1, index).squeeze(-1) * clip
@@ -141,6 +157,8 @@ def encode(
     if scheme is Scheme.ASYM:
         maxq = (1 << bits) - 1
         return (torch.round(groups / s) + zeros.unsqueeze(-1)).clamp(0, maxq).to(torch.int64)
+    if scheme is Scheme.AFFINE:
+        return torch.round((groups - zeros.unsqueeze(-1)) / s).clamp(0, (1 << bits) - 1).to(torch.int64)
     half = 1 << (bits - 1)
     if scheme in (Scheme.SYM, Scheme.SYMX):
         return (torch.round(groups / s).clamp(-half, half - 1) + half).to(torch.int64)
@@ -162,6 +180,8 @@ def decode(
         return (2 * q - 1) * s
     if scheme is Scheme.ASYM:
         return (q - zeros.to(torch.float32).unsqueeze(-1)) * s
+    if scheme is Scheme.AFFINE:
+        return q * s + zeros.to(torch.float32).unsqueeze(-1)
     half = 1 << (bits - 1)
     if scheme in (Scheme.SYM, Scheme.SYMX):
         return (q - half) * s

@@ -4,7 +4,7 @@ Fields (``out, in`` = the original 2-D shape, ``G = in / group_size`` groups per
 
 - ``codes``: uint8 ``[ceil(out*in*bits/8)]``, the row-major codes packed as in :mod:`moeq.quant.pack`;
 - ``scales``: ``[out, G]`` in ``scale_dtype`` (float16 unless asked otherwise);
-- ``zeros``: uint8 ``[out, G]`` integer zero points for ``asym``, else ``None``;
+- ``zeros``: uint8 ``[out, G]`` integer zero points for ``asym``, float16 minima for ``affine``, else ``None``;
 - ``bits``, ``group_size``, ``scheme``, ``shape`` and ``dtype`` (of the original weight).
 
 ``nbytes`` is the true storage of everything held: packed codes plus scales plus zero points.
@@ -83,4 +83,5 @@ def storage_nbytes(shape: tuple[int, int], bits: int, group_size: int, scheme: S
     if scheme.is_kquant:
         return rows * cols // SUPER_BLOCK * kquant_of(scheme).type_size
     groups = rows * (cols // group_size)
-    return packed_nbytes(rows * cols, bits) + groups * scale_bytes + (groups if scheme is Scheme.ASYM else 0)
+    zero_bytes = scheme.zero_dtype.itemsize if scheme.zero_dtype is not None else 0
+    return packed_nbytes(rows * cols, bits) + groups * (scale_bytes + zero_bytes)

@@ -48,13 +48,15 @@ class Target:
     """A runtime's rules: the types it runs (``None``: any moeq spec) and its granularity.
 
     ``levels`` maps a width to the types tried for it, first that accepts the row wins (the
-    fallback llama.cpp itself applies when a K-quant does not divide a row)."""
+    fallback llama.cpp itself applies when a K-quant does not divide a row); ``held`` are further
+    types a plan may hold (and an export write) that planning by width does not pick."""
 
     name: str
     granularity: str
     levels: dict[int, tuple[TargetType, ...]] | None = None
     runtime: str = ""
     scale_dtype: str | None = None  # "model": scales stored in the model's dtype, as the runtime holds them
+    held: tuple[TargetType, ...] = ()
 
     def scale_dtype_for(self, model_dtype: str) -> str:
         """The plan's scale dtype for a model stored in ``model_dtype`` (moeq's float16 by default)."""
@@ -88,7 +90,7 @@ class Target:
 
     def type_of(self, spec: TensorSpec, in_features: int) -> TargetType | None:
         """The target type this spec is, for a row of ``in_features`` (``None``: not one of them)."""
-        for kinds in (self.levels or {}).values():
+        for kinds in (*(self.levels or {}).values(), self.held):
             for kind in kinds:
                 if kind.accepts(in_features) and any(_same(s, spec, in_features) for s in (kind.spec, *kind.equivalent)):
                     return kind
@@ -103,7 +105,7 @@ class Target:
         for entry in plan.experts:
             in_features = shapes[entry.layer][entry.projection][1]
             if self.type_of(entry.spec, in_features) is None:
-                names = sorted({k.name for kinds in self.levels.values() for k in kinds})
+                names = sorted({k.name for kinds in (*self.levels.values(), self.held) for k in kinds})
                 raise PlanError(
                     f"layer {entry.layer} expert {entry.expert} {entry.projection}: {_label(entry.spec)} is not a type "
                     f"{self.runtime or self.name} runs (it runs {', '.join(names)}); make the plan with --target {self.name}"
@@ -170,6 +172,9 @@ def _gguf() -> Target:
             6: (t("Q6_K", 6, "q6_k", None, 256), q8_0),
             8: (q8_0,),
         },
+        # llama.cpp's Q4_1/Q5_1 (moeq's affine codes in groups of 32, 5 and 6 bits per weight): what a
+        # plan quantized with --scheme affine --group-size 32 holds; planning by width takes the others
+        held=(t("Q4_1", 4, "affine", 32, 32), t("Q5_1", 5, "affine", 32, 32)),
     )
 
 
