@@ -21,15 +21,17 @@ F16 (MoQE's recipe, and how both sides are run here):
    ``--tensor-type``/``--token-embedding-type``/``--output-tensor-type``);
 3. moeq at the same expert bytes as each llama.cpp file: ``moeq quantize --target gguf --strategy
    auto --quantizer gptq --act-order --calib <calibration split> --avg-bits B`` (B = that file's
-   expert bits per weight; ``--no-act-order`` drops the flag) then ``moeq export``; where B is below the smallest file moeq's GGUF target can
-   write for this model (the down projections' 384 inputs fit no K-quant, so they are at least
-   Q4_0), the row says so;
+   expert bits per weight; ``--no-act-order`` drops the flag) then ``moeq export``; where B is
+   below the smallest file the default levels (6 to 2 bits) can write for this model (the down
+   projections' 384 inputs fit no K-quant, so they are at least Q4_0), again with ``--levels
+   6,5,4,3,2,1`` (Q1_0 at 1 bit), and the row says which;
 4. every file: ``llama-perplexity --kl-divergence`` against the F16 file's logits on the test split
    (context ``--ctx``), and ``llama-bench`` prompt and generation tokens/s at 1 and 2 threads.
 
 Expert bits per weight are counted from the files (bytes of the ``*_exps`` tensors x 8 / weights).
 Writes benchmarks/results/gguf_peers.json; ``--speed-only --work DIR`` re-measures llama-bench on
-every file of an earlier run (for a quiet machine) into gguf_peers_speed.json.
+every file of an earlier run (for a quiet machine) into gguf_peers_speed.json; ``--reuse`` keeps the
+F16 file, its logits and the importance matrix an earlier run left in ``--work``.
 """
 
 from __future__ import annotations
@@ -100,18 +102,25 @@ def speed(bin_dir: Path, model: Path, log: Path) -> dict[str, float]:
     return result
 
 
-def moeq_file(work: Path, bits: float, calib_tokens: int, act_order: bool, log: Path) -> Path | None:
+WITH_ONE_BIT = "6,5,4,3,2,1"  # the GGUF target's levels with Q1_0, for sizes the default levels cannot reach
+
+
+def moeq_file(work: Path, bits: float, calib_tokens: int, act_order: bool, log: Path) -> tuple[Path | None, str]:
+    """moeq's file at ``bits`` expert bits per weight, and the levels it was planned with."""
     folder, path = work / f"moeq-{bits:.4f}", work / f"moeq-{bits:.4f}.gguf"
-    try:
-        run([MOEQ, "quantize", MODEL, "--out", folder, "--target", "gguf", "--strategy", "auto", "--quantizer", "gptq",
-             "--calib", DATA / "calibration.txt", "--calib-tokens", calib_tokens, "--seq-len", 256, "--avg-bits", f"{bits:.4f}",
-             *(["--act-order"] if act_order else []), "--overwrite"], log)
-    except SystemExit:
-        if "impossible" in log.read_text():
-            return None
-        raise
+    for levels in ("default", WITH_ONE_BIT):
+        try:
+            run([MOEQ, "quantize", MODEL, "--out", folder, "--target", "gguf", "--strategy", "auto", "--quantizer", "gptq",
+                 "--calib", DATA / "calibration.txt", "--calib-tokens", calib_tokens, "--seq-len", 256, "--avg-bits", f"{bits:.4f}",
+                 *(["--act-order"] if act_order else []), *([] if levels == "default" else ["--levels", levels]), "--overwrite"], log)
+            break
+        except SystemExit:
+            if "impossible" not in log.read_text():
+                raise
+    else:
+        return None, ""
     run([MOEQ, "export", folder, "--out", path, "--overwrite"], log.with_suffix(".export.log"))
-    return path
+    return path, levels
 
 
 def main() -> None:
@@ -122,6 +131,8 @@ def main() -> None:
     parser.add_argument("--calib-tokens", type=int, default=131072)
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--reuse", action="store_true", help="keep the F16 file, base logits and imatrix already in --work")
+    parser.add_argument("--name", default="gguf_peers", help="results file benchmarks/results/NAME.json")
     parser.add_argument("--no-act-order", action="store_true", help="moeq's GPTQ in column order (default: --act-order)")
     parser.add_argument("--speed-only", action="store_true",
                         help="only llama-bench every .gguf file already in --work (on a quiet machine), into gguf_peers_speed.json")
@@ -143,15 +154,14 @@ def main() -> None:
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
 
-    run([MOEQ, "quantize", MODEL, "--out", work / "fp", "--bits", "16", "--overwrite"], logs / "fp.log")
-    f16 = work / "f16.gguf"
-    run([MOEQ, "export", work / "fp", "--out", f16, "--float-type", "F16", "--overwrite"], logs / "f16.log")
-    base = work / "base.kld"
-    run([bin_dir / "llama-perplexity", "-m", f16, "-f", DATA / "test.txt", "-c", args.ctx, "-t", "2", "--kl-divergence-base", base],
-        logs / "base.log")
-    imatrix = work / "imatrix.gguf"
-    run([bin_dir / "llama-imatrix", "-m", f16, "-f", DATA / "calibration.txt", "-c", args.ctx, "-t", "2", "-o", imatrix],
-        logs / "imatrix.log")
+    f16, base, imatrix = work / "f16.gguf", work / "base.kld", work / "imatrix.gguf"
+    if not (args.reuse and f16.is_file() and base.is_file() and imatrix.is_file() and (logs / "base.log").is_file()):
+        run([MOEQ, "quantize", MODEL, "--out", work / "fp", "--bits", "16", "--overwrite"], logs / "fp.log")
+        run([MOEQ, "export", work / "fp", "--out", f16, "--float-type", "F16", "--overwrite"], logs / "f16.log")
+        run([bin_dir / "llama-perplexity", "-m", f16, "-f", DATA / "test.txt", "-c", args.ctx, "-t", "2", "--kl-divergence-base", base],
+            logs / "base.log")
+        run([bin_dir / "llama-imatrix", "-m", f16, "-f", DATA / "calibration.txt", "-c", args.ctx, "-t", "2", "-o", imatrix],
+            logs / "imatrix.log")
 
     rows = []
     for kind in args.types.split(","):
@@ -165,13 +175,14 @@ def main() -> None:
         if not args.no_speed:
             row.update(speed(bin_dir, path, logs / f"bench-{kind}.log"))
         rows.append(row)
-        ours = moeq_file(work, bits, args.calib_tokens, not args.no_act_order, logs / f"moeq-{kind}.log")
+        ours, levels = moeq_file(work, bits, args.calib_tokens, not args.no_act_order, logs / f"moeq-{kind}.log")
         if ours is None:
             rows.append({"method": f"moeq auto+GPTQ at {kind}'s size", "expert_bits": round(bits, 4), "kld": None, "ppl": None,
                          "types": "not reachable: below the smallest GGUF file moeq writes for this model"})
             continue
         kld_ours, ppl_ours = kl_divergence(bin_dir, ours, base, args.ctx, logs / f"kld-moeq-{kind}.log")
-        mine = {"method": f"moeq auto+GPTQ at {kind}'s size", "expert_bits": round(expert_bits(ours), 4), "kld": kld_ours,
+        label = f"moeq auto+GPTQ at {kind}'s size" + ("" if levels == "default" else f" (--levels {levels})")
+        mine = {"method": label, "expert_bits": round(expert_bits(ours), 4), "kld": kld_ours,
                 "ppl": ppl_ours, "types": expert_types(ours), "kld_ratio_to_llama": round(kld_ours / kld, 3)}
         if not args.no_speed:
             mine.update(speed(bin_dir, ours, logs / f"bench-moeq-{kind}.log"))
@@ -184,7 +195,7 @@ def main() -> None:
                            "-" if r["ppl"] is None else f"{r['ppl']:.3f}", r.get("kld_ratio_to_llama", ""),
                            r.get("gen_t1", ""), r.get("gen_t2", ""), r["types"]] for r in rows])
     print(f"F16 reference PPL {f16_ppl:.3f}; work folder {work}")
-    write_json("gguf_peers", rows, f16_ppl=f16_ppl, ctx=args.ctx, calib_tokens=args.calib_tokens, act_order=not args.no_act_order,
+    write_json(args.name, rows, f16_ppl=f16_ppl, ctx=args.ctx, calib_tokens=args.calib_tokens, act_order=not args.no_act_order,
                llama_cpp="llama-cpp-python 0.3.36 vendored llama.cpp", work=str(work))
 
 

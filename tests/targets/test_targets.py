@@ -121,8 +121,8 @@ def test_cli_quantizes_for_gguf_and_refuses_a_plan_it_cannot_hold(tmp_path: Path
                                               "--target", "gguf"]))
     assert "make the plan with --target gguf" in line and not (tmp_path / "r").exists()
     line = one_line_error(runner.invoke(app, ["allocate", str(DEFAULT_MODEL), "--out", str(tmp_path / "p2.json"), "--avg-bits",
-                                              "3", "--target", "gguf", "--levels", "3,2,1"]))
-    assert "--target gguf has levels 8,6,5,4,3,2; 1 is not one of them" in line
+                                              "3", "--target", "gguf", "--levels", "7,5,3"]))
+    assert "--target gguf has levels 8,6,5,4,3,2,1; 7 is not one of them" in line
 
 
 def _layer_specs(plan) -> dict[int, set]:
