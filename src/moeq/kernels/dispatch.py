@@ -96,8 +96,8 @@ def moe_experts_forward(
                          "with backend='cpu', or in llama.cpp after `moeq export --format gguf`")
     if not triton_supports(experts):
         raise ValueError(
-            "the triton backend needs the triton package and a SiLU or ReLU expert activation; "
-            "install moeq[triton] or use backend='cpu'"
+            "the triton backend needs the triton package and a SiLU or ReLU expert activation (a model's own gate "
+            "function runs on the CPU paths); install moeq[triton] or use backend='cpu'"
         )
     from .triton_moe import activation_code, experts_forward_triton
 

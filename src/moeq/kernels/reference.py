@@ -15,9 +15,13 @@ __all__ = ["experts_forward_reference", "expert_hidden"]
 
 def expert_hidden(first: list[torch.Tensor], act_fn: Callable[[torch.Tensor], torch.Tensor], gated: bool) -> torch.Tensor:
     """An expert's hidden activation from its first projections' outputs: ``act(gate x) * (up x)``
-    when gated (SwiGLU-style), else ``act(up x)``. Every path computes the products its own way
-    (plain, packed, int4) and combines them here."""
-    return act_fn(first[0]) * first[1] if gated else act_fn(first[0])
+    when gated (SwiGLU-style), else ``act(up x)``; an ``act_fn`` with a ``combine(gate, up)`` (a
+    model's own gate function) combines the two itself. Every path computes the products its own
+    way (plain, packed, int4) and combines them here."""
+    if not gated:
+        return act_fn(first[0])
+    combine = getattr(act_fn, "combine", None)
+    return combine(first[0], first[1]) if combine is not None else act_fn(first[0]) * first[1]
 
 
 def experts_forward_reference(

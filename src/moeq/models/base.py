@@ -52,12 +52,35 @@ class LinearRole:
 
 def auto_model_class(config) -> type:
     """The transformers auto class that builds ``config``'s model: encoder-decoders (Switch) are
-    sequence-to-sequence, every other supported family a causal LM."""
+    sequence-to-sequence, every other supported family a causal LM. A causal LM that transformers
+    ships but leaves out of its auto mapping (Mistral 4) is registered there first, so that
+    ``AutoModelForCausalLM.from_pretrained`` reads it too."""
     import transformers
 
     if getattr(config, "is_encoder_decoder", False):
         return transformers.AutoModelForSeq2SeqLM
-    return transformers.AutoModelForCausalLM
+    auto = transformers.AutoModelForCausalLM
+    if type(config) not in auto._model_mapping:
+        cls = _causal_lm_class(config)
+        if cls is not None:
+            auto.register(type(config), cls, exist_ok=True)
+    return auto
+
+
+def _causal_lm_class(config) -> type | None:
+    """The ``...ForCausalLM`` class transformers defines for ``config``'s class, if any."""
+    import importlib
+
+    try:
+        module = importlib.import_module(type(config).__module__.replace(".configuration_", ".modeling_"))
+    except ImportError:
+        return None
+    names = list(getattr(config, "architectures", None) or []) + sorted(vars(module))
+    for name in names:
+        cls = getattr(module, name, None)
+        if isinstance(cls, type) and name.endswith("ForCausalLM") and getattr(cls, "config_class", None) is type(config):
+            return cls
+    return None
 
 
 @runtime_checkable
@@ -88,6 +111,7 @@ class MoELayer:
     act_fn: Callable[[torch.Tensor], torch.Tensor]
     gated: bool  # down(act(gate x) * up x) if True, else down(act(up x)); projections in that order
     shared_paths: list[str] = field(default_factory=list)
+    router_name: str | None = None  # the router weight's name inside the block, e.g. "gate.weight"
 
     def expert_weights(self) -> dict[tuple[int, str], torch.Tensor]:
         """Every expert weight (for a checkpoint read lazily, this reads them all)."""
@@ -230,36 +254,45 @@ class FusedExpertsAdapter(MoEAdapter):
     def check_experts(self, path: str, experts: nn.Module) -> None:
         """Refuse, in one line, an experts module this adapter cannot read (the named families' are known)."""
 
+    def experts_activation(self, experts: nn.Module) -> Callable:
+        """What the layer applies between its projections (the experts' ``act_fn`` here)."""
+        return experts.act_fn
+
     def moe_layers(self, model: nn.Module) -> list[MoELayer]:
         layers = []
         for path, block in model.named_modules():
             experts = getattr(block, "experts", None)
-            if experts is None or not (isinstance(experts, PackedExperts) or hasattr(experts, "gate_up_proj")):
+            if experts is None or not (isinstance(experts, PackedExperts) or hasattr(experts, "gate_up_proj") or _ungated(experts)):
                 continue
             if not isinstance(experts, PackedExperts):
                 self.check_experts(f"{path}.experts", experts)
             router = self.router_weight(block, experts)
             if router is None:
                 continue
+            router_name = next((n for n, p in block.named_parameters() if p is router or p is router._base), None)
             if isinstance(experts, PackedExperts):
-                layers.append(quantized_layer(len(layers), path, experts, router))
+                layer = quantized_layer(len(layers), path, experts, router)
+                layer.router_name = router_name
+                layers.append(layer)
                 continue
             hidden, intermediate = experts.down_proj.shape[1], experts.down_proj.shape[2]
+            gated = not _ungated(experts)
+            first = {"gate_proj": (intermediate, hidden), "up_proj": (intermediate, hidden)} if gated else {"up_proj": (intermediate, hidden)}
             layers.append(
                 MoELayer(
                     index=len(layers),
                     path=path,
                     experts_path=f"{path}.experts",
-                    num_experts=experts.gate_up_proj.shape[0],
-                    projections=self.projections,
+                    num_experts=experts.down_proj.shape[0],
+                    projections=self.projections if gated else ("up_proj", "down_proj"),
                     router_weight=router,
                     expert_weight=_fused_expert_weight(experts),
-                    shapes={"gate_proj": (intermediate, hidden), "up_proj": (intermediate, hidden),
-                            "down_proj": (hidden, intermediate)},
+                    shapes={**first, "down_proj": (hidden, intermediate)},
                     dtype=experts.down_proj.dtype,
-                    act_fn=experts.act_fn,
-                    gated=True,
+                    act_fn=self.experts_activation(experts),
+                    gated=gated,
                     shared_paths=[f"{path}.{m}" for m in self.shared_markers if hasattr(block, m)],
+                    router_name=router_name,
                 )
             )
         return layers
@@ -268,6 +301,9 @@ class FusedExpertsAdapter(MoEAdapter):
     disk_projection_names: ClassVar[dict[str, str]] = {}
 
     def expert_sources(self, layer: MoELayer, expert: int, projection: str) -> list[TensorSource]:
+        if not layer.gated:  # up_proj [E, I, H] and down_proj [E, H, I]
+            return self._with_renames([TensorSource(f"{layer.experts_path}.{projection}", (expert,)),
+                                       TensorSource(f"{layer.experts_path}.{expert}.{projection}.weight")])
         intermediate = layer.shapes["gate_proj"][0]
         fused = {
             "gate_proj": TensorSource(f"{layer.experts_path}.gate_up_proj", (expert, slice(0, intermediate))),
@@ -283,6 +319,11 @@ class FusedExpertsAdapter(MoEAdapter):
 
     @torch.no_grad()
     def fill_experts(self, experts: nn.Module, layer: MoELayer) -> None:
+        if not layer.gated:
+            for e in range(layer.num_experts):
+                for projection in layer.projections:
+                    getattr(experts, projection)[e].copy_(layer.expert_weight(e, projection))
+            return
         intermediate = layer.shapes["gate_proj"][0]
         for e in range(layer.num_experts):
             experts.gate_up_proj[e, :intermediate].copy_(layer.expert_weight(e, "gate_proj"))
@@ -309,8 +350,15 @@ def quantized_layer(index: int, path: str, experts: PackedExperts, router_weight
     )
 
 
+def _ungated(experts: nn.Module) -> bool:
+    """transformers 5's non-gated experts (``has_gate = False``): ``up_proj [E, I, H]`` and ``down_proj [E, H, I]``."""
+    return getattr(experts, "has_gate", True) is False and isinstance(getattr(experts, "up_proj", None), torch.Tensor)
+
+
 def _fused_expert_weight(experts: nn.Module) -> Callable[[int, str], torch.Tensor]:
     def weight(expert: int, projection: str) -> torch.Tensor:
+        if _ungated(experts) and projection in ("up_proj", "down_proj"):
+            return getattr(experts, projection)[expert]
         intermediate = experts.down_proj.shape[2]
         if projection == "gate_proj":
             return experts.gate_up_proj[expert, :intermediate]

@@ -5,12 +5,14 @@ holding 3-D ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``, called with
 top_k_index, top_k_weights)``; about sixty model types share it (GLM-4.5, ERNIE-4.5, MiniMax-M2,
 Qwen3-Next, Qwen3.5-MoE, DeepSeek-V2, HunYuan, Phi-MoE, GraniteMoE, Jamba, EXAONE-MoE, AFMoE ...).
 For every model type but Switch Transformers (one module per expert, its own adapter) this adapter
-finds every such experts module, its router
-beside it (a child ``gate`` or ``router`` whose weight, or a parameter inside it, is ``[E, H]``)
-and any shared experts beside it (a child whose name contains ``shared``), and reads the experts
-as the named families do. What it cannot read exactly (experts stored transposed, with biases,
-gate and up interleaved, or with the model's own gate function, as gpt-oss's) is refused in one
-line naming it; the model's routing and shared experts run as the model defines them.
+finds every such experts module (gated, or ``has_gate = False`` with ``up_proj`` alone), its
+router beside it (a child ``gate`` or ``router`` holding a ``[E, H]`` weight, or one whose first
+``E`` rows are the routed experts' when shared experts are scored with them) and any shared
+experts beside it (a child whose name contains ``shared``), and reads the experts as the named
+families do. An experts class with its own ``_apply_gate`` keeps it: the quantized layer calls
+that very function (:class:`ModelGate`), never a re-written copy. What it cannot read exactly
+(experts stored transposed, with biases, or gate and up interleaved, as gpt-oss's) is refused in
+one line naming it; the model's routing and shared experts run as the model defines them.
 Mixtral, Qwen2/3-MoE, OLMoE and DeepSeek-V3 had hand-written family files; they are read this way
 now, and the golden bytes test (``tests/test_golden.py``) holds them to what those files wrote.
 """
@@ -19,13 +21,14 @@ from __future__ import annotations
 
 import functools
 import re
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from .base import AdapterError, FusedExpertsAdapter, TensorSource, register_fallback
+from .base import AdapterError, FusedExpertsAdapter, LayerStack, TensorSource, register_fallback
 
-__all__ = ["StructuralAdapter", "structural_adapter"]
+__all__ = ["ModelGate", "StructuralAdapter", "structural_adapter"]
 
 ROUTER_NAMES = ("gate", "router")
 
@@ -61,10 +64,21 @@ class StructuralAdapter(FusedExpertsAdapter):
             router = getattr(block, name, None)
             if not isinstance(router, nn.Module):
                 continue
-            for parameter in [getattr(router, "weight", None), *router.parameters()]:
+            candidates = [getattr(router, "weight", None), *router.parameters()]
+            for parameter in candidates:
                 if isinstance(parameter, torch.Tensor) and tuple(parameter.shape) == (count, hidden):
                     return parameter
+            # shared experts scored by the router's own weight, after the routed ones (Inkling: [E + shared, H])
+            weight = candidates[0]
+            if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[1] == hidden and count < weight.shape[0] <= 2 * count:
+                return weight[:count]
         return None
+
+    def experts_activation(self, experts: nn.Module):
+        gate = getattr(type(experts), "_apply_gate", None)
+        if getattr(experts, "has_gate", True) and gate is not None and gate.__name__ != "_default_apply_gate":
+            return ModelGate(experts)
+        return experts.act_fn
 
     def check_experts(self, path: str, experts: nn.Module) -> None:
         problems = []
@@ -75,31 +89,72 @@ class StructuralAdapter(FusedExpertsAdapter):
         if getattr(experts, "is_concatenated", True) is False:
             problems.append("with gate and up interleaved")
         gate = getattr(type(experts), "_apply_gate", None)
-        if gate is not None and gate.__name__ != "_default_apply_gate":
-            problems.append("with the model's own gate function")
-        if not hasattr(experts, "act_fn"):
+        custom_gate = gate is not None and gate.__name__ != "_default_apply_gate"
+        if not hasattr(experts, "act_fn") and not custom_gate:
             problems.append("without an act_fn")
         if problems:
             raise AdapterError(
                 f"{path} ({type(experts).__name__}) keeps its experts {', '.join(problems)}; moeq reads experts stored as "
-                "untransposed gate_up_proj/down_proj without biases and gated as act(gate) * up, so it cannot quantize this model yet"
+                "untransposed gate_up_proj/down_proj (or up_proj/down_proj) without biases, so it cannot quantize this model yet"
             )
 
     def router_sources(self, layer) -> list[TensorSource]:
+        sources = []
+        if layer.router_name:  # the very parameter found in memory, by its name (its routed rows)
+            sources.append(TensorSource(f"{layer.path}.{layer.router_name}", (slice(0, layer.num_experts),)))
         names = [f"{layer.path}.{name}.weight" for name in ROUTER_NAMES]
         names += [f"{layer.path}.gate.wg.weight"]  # HunYuan's router keeps its weight one module down
-        return self._with_renames([TensorSource(name) for name in names])
+        return self._with_renames(sources + [TensorSource(name) for name in names])
+
+    def layer_stacks(self, model: nn.Module) -> list[LayerStack]:
+        try:
+            return super().layer_stacks(model)
+        except ValueError:
+            pass
+        # the module list holding the MoE blocks, and the input embedding, found by structure
+        # (a multimodal model's language_model, a hybrid's backbone with its own embedding name)
+        parts = self.moe_layers(model)[0].path.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            if isinstance(model.get_submodule(".".join(parts[:cut])), nn.ModuleList):
+                embedding = model.get_input_embeddings()
+                name = next(n for n, m in model.named_modules() if m is embedding)
+                return [LayerStack(".".join(parts[: cut - 1]), parts[cut - 1], (name,))]
+        raise ValueError(f"{model.config.model_type}: no decoder body with embeddings and layers to calibrate through")
+
+
+class ModelGate(nn.Module):
+    """A model's own gate function (its experts class's ``_apply_gate``), called on the
+    concatenated gate and up outputs exactly as the model calls it. The quantized layer uses it
+    in place of ``act(gate) * up``; it holds the experts module's settings and child modules
+    (its ``act_fn``), not its weights."""
+
+    def __init__(self, experts: nn.Module) -> None:
+        super().__init__()
+        self.owner = type(experts)
+        self.settings = {k: v for k, v in vars(experts).items() if not k.startswith("_") and not isinstance(v, torch.Tensor)}
+        for name, child in experts.named_children():
+            self.add_module(name, child)
+        self.__name__ = f"{self.owner.__name__}._apply_gate"
+
+    def combine(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        holder = SimpleNamespace(**self.settings, **dict(self.named_children()))
+        return self.owner._apply_gate(holder, torch.cat([gate, up], dim=-1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise TypeError(f"{self.__name__} gates two projections; call combine(gate, up)")
 
 
 def _experts_count(experts: nn.Module) -> int:
     if hasattr(experts, "num_experts"):
         return int(experts.num_experts)
-    return int(experts.gate_up_proj.shape[0])
+    return int(experts.down_proj.shape[0])
 
 
 def _hidden_size(experts: nn.Module) -> int:
     if hasattr(experts, "gate_up_proj"):
         return int(experts.gate_up_proj.shape[-1])
+    if isinstance(getattr(experts, "up_proj", None), torch.Tensor):
+        return int(experts.up_proj.shape[-1])
     first = experts.expert(0)
     return int(first[experts.projections[0]].in_features)
 
