@@ -113,33 +113,33 @@ def _qwen_moe_hparams(config: dict[str, Any]) -> dict[str, Any]:
 
 
 _LAYER = r"model\.layers\.(\d+)\."
+# Every decoder's embedding, final norm, output head and per-block norms.
+_BODY = {
+    r"model\.embed_tokens\.weight": "token_embd.weight",
+    r"model\.norm\.weight": "output_norm.weight",
+    r"lm_head\.weight": "output.weight",
+    _LAYER + r"input_layernorm\.weight": "blk.{bid}.attn_norm.weight",
+    _LAYER + r"post_attention_layernorm\.weight": "blk.{bid}.ffn_norm.weight",
+}
 
 MIXTRAL = GGUFArchitecture(
     # llama.cpp runs Mixtral as its "llama" architecture with expert tensors.
     arch="llama",
     hparams=_llama_moe_hparams,
     tensors={
-        r"model\.embed_tokens\.weight": "token_embd.weight",
-        r"model\.norm\.weight": "output_norm.weight",
-        r"lm_head\.weight": "output.weight",
-        _LAYER + r"input_layernorm\.weight": "blk.{bid}.attn_norm.weight",
+        **_BODY,
         _LAYER + r"self_attn\.q_proj\.weight": "blk.{bid}.attn_q.weight",
         _LAYER + r"self_attn\.k_proj\.weight": "blk.{bid}.attn_k.weight",
         _LAYER + r"self_attn\.v_proj\.weight": "blk.{bid}.attn_v.weight",
         _LAYER + r"self_attn\.o_proj\.weight": "blk.{bid}.attn_output.weight",
-        _LAYER + r"post_attention_layernorm\.weight": "blk.{bid}.ffn_norm.weight",
         _LAYER + r"mlp\.gate\.weight": "blk.{bid}.ffn_gate_inp.weight",
     },
     permute={_LAYER + r"self_attn\.q_proj\.weight": "q", _LAYER + r"self_attn\.k_proj\.weight": "k"},
 )
 
 _QWEN_COMMON = {
-    r"model\.embed_tokens\.weight": "token_embd.weight",
-    r"model\.norm\.weight": "output_norm.weight",
-    r"lm_head\.weight": "output.weight",
-    _LAYER + r"input_layernorm\.weight": "blk.{bid}.attn_norm.weight",
+    **_BODY,
     _LAYER + r"self_attn\.o_proj\.weight": "blk.{bid}.attn_output.weight",
-    _LAYER + r"post_attention_layernorm\.weight": "blk.{bid}.ffn_norm.weight",
     _LAYER + r"mlp\.gate\.weight": "blk.{bid}.ffn_gate_inp.weight",
     **{_LAYER + rf"self_attn\.{x}_proj\.(weight|bias)": f"blk.{{bid}}.attn_{x}.{{kind}}" for x in "qkv"},
 }
@@ -240,11 +240,7 @@ DEEPSEEK_V3 = GGUFArchitecture(
     arch="deepseek2",
     hparams=_deepseek_hparams,
     tensors={
-        r"model\.embed_tokens\.weight": "token_embd.weight",
-        r"model\.norm\.weight": "output_norm.weight",
-        r"lm_head\.weight": "output.weight",
-        _LAYER + r"input_layernorm\.weight": "blk.{bid}.attn_norm.weight",
-        _LAYER + r"post_attention_layernorm\.weight": "blk.{bid}.ffn_norm.weight",
+        **_BODY,
         _ATTENTION + r"q_proj\.weight": "blk.{bid}.attn_q.weight",
         _ATTENTION + r"q_a_proj\.weight": "blk.{bid}.attn_q_a.weight",
         _ATTENTION + r"q_a_layernorm\.weight": "blk.{bid}.attn_q_a_norm.weight",
