@@ -69,11 +69,12 @@ def main() -> None:
 
 
 def _short(why: str) -> str:
-    for marker, said in (("stored transposed", "experts stored transposed"), ("has no tensor for", "checkpoint names moeq does not derive yet"),
+    """README's few words for a refusal."""
+    for marker, said in (("with biases", "experts with biases, gate and up interleaved"),
+                         ("has no tensor for", "checkpoint names moeq does not derive yet"),
                          ("no routed experts moeq can find", "its router is not a matrix")):
         if marker in why:
-            extra = ", with biases and gate/up interleaved" if "interleaved" in why else ""
-            return said + extra
+            return said
     return why[:80]
 
 

@@ -22,8 +22,7 @@ import torch
 
 # model type -> the start of the one line moeq refuses it with (what it cannot read yet)
 UNSUPPORTED = {
-    "aria_text": "model.layers.0.mlp.experts (AriaExperts) keeps its experts stored transposed",
-    "gpt_oss": "model.layers.0.mlp.experts (GptOssExperts) keeps its experts stored transposed, with biases, with gate and up interleaved",
+    "gpt_oss": "model.layers.0.mlp.experts (GptOssExperts) keeps its experts with biases, with gate and up interleaved",
     "bailing_hybrid": "has no tensor for model.embed_tokens.weight",  # renames transformers applies by regular expression
     "kimi_linear": "has no tensor for model.layers.0.self_attn.conv1d.weight",  # q/k/v convolutions concatenated on load
     "deepseek_v4": "has no tensor for",  # the same: names on disk moeq does not derive yet

@@ -49,10 +49,9 @@ class LazyCheckpoint:
     def shape_of(self, source: TensorSource) -> tuple[int, ...]:
         """The shape ``read(source)`` returns, from the header alone."""
         file, header = self._tensors[source.key]
-        if not source.index:
-            return header.shape
         try:
-            return tuple(torch.empty(header.shape, device="meta")[source.index].shape)
+            shape = tuple(torch.empty(header.shape, device="meta")[source.index].shape) if source.index else tuple(header.shape)
+            return (*shape[:-2], shape[-1], shape[-2]) if source.transposed else shape
         except IndexError:
             raise CheckpointError(
                 f"tensor {source.key} in {file.name} has shape {list(header.shape)}, too small for the part "
@@ -74,9 +73,8 @@ class LazyCheckpoint:
         FP8 weight comes back dequantized by its block scales (:mod:`moeq.quant.sources`)."""
         self.check(source, expected)
         file, header = self._tensors[source.key]
-        if header.dtype.startswith("F8_"):
-            return self._read_fp8(source, file)
-        return self._read_raw(source, file)
+        tensor = self._read_fp8(source, file) if header.dtype.startswith("F8_") else self._read_raw(source, file)
+        return tensor.transpose(-1, -2).contiguous() if source.transposed else tensor
 
     def _read_fp8(self, source: TensorSource, file: Path) -> torch.Tensor:
         from ..quant.sources import dequantize_fp8_blocks

@@ -14,7 +14,7 @@ family file only names its model types and where its shared experts are.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -112,6 +112,7 @@ class MoELayer:
     gated: bool  # down(act(gate x) * up x) if True, else down(act(up x)); projections in that order
     shared_paths: list[str] = field(default_factory=list)
     router_name: str | None = None  # the router weight's name inside the block, e.g. "gate.weight"
+    transposed: bool = False  # the experts module stores its weights [E, in, out] (transformers' is_transposed)
 
     def expert_weights(self) -> dict[tuple[int, str], torch.Tensor]:
         """Every expert weight (for a checkpoint read lazily, this reads them all)."""
@@ -135,10 +136,12 @@ class LayerStack:
 
 @dataclass(frozen=True)
 class TensorSource:
-    """Where a weight lives in a checkpoint: a tensor name and an index into it (``()`` = all)."""
+    """Where a weight lives in a checkpoint: a tensor name, an index into it (``()`` = all), and
+    whether the indexed part is stored transposed (``[in, out]``: read back as ``[out, in]``)."""
 
     key: str
     index: tuple = ()
+    transposed: bool = False
 
 
 class MoEAdapter:
@@ -205,7 +208,7 @@ class MoEAdapter:
     def _with_renames(self, sources: list[TensorSource]) -> list[TensorSource]:
         out = list(sources)
         for memory, disk in self.disk_renames:
-            out += [TensorSource(s.key.replace(memory, disk), s.index) for s in sources if memory in s.key]
+            out += [replace(s, key=s.key.replace(memory, disk)) for s in sources if memory in s.key]
         return out
 
     def quantized_path(self, layer: MoELayer, expert: int, projection: str) -> str:
@@ -275,7 +278,7 @@ class FusedExpertsAdapter(MoEAdapter):
                 layer.router_name = router_name
                 layers.append(layer)
                 continue
-            hidden, intermediate = experts.down_proj.shape[1], experts.down_proj.shape[2]
+            hidden, intermediate = experts_dims(experts)
             gated = not _ungated(experts)
             first = {"gate_proj": (intermediate, hidden), "up_proj": (intermediate, hidden)} if gated else {"up_proj": (intermediate, hidden)}
             layers.append(
@@ -293,6 +296,7 @@ class FusedExpertsAdapter(MoEAdapter):
                     gated=gated,
                     shared_paths=[f"{path}.{m}" for m in self.shared_markers if hasattr(block, m)],
                     router_name=router_name,
+                    transposed=_transposed(experts),
                 )
             )
         return layers
@@ -302,14 +306,15 @@ class FusedExpertsAdapter(MoEAdapter):
 
     def expert_sources(self, layer: MoELayer, expert: int, projection: str) -> list[TensorSource]:
         if not layer.gated:  # up_proj [E, I, H] and down_proj [E, H, I]
-            return self._with_renames([TensorSource(f"{layer.experts_path}.{projection}", (expert,)),
+            return self._with_renames([TensorSource(f"{layer.experts_path}.{projection}", (expert,), layer.transposed),
                                        TensorSource(f"{layer.experts_path}.{expert}.{projection}.weight")])
         intermediate = layer.shapes["gate_proj"][0]
-        fused = {
-            "gate_proj": TensorSource(f"{layer.experts_path}.gate_up_proj", (expert, slice(0, intermediate))),
-            "up_proj": TensorSource(f"{layer.experts_path}.gate_up_proj", (expert, slice(intermediate, 2 * intermediate))),
-            "down_proj": TensorSource(f"{layer.experts_path}.down_proj", (expert,)),
-        }[projection]
+        half = {"gate_proj": slice(0, intermediate), "up_proj": slice(intermediate, 2 * intermediate)}.get(projection)
+        if projection == "down_proj":
+            fused = TensorSource(f"{layer.experts_path}.down_proj", (expert,), layer.transposed)
+        else:  # stored [E, 2I, H], or transposed [E, H, 2I]
+            fused = TensorSource(f"{layer.experts_path}.gate_up_proj", (expert, slice(None), half) if layer.transposed else (expert, half),
+                                 layer.transposed)
         names = {projection, self.disk_projection_names.get(projection, projection)}
         per_expert = [TensorSource(f"{layer.experts_path}.{expert}.{name}.weight") for name in sorted(names)]
         return self._with_renames([fused, *per_expert])
@@ -319,16 +324,10 @@ class FusedExpertsAdapter(MoEAdapter):
 
     @torch.no_grad()
     def fill_experts(self, experts: nn.Module, layer: MoELayer) -> None:
-        if not layer.gated:
-            for e in range(layer.num_experts):
-                for projection in layer.projections:
-                    getattr(experts, projection)[e].copy_(layer.expert_weight(e, projection))
-            return
-        intermediate = layer.shapes["gate_proj"][0]
+        stored = _fused_expert_weight(experts)  # views into the module's own parameters
         for e in range(layer.num_experts):
-            experts.gate_up_proj[e, :intermediate].copy_(layer.expert_weight(e, "gate_proj"))
-            experts.gate_up_proj[e, intermediate:].copy_(layer.expert_weight(e, "up_proj"))
-            experts.down_proj[e].copy_(layer.expert_weight(e, "down_proj"))
+            for projection in layer.projections:
+                stored(e, projection).copy_(layer.expert_weight(e, projection))
 
 
 def quantized_layer(index: int, path: str, experts: PackedExperts, router_weight: torch.Tensor, shared=()) -> MoELayer:
@@ -355,18 +354,31 @@ def _ungated(experts: nn.Module) -> bool:
     return getattr(experts, "has_gate", True) is False and isinstance(getattr(experts, "up_proj", None), torch.Tensor)
 
 
+def _transposed(experts: nn.Module) -> bool:
+    return bool(getattr(experts, "is_transposed", False))
+
+
+def experts_dims(experts: nn.Module) -> tuple[int, int]:
+    """(hidden size, expert width) from ``down_proj``: ``[E, H, I]``, or ``[E, I, H]`` stored transposed."""
+    _, rows, cols = experts.down_proj.shape
+    return (cols, rows) if _transposed(experts) else (rows, cols)
+
+
 def _fused_expert_weight(experts: nn.Module) -> Callable[[int, str], torch.Tensor]:
+    """``(expert, projection) -> [out, in]`` view of the module's own parameter (transposed back
+    when the module stores ``[in, out]``)."""
     def weight(expert: int, projection: str) -> torch.Tensor:
+        _, intermediate = experts_dims(experts)
         if _ungated(experts) and projection in ("up_proj", "down_proj"):
-            return getattr(experts, projection)[expert]
-        intermediate = experts.down_proj.shape[2]
-        if projection == "gate_proj":
-            return experts.gate_up_proj[expert, :intermediate]
-        if projection == "up_proj":
-            return experts.gate_up_proj[expert, intermediate:]
-        if projection == "down_proj":
-            return experts.down_proj[expert]
-        raise KeyError(f"fused experts have projections gate_proj, up_proj, down_proj, not {projection!r}")
+            stored = getattr(experts, projection)[expert]
+        elif projection in ("gate_proj", "up_proj"):
+            half = slice(0, intermediate) if projection == "gate_proj" else slice(intermediate, 2 * intermediate)
+            stored = experts.gate_up_proj[expert][:, half] if _transposed(experts) else experts.gate_up_proj[expert, half]
+        elif projection == "down_proj":
+            stored = experts.down_proj[expert]
+        else:
+            raise KeyError(f"fused experts have projections gate_proj, up_proj, down_proj, not {projection!r}")
+        return stored.T if _transposed(experts) else stored
 
     return weight
 

@@ -11,7 +11,7 @@ router beside it (a child ``gate`` or ``router`` holding a ``[E, H]`` weight, or
 experts beside it (a child whose name contains ``shared``), and reads the experts as the named
 families do. An experts class with its own ``_apply_gate`` keeps it: the quantized layer calls
 that very function (:class:`ModelGate`), never a re-written copy. What it cannot read exactly
-(experts stored transposed, with biases, or gate and up interleaved, as gpt-oss's) is refused in
+(experts with biases, or gate and up interleaved, as gpt-oss's) is refused in
 one line naming it; the model's routing and shared experts run as the model defines them.
 Mixtral, Qwen2/3-MoE, OLMoE and DeepSeek-V3 had hand-written family files; they are read this way
 now, and the golden bytes test (``tests/test_golden.py``) holds them to what those files wrote.
@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import functools
 import re
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from .base import AdapterError, FusedExpertsAdapter, LayerStack, TensorSource, register_fallback
+from .base import AdapterError, FusedExpertsAdapter, LayerStack, TensorSource, experts_dims, register_fallback
 
 __all__ = ["ModelGate", "StructuralAdapter", "structural_adapter"]
 
@@ -51,7 +52,7 @@ class StructuralAdapter(FusedExpertsAdapter):
         # transformers applies its renames one after another, so a name on disk may differ by several
         out = list(sources)
         for memory, disk in self.disk_renames:
-            out += [TensorSource(s.key.replace(memory, disk), s.index) for s in out if memory in s.key]
+            out += [replace(s, key=s.key.replace(memory, disk)) for s in out if memory in s.key]
         unique: dict[tuple[str, str], TensorSource] = {}
         for source in out:
             unique.setdefault((source.key, repr(source.index)), source)
@@ -82,8 +83,6 @@ class StructuralAdapter(FusedExpertsAdapter):
 
     def check_experts(self, path: str, experts: nn.Module) -> None:
         problems = []
-        if getattr(experts, "is_transposed", False):
-            problems.append("stored transposed")
         if getattr(experts, "has_bias", False) or any(n.endswith("_bias") for n, _ in experts.named_parameters()):
             problems.append("with biases")
         if getattr(experts, "is_concatenated", True) is False:
@@ -95,7 +94,8 @@ class StructuralAdapter(FusedExpertsAdapter):
         if problems:
             raise AdapterError(
                 f"{path} ({type(experts).__name__}) keeps its experts {', '.join(problems)}; moeq reads experts stored as "
-                "untransposed gate_up_proj/down_proj (or up_proj/down_proj) without biases, so it cannot quantize this model yet"
+                "gate_up_proj/down_proj (or up_proj/down_proj, either transposed or not) without biases, with gate and up "
+                "concatenated, so it cannot quantize this model yet"
             )
 
     def router_sources(self, layer) -> list[TensorSource]:
@@ -151,10 +151,8 @@ def _experts_count(experts: nn.Module) -> int:
 
 
 def _hidden_size(experts: nn.Module) -> int:
-    if hasattr(experts, "gate_up_proj"):
-        return int(experts.gate_up_proj.shape[-1])
-    if isinstance(getattr(experts, "up_proj", None), torch.Tensor):
-        return int(experts.up_proj.shape[-1])
+    if hasattr(experts, "down_proj") and isinstance(experts.down_proj, torch.Tensor):
+        return experts_dims(experts)[0]
     first = experts.expert(0)
     return int(first[experts.projections[0]].in_features)
 
