@@ -62,3 +62,20 @@ def test_experts_it_cannot_read_exactly_are_refused_in_one_line() -> None:
     model = _tiny("gpt_oss")  # transposed, biased, interleaved gate/up (a gate function of its own alone moeq would call)
     with pytest.raises(AdapterError, match=r"GptOssExperts\) keeps its experts with biases, with gate and up interleaved;"):
         moe_layers_or_error(model)
+
+
+def test_experts_with_a_norm_after_each_expert_are_refused(monkeypatch) -> None:
+    model = _tiny("glm4_moe")
+    experts = model.model.layers[1].mlp.experts
+    monkeypatch.setattr(experts, "has_post_expert_norm", True, raising=False)  # what muse_spark's experts set
+    with pytest.raises(AdapterError, match="keeps its experts with a norm after each expert;"):
+        moe_layers_or_error(model)
+
+
+def test_a_model_with_one_routerless_experts_module_is_not_quantized_in_part() -> None:
+    model = _tiny("mixtral")
+    del model.model.layers[1].mlp.gate  # this block's router is gone: it would be skipped
+    model.model.layers[1].mlp.gate = None
+    with pytest.raises(AdapterError, match=r"model.layers.1.mlp.experts \(1 experts module\(s\) in all\) has no router moeq can find .* "
+                                           "moeq will not quantize part of the model's experts"):
+        moe_layers_or_error(model)

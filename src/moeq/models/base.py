@@ -262,7 +262,7 @@ class FusedExpertsAdapter(MoEAdapter):
         return experts.act_fn
 
     def moe_layers(self, model: nn.Module) -> list[MoELayer]:
-        layers = []
+        layers, routerless = [], []
         for path, block in model.named_modules():
             experts = getattr(block, "experts", None)
             if experts is None or not (isinstance(experts, PackedExperts) or hasattr(experts, "gate_up_proj") or _ungated(experts)):
@@ -271,6 +271,7 @@ class FusedExpertsAdapter(MoEAdapter):
                 self.check_experts(f"{path}.experts", experts)
             router = self.router_weight(block, experts)
             if router is None:
+                routerless.append(f"{path}.experts")
                 continue
             router_name = next((n for n, p in block.named_parameters() if p is router or p is router._base), None)
             if isinstance(experts, PackedExperts):
@@ -298,6 +299,12 @@ class FusedExpertsAdapter(MoEAdapter):
                     router_name=router_name,
                     transposed=_transposed(experts),
                 )
+            )
+        if layers and routerless:  # quantizing the others alone would leave these in full precision unsaid
+            raise AdapterError(
+                f"{routerless[0]} ({len(routerless)} experts module(s) in all) has no router moeq can find beside it (an "
+                f"[experts, hidden] weight in a child 'gate' or 'router'), while {len(layers)} other MoE blocks have one; "
+                "moeq will not quantize part of the model's experts"
             )
         return layers
 

@@ -87,6 +87,8 @@ class StructuralAdapter(FusedExpertsAdapter):
             problems.append("with biases")
         if getattr(experts, "is_concatenated", True) is False:
             problems.append("with gate and up interleaved")
+        if getattr(experts, "has_post_expert_norm", False):
+            problems.append("with a norm after each expert")
         gate = getattr(type(experts), "_apply_gate", None)
         custom_gate = gate is not None and gate.__name__ != "_default_apply_gate"
         if not hasattr(experts, "act_fn") and not custom_gate:
