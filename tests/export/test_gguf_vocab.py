@@ -20,7 +20,7 @@ from moeq.export.gguf_vocab import PRE_TOKENIZERS
 from moeq.models import auto_model_class
 from moeq.models.tiny import tiny_config
 from tests.conftest import one_line_error
-from tests.export.test_gguf import llama_cpp_next_tokens
+from tests.export.test_gguf import _moeq_logprobs, llama_cpp_next_tokens
 
 TEXT = ("Mixture of experts models route every token to a few experts; it's 2026 and 12345 tokens cost $3.50!\n"
         "Quantization gives each expert fewer bits: the router decides which experts matter. 日本語の テキスト, don't you?\n\n  ok") * 3
@@ -76,19 +76,14 @@ def _checkpoint(folder: Path, family: str, add_tokenizer) -> Path:
 
 def _compare(checkpoint: Path, path: Path, reference_ids: list[list[int]]) -> None:
     results = llama_cpp_next_tokens(path, PROMPTS)
-    model = moeq.load(checkpoint)
-    for parameter in model.parameters():
-        parameter.data = parameter.data.float()
+    ours = _moeq_logprobs(checkpoint, reference_ids)
     compared = 0
-    for ids, (count, top) in zip(reference_ids, results):
+    for i, (ids, (count, top)) in enumerate(zip(reference_ids, results)):
         assert count == len(ids)  # llama.cpp split the text into as many tokens
         if top:
-            with torch.no_grad():
-                ours = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
             # F32 weights: summation order and llama.cpp's float16 key/value cache differ (measured
             # worst 0.011); other tokens move these by whole units (3.5 with a stray BOS)
-            worst = max(abs(ours[t].item() - lp) for t, lp in top.items())
-            assert worst <= 0.05
+            assert max(abs(ours[i, t].item() - lp) for t, lp in top.items()) <= 0.05
             compared += 1
     assert compared >= 3
 

@@ -36,8 +36,8 @@ def triton_available() -> bool:
 def has_cpu_only_codes(experts) -> bool:
     """Whether any projection of the layer is stored as llama.cpp K-quant blocks or with ``affine``'s
     float minima, which the Triton kernels (integer zero points) do not decode."""
-    return any(experts.expert(e)[p].spec.scheme.is_kquant or experts.expert(e)[p].spec.scheme is Scheme.AFFINE
-               for e in range(experts.num_experts) for p in experts.projections)
+    schemes = {experts.expert(e)[p].spec.scheme for e in range(experts.num_experts) for p in experts.projections}
+    return any(scheme.is_kquant or scheme is Scheme.AFFINE for scheme in schemes)
 
 
 def triton_supports(experts) -> bool:

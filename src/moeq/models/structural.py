@@ -76,10 +76,7 @@ class StructuralAdapter(FusedExpertsAdapter):
         return None
 
     def experts_activation(self, experts: nn.Module):
-        gate = getattr(type(experts), "_apply_gate", None)
-        if getattr(experts, "has_gate", True) and gate is not None and gate.__name__ != "_default_apply_gate":
-            return ModelGate(experts)
-        return experts.act_fn
+        return ModelGate(experts) if getattr(experts, "has_gate", True) and _own_gate(experts) else experts.act_fn
 
     def check_experts(self, path: str, experts: nn.Module) -> None:
         problems = []
@@ -89,9 +86,7 @@ class StructuralAdapter(FusedExpertsAdapter):
             problems.append("with gate and up interleaved")
         if getattr(experts, "has_post_expert_norm", False):
             problems.append("with a norm after each expert")
-        gate = getattr(type(experts), "_apply_gate", None)
-        custom_gate = gate is not None and gate.__name__ != "_default_apply_gate"
-        if not hasattr(experts, "act_fn") and not custom_gate:
+        if not hasattr(experts, "act_fn") and not _own_gate(experts):
             problems.append("without an act_fn")
         if problems:
             raise AdapterError(
@@ -122,6 +117,12 @@ class StructuralAdapter(FusedExpertsAdapter):
                 name = next(n for n, m in model.named_modules() if m is embedding)
                 return [LayerStack(".".join(parts[: cut - 1]), parts[cut - 1], (name,))]
         raise ValueError(f"{model.config.model_type}: no decoder body with embeddings and layers to calibrate through")
+
+
+def _own_gate(experts: nn.Module) -> bool:
+    """Whether the experts class defines its own ``_apply_gate`` (not transformers' default)."""
+    gate = getattr(type(experts), "_apply_gate", None)
+    return gate is not None and gate.__name__ != "_default_apply_gate"
 
 
 class ModelGate(nn.Module):
