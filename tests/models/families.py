@@ -22,12 +22,6 @@ import torch
 
 # model type -> the start of the one line moeq refuses it with (what it cannot read yet)
 UNSUPPORTED = {
-    "gpt_oss": "model.layers.0.mlp.experts (GptOssExperts) keeps its experts with biases, with gate and up interleaved",
-    "bailing_hybrid": "has no tensor for model.embed_tokens.weight",  # renames transformers applies by regular expression
-    "kimi_linear": "has no tensor for model.layers.0.self_attn.conv1d.weight",  # q/k/v convolutions concatenated on load
-    "deepseek_v4": "has no tensor for",  # the same: names on disk moeq does not derive yet
-    "hy_v4": "has no tensor for",
-    "inkling2_text": "has no tensor for",
     "zaya": "has no moeq adapter and no routed experts moeq can find by structure",  # its router is an MLP, not a matrix
 }
 # Quantized logits stay within this fraction of the largest full-precision logit (3-bit experts of

@@ -42,7 +42,7 @@ from torch import nn
 
 from ..calibrate.hessian import HessianSum
 from ..executors import Executor, SerialExecutor
-from ..kernels.reference import expert_hidden
+from ..kernels.reference import expert_hidden, project
 from ..models import MoEAdapter, MoELayer
 from ..modules.recipe import GPTQOptions, LayerJob, WeightJob, expert_method, quantize_layer
 from ..plan import TensorSpec
@@ -142,9 +142,14 @@ class RoutedInputs:
         return torch.cat(self.inputs[expert]), torch.cat(self.weights[expert])
 
 
-def _expert_output(act_fn, gated: bool, weights: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def _expert_output(job: ExpertDamageJob, weights: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     *first, down = weights
-    return expert_hidden([x @ w.T for w in first], act_fn, gated) @ down.T
+    *first_bias, down_bias = job.biases or (None,) * len(weights)
+    return project(_hidden(job, first, first_bias, x), down, down_bias)
+
+
+def _hidden(job: ExpertDamageJob, first: list[torch.Tensor], biases, x: torch.Tensor) -> torch.Tensor:
+    return expert_hidden([project(x, w, b) for w, b in zip(first, biases, strict=True)], job.act_fn, job.gated)
 
 
 @dataclass(frozen=True)
@@ -165,6 +170,7 @@ class ExpertDamageJob:
     options: GPTQOptions = GPTQOptions()
     per_projection: bool = False
     threads: int | None = None  # intra-op threads to compute with (the scheduler's own: the same table anywhere)
+    biases: tuple[torch.Tensor | None, ...] | None = None  # one per projection (float32), for experts with biases
 
 
 @dataclass
@@ -191,7 +197,7 @@ def _quantized_weights(job: ExpertDamageJob, bits: int, hessian: HessianSum | No
         return quantized(list(job.weights), None)
     *first, down = job.weights
     upstream = quantized(first, hessian)
-    h = expert_hidden([job.inputs @ w.T for w in upstream], job.act_fn, job.gated)
+    h = _hidden(job, upstream, (job.biases or (None,) * len(job.weights))[:-1], job.inputs)
     down_hessian = HessianSum(h.shape[1])  # the down projection sees the quantized gate/up outputs
     down_hessian.add(h)
     return [*upstream, *quantized([down], down_hessian)]
@@ -206,7 +212,7 @@ def expert_damage(job: ExpertDamageJob) -> ExpertDamage:
 def _expert_damage(job: ExpertDamageJob) -> ExpertDamage:
     originals, x, g = list(job.weights), job.inputs, job.routing
     projections = len(originals)
-    reference = _expert_output(job.act_fn, job.gated, originals, x) if x.shape[0] else None
+    reference = _expert_output(job, originals, x) if x.shape[0] else None
     energy = job.scale * float((reference.pow(2).sum(-1) * g.pow(2)).sum(dtype=torch.float64)) if reference is not None else 0.0
     hessian = None
     if job.method == "gptq":  # one Hessian of the routed inputs for every width of this expert
@@ -222,7 +228,7 @@ def _expert_damage(job: ExpertDamageJob) -> ExpertDamage:
             continue
 
         def routed_change(weights: list[torch.Tensor]) -> float:
-            error = (_expert_output(job.act_fn, job.gated, weights, x) - reference).pow(2).sum(-1)
+            error = (_expert_output(job, weights, x) - reference).pow(2).sum(-1)
             return job.scale * float((error * g.pow(2)).sum(dtype=torch.float64))
 
         result.damage[j] = routed_change(quantized)
@@ -244,6 +250,7 @@ def _expert_jobs(layer: MoELayer, routed: RoutedInputs, widths, spec, quantizer:
             routed.counts[e] / max(routed.kept[e], 1), tuple(widths), specs,
             expert_method(quantizer, routed.counts[e] < max(min_tokens, 1)), layer.act_fn, layer.gated, options, per_projection,
             torch.get_num_threads(),
+            None if layer.expert_bias is None else tuple(layer.bias(e, p).detach().to(torch.float32) for p in layer.projections),
         )
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..kernels.reference import expert_hidden
+from ..kernels.reference import expert_hidden, project
 from ..models import MoEAdapter, MoELayer
 from .hessian import HessianSum
 
@@ -109,7 +109,8 @@ class ExpertStatistics:
                 if "in" in stages:
                     self.add_moment((layer.index, expert, "in"), x)
                 if "out" in stages:
-                    h = expert_hidden([x @ w.T for w in upstream(expert)], layer.act_fn, layer.gated)
+                    first = zip(upstream(expert), layer.projections[:-1], strict=True)
+                    h = expert_hidden([project(x, w, layer.bias(expert, p)) for w, p in first], layer.act_fn, layer.gated)
                     self.add_moment((layer.index, expert, "out"), h)
 
         return hook

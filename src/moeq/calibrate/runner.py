@@ -46,7 +46,7 @@ from ..io.source import require_full_precision
 from ..executors import Executor, SerialExecutor
 from ..io.streaming import REST_UNIT, block_paths, metadata_writer, rest_tensors
 from ..models import MoELayer
-from ..modules.convert import packed_linear, prepare_block, validate_plan
+from ..modules.convert import copy_biases, packed_linear, prepare_block, validate_plan
 from ..modules.experts import quantized_experts_for
 from ..modules.recipe import GPTQOptions, LayerJob, WeightJob, expert_method, quantize_layer
 from ..plan import BitPlan
@@ -364,6 +364,7 @@ def _quantize_layer(lazy, adapter, plan, path, module, moe_layers, inputs, confi
                 stats.forget((index, expert, "in"))
             _run(module, inputs, [(experts, stats.hook(adapter, bound, ("in",), only=all_tokens))])
         packed[index] = quantized_experts_for(adapter, bound, specs, scale_dtype)
+        copy_biases(packed[index], bound)
         first_stage += _expert_jobs(path, bound, specs, methods, stats, bound.projections[:-1], "in")
     for name, spec in linears.items():
         method = "gptq" if config.quantizer == "gptq" else "rtn"

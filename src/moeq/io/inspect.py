@@ -119,6 +119,15 @@ class SourceReport:
     checkpoint_bytes: int
 
 
+def _stored_as(stored: dict | None, dtype: str) -> str:
+    if stored is None:
+        return dtype
+    if stored["quant_method"] == "mxfp4":
+        return "MXFP4 (E2M1 codes, an E8M0 scale per 32), dequantized on read"
+    block = stored["weight_block_size"]
+    return f"FP8 ({stored['fmt']}) with {block[0]}x{block[1]} block scales, dequantized on read"
+
+
 def inspect_source(path: str | Path) -> SourceReport:
     """Whether moeq can quantize the model folder at ``path`` and what it found there; errors (no
     adapter, not an MoE, missing or mis-shaped tensors, an unreadable format) name the problem."""
@@ -145,8 +154,7 @@ def inspect_source(path: str | Path) -> SourceReport:
     top_k = next((getattr(skeleton.config, k) for k in ("num_experts_per_tok", "moe_topk", "top_k") if hasattr(skeleton.config, k)), None)
     return SourceReport(
         model_type=str(raw.get("model_type")), family=adapter.family,
-        stored_as=(f"FP8 ({stored['fmt']}) with {stored['weight_block_size'][0]}x{stored['weight_block_size'][1]} block scales, "
-                   "dequantized on read" if stored else dtype),
+        stored_as=_stored_as(stored, dtype),
         moe_layers=[(layer.path, layer.num_experts, dict(layer.shapes)) for layer in lazy.layers],
         experts_per_token=top_k,
         routers=[(layer.path, tuple(layer.router_weight.shape)) for layer in lazy.layers],

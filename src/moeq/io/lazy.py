@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..models import MoEAdapter, MoELayer, moe_layers_or_error
-from ..models.base import TensorSource
+from ..models.base import DerivedTensor, TensorSource
 from .checkpoint import CheckpointError
 from ..files import INITIAL_ROUTER_FILE
 from .shards import shard_files
@@ -32,29 +32,75 @@ class LazyCheckpoint:
 
     Every read is checked first against the shard's header: the tensor must exist and, when the
     caller says what shape the model expects, have it, so a mis-shaped or oversized tensor is
-    refused before its bytes are read.
+    refused before its bytes are read. Sources stored quantized come back as floats: block-scaled
+    FP8 weights (``fp8_block``) and, with ``mxfp4``, a tensor the model calls ``X`` stored as MXFP4
+    ``X_blocks`` / ``X_scales`` (gpt-oss), read in the layout transformers gives the model's
+    parameter (``[..., in, out]``), one expert at a time when the read is of one expert.
     """
 
-    def __init__(self, folder: str | Path, fp8_block: tuple[int, int] | None = None) -> None:
+    def __init__(self, folder: str | Path, fp8_block: tuple[int, int] | None = None, mxfp4: bool = False) -> None:
         self.folder = Path(folder)
         self.bytes_read = 0
         self.fp8_block = fp8_block  # a block-scaled FP8 source's weight_block_size: its weights are dequantized on read
+        self.mxfp4 = mxfp4
         # Only the model's weights: a folder may also hold other safetensors files (such as the
         # initial routers a trained checkpoint ships for the router-norm change).
         self._tensors = shard_files(self.folder, exclude=(INITIAL_ROUTER_FILE,))
+        self._loaded: dict[str, str | DerivedTensor] = {}
+        self._built: tuple[str | None, torch.Tensor | None] = (None, None)
+
+    def keys(self) -> list[str]:
+        """The names of the checkpoint's tensors, as stored."""
+        return list(self._tensors)
+
+    def use_loaded_names(self, names: dict[str, str | DerivedTensor]) -> None:
+        """Also answer to the names the model loads tensors as (an adapter's :meth:`loaded_names`)."""
+        self._loaded = {name: disk for name, disk in names.items() if name not in self._tensors}
 
     def __contains__(self, key: str) -> bool:
-        return key in self._tensors
+        return key in self._tensors or self._is_mxfp4(key) or key in self._loaded
+
+    def _stored(self, source: TensorSource) -> TensorSource:
+        """``source`` under its name on disk, where the model loads it renamed."""
+        disk = self._loaded.get(source.key)
+        return dataclasses.replace(source, key=disk) if isinstance(disk, str) else source
+
+    def _is_mxfp4(self, key: str) -> bool:
+        return self.mxfp4 and key not in self._tensors and f"{key}_blocks" in self._tensors
+
+    def _mxfp4_shape(self, key: str) -> tuple[int, ...]:
+        """The float shape of MXFP4 ``key`` (``[..., G * 32, rows]``), its blocks and scales checked from their headers."""
+        file, blocks = self._tensors[f"{key}_blocks"]
+        scales = self._tensors.get(f"{key}_scales")
+        if scales is None:
+            raise CheckpointError(f"tensor {key}_blocks in {file.name} has no {key}_scales beside it; an MXFP4 weight needs both: "
+                                  "restore the checkpoint's missing tensor")
+        shape, scale_shape = tuple(blocks.shape), tuple(scales[1].shape)
+        if blocks.dtype != "U8" or scales[1].dtype != "U8" or len(shape) < 3 or shape[-1] != 16 or scale_shape != shape[:-1]:
+            raise CheckpointError(
+                f"tensor {key}_blocks in {file.name} is {blocks.dtype} {list(shape)} with scales {scales[1].dtype} {list(scale_shape)}; "
+                "MXFP4 stores uint8 blocks [..., rows, G, 16] (two E2M1 codes a byte) and uint8 scales [..., rows, G]: the checkpoint is malformed"
+            )
+        return (*shape[:-3], shape[-2] * 32, shape[-3])
 
     def shape_of(self, source: TensorSource) -> tuple[int, ...]:
         """The shape ``read(source)`` returns, from the header alone."""
-        file, header = self._tensors[source.key]
+        source = self._stored(source)
+        derived = self._loaded.get(source.key)
+        if isinstance(derived, DerivedTensor):
+            parts = [torch.empty(self._tensors[key][1].shape, device="meta") for key in derived.sources]
+            file, stored = self._tensors[derived.sources[0]][0], tuple(derived.build(parts).shape)
+        elif self._is_mxfp4(source.key):
+            file, stored = self._tensors[f"{source.key}_blocks"][0], self._mxfp4_shape(source.key)
+        else:
+            file, header = self._tensors[source.key]
+            stored = tuple(header.shape)
         try:
-            shape = tuple(torch.empty(header.shape, device="meta")[source.index].shape) if source.index else tuple(header.shape)
+            shape = tuple(torch.empty(stored, device="meta")[source.index].shape) if source.index else stored
             return (*shape[:-2], shape[-1], shape[-2]) if source.transposed else shape
         except IndexError:
             raise CheckpointError(
-                f"tensor {source.key} in {file.name} has shape {list(header.shape)}, too small for the part "
+                f"tensor {source.key} in {file.name} has shape {list(stored)}, too small for the part "
                 f"{source.index} the model's config implies; the checkpoint does not match its config.json"
             ) from None
 
@@ -64,7 +110,7 @@ class LazyCheckpoint:
         if expected is not None and shape != tuple(expected):
             part = f" (part {source.index})" if source.index else ""
             raise CheckpointError(
-                f"tensor {source.key}{part} in {self._tensors[source.key][0].name} has shape {list(shape)}, but the "
+                f"tensor {source.key}{part} in {self._file_of(source.key).name} has shape {list(shape)}, but the "
                 f"model's config.json implies {list(expected)}; the checkpoint does not match its config: fix or re-export it"
             )
 
@@ -72,9 +118,41 @@ class LazyCheckpoint:
         """The tensor (or the indexed part of it) at ``source``, checked against ``expected``; an
         FP8 weight comes back dequantized by its block scales (:mod:`moeq.quant.sources`)."""
         self.check(source, expected)
-        file, header = self._tensors[source.key]
-        tensor = self._read_fp8(source, file) if header.dtype.startswith("F8_") else self._read_raw(source, file)
+        source = self._stored(source)
+        derived = self._loaded.get(source.key)
+        if isinstance(derived, DerivedTensor):  # built whole, then indexed; the last one kept for the next expert's read
+            if self._built[0] != source.key:
+                self._built = (source.key, derived.build([self.read(TensorSource(key)) for key in derived.sources]))
+            built = self._built[1]
+            tensor = built[source.index].contiguous() if source.index else built
+        elif self._is_mxfp4(source.key):
+            tensor = self._read_mxfp4(source)
+        else:
+            file, header = self._tensors[source.key]
+            tensor = self._read_fp8(source, file) if header.dtype.startswith("F8_") else self._read_raw(source, file)
         return tensor.transpose(-1, -2).contiguous() if source.transposed else tensor
+
+    def _file_of(self, key: str) -> Path:
+        disk = self._loaded.get(key, key)
+        if isinstance(disk, DerivedTensor):
+            disk = disk.sources[0]
+        return self._tensors[f"{disk}_blocks" if self._is_mxfp4(disk) else disk][0]
+
+    def _read_mxfp4(self, source: TensorSource) -> torch.Tensor:
+        """MXFP4 ``X_blocks``/``X_scales`` as transformers' gpt-oss parameter ``X`` (dequantized, last
+        two axes swapped); only the indexed expert's blocks are read when the index starts with one."""
+        from ..quant.sources import dequantize_mxfp4
+
+        key = source.key
+        head = source.index[:1] if source.index and isinstance(source.index[0], int) else ()
+        blocks = self._read_raw(TensorSource(f"{key}_blocks", head), self._file_of(key))
+        scales = self._read_raw(TensorSource(f"{key}_scales", head), self._tensors[f"{key}_scales"][0])
+        try:
+            dense = dequantize_mxfp4(blocks, scales, torch.bfloat16).transpose(-1, -2)
+        except ValueError as err:
+            raise CheckpointError(f"tensor {key}_blocks in {self._file_of(key).name}: {err}") from None
+        rest = source.index[len(head):]
+        return dense[rest].contiguous() if rest else dense.contiguous()
 
     def _read_fp8(self, source: TensorSource, file: Path) -> torch.Tensor:
         from ..quant.sources import dequantize_fp8_blocks
@@ -164,6 +242,9 @@ class LazyModel:
                     what = f"expert {expert} {projection} of {layer.path}"
                     source = self.reader.first_present(self.adapter.expert_sources(layer, expert, projection), what)
                     self.reader.check(source, layer.shapes[projection])
+                    if layer.expert_bias is not None:
+                        source = self.reader.first_present(self.adapter.bias_sources(layer, expert, projection), f"the bias of {what}")
+                        self.reader.check(source, layer.shapes[projection][:1])
 
     @torch.no_grad()
     def materialize(self, path: str) -> nn.Module:
@@ -211,8 +292,10 @@ def open_lazy(folder: str | Path) -> LazyModel:
     skeleton = meta_skeleton(folder)
     config = skeleton.config
     adapter, meta_layers = moe_layers_or_error(skeleton)
-    stored = source_quantization(raw, folder)
-    reader = LazyCheckpoint(folder, tuple(stored["weight_block_size"]) if stored else None)
+    stored = source_quantization(raw, folder) or {}
+    block = stored.get("weight_block_size")
+    reader = LazyCheckpoint(folder, tuple(block) if block else None, mxfp4=stored.get("quant_method") == "mxfp4")
+    reader.use_loaded_names(adapter.loaded_names(reader.keys()))
     layers = []
     for layer in meta_layers:
         router = reader.read_first(adapter.router_sources(layer), f"the router of {layer.path}", tuple(layer.router_weight.shape))
@@ -221,5 +304,10 @@ def open_lazy(folder: str | Path) -> LazyModel:
             sources = adapter.expert_sources(layer, expert, projection)
             return reader.read_first(sources, f"expert {expert} {projection} of {layer.path}", layer.shapes[projection])
 
-        layers.append(dataclasses.replace(layer, router_weight=router, expert_weight=expert_weight))
+        def expert_bias(expert: int, projection: str, layer: MoELayer = layer) -> torch.Tensor:
+            sources = adapter.bias_sources(layer, expert, projection)
+            return reader.read_first(sources, f"the bias of expert {expert} {projection} of {layer.path}", layer.shapes[projection][:1])
+
+        layers.append(dataclasses.replace(layer, router_weight=router, expert_weight=expert_weight,
+                                          expert_bias=expert_bias if layer.expert_bias is not None else None))
     return LazyModel(Path(folder), config, skeleton, adapter, layers, reader)

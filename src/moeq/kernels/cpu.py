@@ -124,6 +124,10 @@ class _Int4:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, weight.packed, weight.group, weight.scale_zero)
 
 
+def _biased(y: torch.Tensor, linear) -> torch.Tensor:
+    return y if linear.bias is None else y + linear.bias.to(y.dtype)
+
+
 def experts_forward_cpu(
     hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, experts, int4: bool = False
 ) -> torch.Tensor:
@@ -139,7 +143,7 @@ def experts_forward_cpu(
         token = groups.token[start : start + count]
         x = hidden_states[token]
         linears = experts.expert(expert)
-        h = expert_hidden([project(x, linears[name]) for name in first], experts.act_fn, experts.gated)
-        y = project(h, linears[down])
+        h = expert_hidden([_biased(project(x, linears[name]), linears[name]) for name in first], experts.act_fn, experts.gated)
+        y = _biased(project(h, linears[down]), linears[down])
         output.index_add_(0, token, y * groups.weight[start : start + count, None].to(y.dtype))
     return output

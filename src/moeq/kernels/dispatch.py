@@ -41,9 +41,10 @@ def has_cpu_only_codes(experts) -> bool:
 
 
 def triton_supports(experts) -> bool:
-    """Whether the Triton kernels can run this layer (they fuse SiLU and ReLU only, and decode
-    moeq's own packing, not K-quant blocks or affine minima: those run on the CPU path)."""
-    if not triton_available() or has_cpu_only_codes(experts):
+    """Whether the Triton kernels can run this layer (they fuse SiLU and ReLU only, add no expert
+    biases, and decode moeq's own packing, not K-quant blocks or affine minima: those run on the
+    CPU path)."""
+    if not triton_available() or has_cpu_only_codes(experts) or experts.biased:
         return False
     from .triton_moe import activation_code
 
@@ -85,7 +86,8 @@ def moe_experts_forward(
         backend = "triton" if hidden_states.is_cuda and triton_supports(experts) else "cpu"
     if backend == "reference":
         return experts_forward_reference(
-            hidden_states, top_k_index, top_k_weights, experts.num_experts, experts.dequantized_weights, experts.act_fn, experts.gated
+            hidden_states, top_k_index, top_k_weights, experts.num_experts, experts.dequantized_weights, experts.act_fn, experts.gated,
+            experts.biases if experts.biased else None,
         )
     if backend in ("cpu", "cpu-int4"):
         if backend == "cpu-int4" and hidden_states.device.type != "cpu":
@@ -94,6 +96,8 @@ def moe_experts_forward(
     if has_cpu_only_codes(experts):
         raise ValueError("the triton kernels decode moeq's own packing, not K-quant blocks (q2_k ... q6_k) or affine minima: run this model "
                          "with backend='cpu', or in llama.cpp after `moeq export --format gguf`")
+    if experts.biased:
+        raise ValueError("the triton kernels add no expert biases (gpt-oss's experts have them): run this model with backend='cpu'")
     if not triton_supports(experts):
         raise ValueError(
             "the triton backend needs the triton package and a SiLU or ReLU expert activation (a model's own gate "

@@ -10,7 +10,13 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["experts_forward_reference", "expert_hidden"]
+__all__ = ["experts_forward_reference", "expert_hidden", "project"]
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W^T (+ b)``: one dense projection of an expert (its bias, where it has one, in ``x``'s dtype)."""
+    y = x @ weight.T
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 def expert_hidden(first: list[torch.Tensor], act_fn: Callable[[torch.Tensor], torch.Tensor], gated: bool) -> torch.Tensor:
@@ -32,6 +38,7 @@ def experts_forward_reference(
     expert_weights: Callable[[int, torch.dtype], list[torch.Tensor]],
     act_fn: Callable[[torch.Tensor], torch.Tensor],
     gated: bool,
+    expert_biases: Callable[[int, torch.dtype], list[torch.Tensor | None]] | None = None,
 ) -> torch.Tensor:
     """Weighted sum over each token's selected experts.
 
@@ -43,6 +50,7 @@ def experts_forward_reference(
             dense ``[out, in]`` weight.
         act_fn: the activation (of the gate for gated experts).
         gated: SwiGLU-style ``down(act(gate x) * up x)`` versus ``down(act(up x))``.
+        expert_biases: ``(expert, dtype) ->`` one bias (or None) per projection, for experts with biases.
     """
     tokens, k = top_k_index.shape
     flat_expert = top_k_index.reshape(-1)
@@ -60,7 +68,8 @@ def experts_forward_reference(
         token = flat_token[rows]
         x = hidden_states[token]
         *first, down = expert_weights(expert, x.dtype)
-        h = expert_hidden([x @ w.T for w in first], act_fn, gated)
-        y = (h @ down.T) * flat_weight[rows, None].to(h.dtype)
+        *first_bias, down_bias = expert_biases(expert, x.dtype) if expert_biases is not None else [None] * (len(first) + 1)
+        h = expert_hidden([project(x, w, b) for w, b in zip(first, first_bias, strict=True)], act_fn, gated)
+        y = project(h, down, down_bias) * flat_weight[rows, None].to(h.dtype)
         output.index_add_(0, token, y.to(output.dtype))
     return output

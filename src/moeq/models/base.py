@@ -25,6 +25,7 @@ __all__ = [
     "auto_model_class",
     "AdapterError",
     "TensorSource",
+    "DerivedTensor",
     "LinearRole",
     "MoELayer",
     "MoEAdapter",
@@ -91,6 +92,7 @@ class PackedExperts(Protocol):
     num_experts: int
     projections: tuple[str, ...]
     gated: bool
+    biased: bool
 
     def expert(self, index: int) -> nn.ModuleDict: ...
 
@@ -113,6 +115,12 @@ class MoELayer:
     shared_paths: list[str] = field(default_factory=list)
     router_name: str | None = None  # the router weight's name inside the block, e.g. "gate.weight"
     transposed: bool = False  # the experts module stores its weights [E, in, out] (transformers' is_transposed)
+    interleaved: bool = False  # gate and up alternate along gate_up_proj's 2I axis (gpt-oss: is_concatenated False)
+    expert_bias: Callable[[int, str], torch.Tensor] | None = None  # (expert, projection) -> [out]; None: no biases
+
+    def bias(self, expert: int, projection: str) -> torch.Tensor | None:
+        """One expert projection's bias (kept in full precision beside its packed weight), or None."""
+        return None if self.expert_bias is None else self.expert_bias(expert, projection)
 
     def expert_weights(self) -> dict[tuple[int, str], torch.Tensor]:
         """Every expert weight (for a checkpoint read lazily, this reads them all)."""
@@ -142,6 +150,15 @@ class TensorSource:
     key: str
     index: tuple = ()
     transposed: bool = False
+
+
+@dataclass(frozen=True)
+class DerivedTensor:
+    """A model tensor transformers builds on load from checkpoint tensors (concatenated, re-ordered):
+    their names on disk, in order, and the function that builds it from them."""
+
+    sources: tuple[str, ...]
+    build: Callable[[list[torch.Tensor]], torch.Tensor]
 
 
 class MoEAdapter:
@@ -200,6 +217,11 @@ class MoEAdapter:
     def stack_context(self, model: nn.Module, stack: LayerStack, hidden: list[torch.Tensor]) -> object:
         """What the next stack needs from this one (per batch), after ``stack.outputs`` are applied."""
         return None
+
+    def loaded_names(self, keys: list[str]) -> dict[str, str | DerivedTensor]:
+        """The model's names of a checkpoint's tensors ``keys`` where loading renames them (``{model
+        name: disk name}``) or builds them from several (:class:`DerivedTensor`); none by default."""
+        return {}
 
     def tensor_sources(self, key: str) -> list[TensorSource]:
         """Candidate checkpoint names of a non-expert tensor (its module path, then renamed ones)."""
@@ -298,6 +320,8 @@ class FusedExpertsAdapter(MoEAdapter):
                     shared_paths=[f"{path}.{m}" for m in self.shared_markers if hasattr(block, m)],
                     router_name=router_name,
                     transposed=_transposed(experts),
+                    interleaved=_interleaved(experts),
+                    expert_bias=_fused_expert_bias(experts) if _biased(experts) else None,
                 )
             )
         if layers and routerless:  # quantizing the others alone would leave these in full precision unsaid
@@ -315,8 +339,7 @@ class FusedExpertsAdapter(MoEAdapter):
         if not layer.gated:  # up_proj [E, I, H] and down_proj [E, H, I]
             return self._with_renames([TensorSource(f"{layer.experts_path}.{projection}", (expert,), layer.transposed),
                                        TensorSource(f"{layer.experts_path}.{expert}.{projection}.weight")])
-        intermediate = layer.shapes["gate_proj"][0]
-        half = {"gate_proj": slice(0, intermediate), "up_proj": slice(intermediate, 2 * intermediate)}.get(projection)
+        half = gate_up_halves(layer.shapes["gate_proj"][0], layer.interleaved).get(projection)
         if projection == "down_proj":
             fused = TensorSource(f"{layer.experts_path}.down_proj", (expert,), layer.transposed)
         else:  # stored [E, 2I, H], or transposed [E, H, 2I]
@@ -326,20 +349,36 @@ class FusedExpertsAdapter(MoEAdapter):
         per_expert = [TensorSource(f"{layer.experts_path}.{expert}.{name}.weight") for name in sorted(names)]
         return self._with_renames([fused, *per_expert])
 
+    def bias_sources(self, layer: MoELayer, expert: int, projection: str) -> list[TensorSource]:
+        """Candidate checkpoint locations of one expert projection's bias (``layer.expert_bias`` set)."""
+        if projection in ("gate_proj", "up_proj") and layer.gated:
+            half = gate_up_halves(layer.shapes["gate_proj"][0], layer.interleaved)[projection]
+            fused = TensorSource(f"{layer.experts_path}.gate_up_proj_bias", (expert, half))
+        else:
+            fused = TensorSource(f"{layer.experts_path}.{projection}_bias", (expert,))
+        return self._with_renames([fused, TensorSource(f"{layer.experts_path}.{expert}.{projection}.bias")])
+
     def router_sources(self, layer: MoELayer) -> list[TensorSource]:
         return self._with_renames([TensorSource(f"{layer.path}.gate.weight")])
 
     @torch.no_grad()
     def fill_experts(self, experts: nn.Module, layer: MoELayer) -> None:
         stored = _fused_expert_weight(experts)  # views into the module's own parameters
+        biases = _fused_expert_bias(experts) if _biased(experts) else None
+        if (biases is None) != (layer.expert_bias is None):
+            raise AdapterError(f"{layer.experts_path}: the experts module {'has' if biases is not None else 'has no'} biases, "
+                               "the weights given to it do not agree")
         for e in range(layer.num_experts):
             for projection in layer.projections:
                 stored(e, projection).copy_(layer.expert_weight(e, projection))
+                if biases is not None:
+                    biases(e, projection).copy_(layer.bias(e, projection))
 
 
 def quantized_layer(index: int, path: str, experts: PackedExperts, router_weight: torch.Tensor, shared=()) -> MoELayer:
     """The MoELayer view of an already quantized layer (expert weights come back dequantized)."""
     first = experts.expert(0)
+    biased = getattr(experts, "biased", False)
     return MoELayer(
         index=index,
         path=path,
@@ -353,6 +392,7 @@ def quantized_layer(index: int, path: str, experts: PackedExperts, router_weight
         act_fn=experts.act_fn,
         gated=experts.gated,
         shared_paths=list(shared),
+        expert_bias=(lambda e, p: experts.expert(e)[p].bias) if biased else None,
     )
 
 
@@ -363,6 +403,25 @@ def _ungated(experts: nn.Module) -> bool:
 
 def _transposed(experts: nn.Module) -> bool:
     return bool(getattr(experts, "is_transposed", False))
+
+
+def _interleaved(experts: nn.Module) -> bool:
+    """gpt-oss's layout (``is_concatenated = False``): gate and up rows alternate in ``gate_up_proj``."""
+    return getattr(experts, "is_concatenated", True) is False
+
+
+BIAS_NAMES = ("gate_up_proj_bias", "up_proj_bias", "down_proj_bias")  # transformers 5's experts interface (has_bias)
+
+
+def _biased(experts: nn.Module) -> bool:
+    return any(isinstance(getattr(experts, name, None), torch.Tensor) for name in BIAS_NAMES)
+
+
+def gate_up_halves(intermediate: int, interleaved: bool) -> dict[str, slice]:
+    """Where gate and up sit along a fused ``gate_up_proj``'s ``2I`` axis: halves, or alternating rows."""
+    if interleaved:
+        return {"gate_proj": slice(0, 2 * intermediate, 2), "up_proj": slice(1, 2 * intermediate, 2)}
+    return {"gate_proj": slice(0, intermediate), "up_proj": slice(intermediate, 2 * intermediate)}
 
 
 def experts_dims(experts: nn.Module) -> tuple[int, int]:
@@ -379,7 +438,7 @@ def _fused_expert_weight(experts: nn.Module) -> Callable[[int, str], torch.Tenso
         if _ungated(experts) and projection in ("up_proj", "down_proj"):
             stored = getattr(experts, projection)[expert]
         elif projection in ("gate_proj", "up_proj"):
-            half = slice(0, intermediate) if projection == "gate_proj" else slice(intermediate, 2 * intermediate)
+            half = gate_up_halves(intermediate, _interleaved(experts))[projection]
             stored = experts.gate_up_proj[expert][:, half] if _transposed(experts) else experts.gate_up_proj[expert, half]
         elif projection == "down_proj":
             stored = experts.down_proj[expert]
@@ -388,6 +447,17 @@ def _fused_expert_weight(experts: nn.Module) -> Callable[[int, str], torch.Tenso
         return stored.T if _transposed(experts) else stored
 
     return weight
+
+
+def _fused_expert_bias(experts: nn.Module) -> Callable[[int, str], torch.Tensor]:
+    """``(expert, projection) -> [out]`` view of the module's own bias parameters."""
+    def bias(expert: int, projection: str) -> torch.Tensor:
+        if projection in ("gate_proj", "up_proj") and not _ungated(experts):
+            half = gate_up_halves(experts_dims(experts)[1], _interleaved(experts))[projection]
+            return experts.gate_up_proj_bias[expert, half]
+        return getattr(experts, f"{projection}_bias")[expert]
+
+    return bias
 
 
 _REGISTRY: dict[str, MoEAdapter] = {}

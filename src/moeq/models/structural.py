@@ -10,9 +10,11 @@ router beside it (a child ``gate`` or ``router`` holding a ``[E, H]`` weight, or
 ``E`` rows are the routed experts' when shared experts are scored with them) and any shared
 experts beside it (a child whose name contains ``shared``), and reads the experts as the named
 families do. An experts class with its own ``_apply_gate`` keeps it: the quantized layer calls
-that very function (:class:`ModelGate`), never a re-written copy. What it cannot read exactly
-(experts with biases, or gate and up interleaved, as gpt-oss's) is refused in
-one line naming it; the model's routing and shared experts run as the model defines them.
+that very function (:class:`ModelGate`), never a re-written copy. Biases (``has_bias``) stay in
+full precision beside the packed weights; gate and up rows that alternate (``is_concatenated =
+False``, gpt-oss) are read as two projections by stride. What it cannot read exactly (biases under
+other names, a norm after each expert) is refused in one line naming it; the model's routing and
+shared experts run as the model defines them.
 Mixtral, Qwen2/3-MoE, OLMoE and DeepSeek-V3 had hand-written family files; they are read this way
 now, and the golden bytes test (``tests/test_golden.py``) holds them to what those files wrote.
 """
@@ -27,7 +29,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from .base import AdapterError, FusedExpertsAdapter, LayerStack, TensorSource, experts_dims, register_fallback
+from .base import BIAS_NAMES, AdapterError, DerivedTensor, FusedExpertsAdapter, LayerStack, TensorSource, experts_dims, register_fallback
 
 __all__ = ["ModelGate", "StructuralAdapter", "structural_adapter"]
 
@@ -58,6 +60,33 @@ class StructuralAdapter(FusedExpertsAdapter):
             unique.setdefault((source.key, repr(source.index)), source)
         return list(unique.values())
 
+    def loaded_names(self, keys: list[str]) -> dict[str, str | DerivedTensor]:
+        """transformers' own load-time renames of ``model_type`` applied to every checkpoint key (regular
+        expressions, chained, as its loader applies them), and the tensors its converters build by
+        concatenating or interleaving whole checkpoint tensors (Kimi-Linear's q/k/v convolutions).
+        Converters that merge per-expert tensors are left out: moeq reads those one expert at a time."""
+        renamings, converters = _conversion(self.model_type)
+        if not renamings and not converters:
+            return {}
+        from transformers.core_model_loading import rename_source_key
+
+        names: dict[str, str | DerivedTensor] = {}
+        parts: dict[tuple[str, int], dict[str, str]] = {}
+        for key in keys:
+            renamed, _ = rename_source_key(key, renamings, [])
+            if renamed != key:
+                names[renamed] = key
+            for number, converter in enumerate(converters):
+                target, pattern = converter.rename_source_key(renamed)
+                if pattern is not None:
+                    parts.setdefault((target, number), {})[pattern] = key
+                    break
+        for (target, number), found in parts.items():
+            converter = converters[number]
+            if set(found) == set(converter.source_patterns):
+                names[target] = DerivedTensor(tuple(found[p] for p in converter.source_patterns), functools.partial(_convert, converter))
+        return names
+
     def router_weight(self, block: nn.Module, experts: nn.Module) -> torch.Tensor | None:
         count = _experts_count(experts)
         hidden = _hidden_size(experts)
@@ -80,10 +109,11 @@ class StructuralAdapter(FusedExpertsAdapter):
 
     def check_experts(self, path: str, experts: nn.Module) -> None:
         problems = []
-        if getattr(experts, "has_bias", False) or any(n.endswith("_bias") for n, _ in experts.named_parameters()):
-            problems.append("with biases")
-        if getattr(experts, "is_concatenated", True) is False:
-            problems.append("with gate and up interleaved")
+        unknown = sorted(n for n, _ in experts.named_parameters() if n.endswith("bias") and n not in BIAS_NAMES)
+        if unknown:
+            problems.append(f"with biases named {', '.join(unknown)}")
+        if getattr(experts, "has_bias", False) and not any(isinstance(getattr(experts, n, None), torch.Tensor) for n in BIAS_NAMES):
+            problems.append("with biases it does not hold as " + "/".join(BIAS_NAMES))
         if getattr(experts, "has_post_expert_norm", False):
             problems.append("with a norm after each expert")
         if not hasattr(experts, "act_fn") and not _own_gate(experts):
@@ -91,8 +121,8 @@ class StructuralAdapter(FusedExpertsAdapter):
         if problems:
             raise AdapterError(
                 f"{path} ({type(experts).__name__}) keeps its experts {', '.join(problems)}; moeq reads experts stored as "
-                "gate_up_proj/down_proj (or up_proj/down_proj, either transposed or not) without biases, with gate and up "
-                "concatenated, so it cannot quantize this model yet"
+                "gate_up_proj/down_proj (or up_proj/down_proj, either transposed or not, with or without "
+                + "/".join(BIAS_NAMES) + "), so it cannot quantize this model yet"
             )
 
     def router_sources(self, layer) -> list[TensorSource]:
@@ -126,10 +156,11 @@ def _own_gate(experts: nn.Module) -> bool:
 
 
 class ModelGate(nn.Module):
-    """A model's own gate function (its experts class's ``_apply_gate``), called on the
-    concatenated gate and up outputs exactly as the model calls it. The quantized layer uses it
-    in place of ``act(gate) * up``; it holds the experts module's settings and child modules
-    (its ``act_fn``), not its weights."""
+    """A model's own gate function (its experts class's ``_apply_gate``), called on the fused
+    gate and up outputs exactly as the model calls it (concatenated, or alternating where the
+    model stores them so: ``is_concatenated = False``). The quantized layer uses it in place of
+    ``act(gate) * up``; it holds the experts module's settings and child modules (its
+    ``act_fn``), not its weights."""
 
     def __init__(self, experts: nn.Module) -> None:
         super().__init__()
@@ -141,6 +172,8 @@ class ModelGate(nn.Module):
 
     def combine(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         holder = SimpleNamespace(**self.settings, **dict(self.named_children()))
+        if self.settings.get("is_concatenated", True) is False:
+            return self.owner._apply_gate(holder, torch.stack([gate, up], dim=-1).flatten(-2))
         return self.owner._apply_gate(holder, torch.cat([gate, up], dim=-1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,6 +221,30 @@ def _disk_rules(model_type: str | None) -> tuple[tuple[tuple[str, str], ...], di
             if all(merged) and len(merged) == len(projections):
                 names.update({projection: match.group(1) for projection, match in zip(projections, merged)})
     return tuple(renames), names
+
+
+def _conversion(model_type: str | None) -> tuple[list, list]:
+    """transformers' load-time renamings of ``model_type``, and its converters that build one tensor
+    from whole tensors by a single concatenation or interleave (the ones moeq applies on read)."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import Concatenate, Interleave, WeightConverter, WeightRenaming
+
+        mapping = (get_checkpoint_conversion_mapping(model_type) or []) if model_type else []
+    except Exception:  # noqa: BLE001 - an older transformers: plain names only
+        return [], []
+    renamings = [rule for rule in mapping if isinstance(rule, WeightRenaming)]
+    converters = [rule for rule in mapping if isinstance(rule, WeightConverter) and len(rule.target_patterns) == 1
+                  and len(rule.operations) == 1 and type(rule.operations[0]) in (Concatenate, Interleave)
+                  and not any("*" in pattern for pattern in rule.source_patterns)]
+    return renamings, converters
+
+
+def _convert(converter, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``converter``'s own operation on its source tensors (in its source patterns' order)."""
+    inputs = dict(zip(converter.source_patterns, tensors, strict=True))
+    (out,) = converter.operations[0].convert(inputs, converter.source_patterns, converter.target_patterns).values()
+    return out
 
 
 @functools.cache

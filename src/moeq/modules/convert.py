@@ -20,7 +20,7 @@ from .experts import QuantizedExperts, quantized_experts_for
 from .linear import QuantizedLinear
 from .recipe import quantize_weight
 
-__all__ = ["plan_target", "validate_plan", "prepare_model", "prepare_block", "quantize_model", "quantize_experts", "quantize_linear", "packed_linear", "rtn_quantizer"]
+__all__ = ["copy_biases", "plan_target", "validate_plan", "prepare_model", "prepare_block", "quantize_model", "quantize_experts", "quantize_linear", "packed_linear", "rtn_quantizer"]
 
 def rtn_quantizer(weight: torch.Tensor, spec: TensorSpec, scale_dtype: torch.dtype, name: str = "weight") -> QuantizedTensor:
     """``weight`` rounded by ``spec`` (the recipe's data-free method)."""
@@ -95,7 +95,19 @@ def quantize_experts(
         weight = layer.expert_weight(expert, projection)
         name = f"expert {expert} {projection} of {layer.experts_path}"
         quantized.expert(expert)[projection].load_quantized(rtn_quantizer(weight, spec, scale_dtype, name=name))
+    copy_biases(quantized, layer)
     return quantized
+
+
+@torch.no_grad()
+def copy_biases(quantized: QuantizedExperts, layer: MoELayer) -> None:
+    """Give ``quantized`` the full-precision biases of ``layer``'s experts (for experts that have them)."""
+    if layer.expert_bias is None:
+        return
+    for expert in range(layer.num_experts):
+        for projection in layer.projections:
+            linear = quantized.expert(expert)[projection]
+            linear.bias = nn.Parameter(layer.bias(expert, projection).detach().to(linear.bias.dtype).clone())
 
 
 def quantize_linear(

@@ -33,6 +33,7 @@ class QuantizedExperts(nn.Module):
         gated: ``down(act(gate x) * up x)`` if True, else ``down(act(up x))``.
         scale_dtype: storage dtype of the scales; dtype: the original weights' dtype.
         child_name: how expert i's submodule is named (a family may keep its own, e.g. ``expert_{}``).
+        biased: every projection keeps a full-precision bias (transformers' ``has_bias`` experts, gpt-oss).
     """
 
     backend = "auto"  # see moeq.kernels.moe_experts_forward; "reference" runs the torch ground truth
@@ -47,9 +48,10 @@ class QuantizedExperts(nn.Module):
         scale_dtype: torch.dtype = torch.float16,
         dtype: torch.dtype | None = None,
         child_name: str = "{}",
+        biased: bool = False,
     ) -> None:
         super().__init__()
-        self.num_experts, self.gated, self.act_fn, self.child_name = num_experts, gated, act_fn, child_name
+        self.num_experts, self.gated, self.act_fn, self.child_name, self.biased = num_experts, gated, act_fn, child_name, biased
         self.projections = tuple(shapes)
         missing = [(e, p) for e in range(num_experts) for p in self.projections if (e, p) not in specs]
         if missing:
@@ -62,7 +64,7 @@ class QuantizedExperts(nn.Module):
                 self.child_name.format(expert),
                 nn.ModuleDict(
                     {
-                        proj: QuantizedLinear(shape[1], shape[0], specs[(expert, proj)], scale_dtype, dtype=dtype)
+                        proj: QuantizedLinear(shape[1], shape[0], specs[(expert, proj)], scale_dtype, bias=biased, dtype=dtype)
                         for proj, shape in shapes.items()
                     }
                 ),
@@ -77,6 +79,11 @@ class QuantizedExperts(nn.Module):
     def dequantized_weights(self, expert: int, dtype: torch.dtype) -> list[torch.Tensor]:
         linears = self.expert(expert)
         return [linears[p].weight_for(dtype) for p in self.projections]
+
+    def biases(self, expert: int, dtype: torch.dtype) -> list[torch.Tensor | None]:
+        """One expert's bias per projection in ``dtype`` (None for experts without biases)."""
+        linears = self.expert(expert)
+        return [None if linears[p].bias is None else linears[p].bias.to(dtype) for p in self.projections]
 
     def kernel_copy_nbytes(self) -> int:
         """Bytes of the backends' copies built at first use beside the packed buffers: the Triton
@@ -122,5 +129,5 @@ def quantized_experts_for(adapter, layer, specs: dict, scale_dtype: torch.dtype)
     whose buffers match ``specs``, named as the family names its experts."""
     return EXPERTS_CLASSES.get(adapter.family, QuantizedExperts)(
         num_experts=layer.num_experts, shapes=layer.shapes, specs=specs, act_fn=layer.act_fn, gated=layer.gated,
-        scale_dtype=scale_dtype, dtype=layer.dtype, child_name=adapter.expert_child_name,
+        scale_dtype=scale_dtype, dtype=layer.dtype, child_name=adapter.expert_child_name, biased=layer.expert_bias is not None,
     )
