@@ -108,6 +108,18 @@ def test_an_fp8_source_quantizes_to_the_bytes_of_its_dequantized_weights(sources
     assert inspect_source(fp8).stored_as.startswith("FP8 (e4m3) with 16x16 block scales")  # moeq info says so
 
 
+def test_an_fp8_source_loads_as_its_dequantized_weights_for_eval_and_qat(sources) -> None:
+    from moeq.io.source import load_source
+
+    fp8, dense, _ = sources
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours, theirs = load_source(fp8)(input_ids=ids).logits, load_source(dense)(input_ids=ids).logits
+    assert torch.equal(ours, theirs)  # what `moeq eval --reference`, `analyze` and `qat` read it as
+    report = moeq.evaluate(fp8, ids.reshape(-1), reference=dense, seq_len=16)
+    assert report.kl_to_reference == 0.0
+
+
 def test_fp8_sources_without_block_scales_are_refused(sources, tmp_path: Path) -> None:
     fp8, _, _ = sources
     broken = tmp_path / "broken"

@@ -202,6 +202,12 @@ def test_an_mxfp4_source_quantizes_to_the_bytes_of_its_dequantized_twin(releases
     from moeq.io.inspect import inspect_source
 
     assert inspect_source(mxfp4).stored_as.startswith("MXFP4")
+    info = runner.invoke(app, ["info", str(mxfp4)])
+    assert info.exit_code == 0 and "MXFP4" in info.output
+    cli = runner.invoke(app, ["quantize", str(mxfp4), "--out", str(tmp_path / "cli"), "--bits", "3", "--group-size", "32"])
+    assert cli.exit_code == 0, cli.output
+    evaluated = moeq.evaluate(tmp_path / "cli", IDS.reshape(-1), reference=mxfp4, seq_len=12)
+    assert 0 < evaluated.kl_to_reference < 0.05
 
 
 def test_malformed_mxfp4_tensors_are_refused_before_any_output(releases, tmp_path: Path) -> None:
