@@ -30,6 +30,7 @@ from tests.models.families import UNSUPPORTED, check_compressed_export, check_fa
 
 def main() -> None:
     import transformers
+    from moeq.export.gguf_arch import ARCHITECTURES
 
     types = experts_interface_types()
     rows = []
@@ -73,7 +74,8 @@ def main() -> None:
         f"Exported for vLLM (`moeq export --format compressed-tensors`, read back by transformers' compressed-tensors loader "
         f"to moeq's logits; {len(exported)} types): {', '.join(f'`{t}`' for t in exported)}. Refused in one line, their "
         f"checkpoints keeping each layer's experts fused ({len(fused)}): {', '.join(f'`{t}`' for t in fused)}. "
-        "GGUF (llama.cpp) export: `mixtral`, `qwen2_moe`, `qwen3_moe`, `olmoe`, `deepseek_v3`; the others are refused in one line.\n"
+        f"GGUF (llama.cpp) export, each run by llama.cpp in tests/export/test_gguf.py: {', '.join(f'`{t}`' for t in sorted(ARCHITECTURES))}; "
+        "the others are refused in one line.\n"
     )
     readme = ROOT / "README.md"
     text = readme.read_text()

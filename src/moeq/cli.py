@@ -711,6 +711,8 @@ def export_command(
         types = ", ".join(f"{count} {name}" for name, count in sorted(report.type_counts().items()))
         console.print(f"[green]wrote[/] {out}: {report.nbytes:,} bytes, tensors {types}; routed experts at "
                       f"{report.expert_bits_per_weight:.4g} bits per weight, in {seconds:.1f} s")
+        if report.note:
+            console.print(f"[yellow]note:[/] {report.note}")
         return
     groups = ", ".join(f"{name} {label}" for name, label in report.groups.items())
     console.print(f"[green]wrote[/] {out}: {report.nbytes:,} bytes of weights, config groups {groups}; routed experts at "

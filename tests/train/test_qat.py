@@ -44,6 +44,22 @@ def test_loss_falls_and_export_equals_the_fake_quant_forward() -> None:
     torch.testing.assert_close(packed, fake, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("model_type", ["gpt_oss", "aria_text"])
+def test_fake_quant_of_transposed_and_interleaved_experts_is_the_packed_model(model_type: str) -> None:
+    from moeq.models import auto_model_class
+    from tests.models.families import tiny_config
+
+    config = tiny_config(model_type)
+    torch.manual_seed(0)
+    model = auto_model_class(config).from_config(config).eval()
+    plan = plan_for(model, QuantConfig(bits=3, group_size=16))  # groups along each expert's input, not its output
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        packed = quantize(copy.deepcopy(model), plan)(input_ids=ids).logits
+        fake = attach_fake_quant(model, plan, torch.float32)(input_ids=ids).logits
+    torch.testing.assert_close(fake, packed, rtol=0, atol=1e-4)
+
+
 def test_gradient_passes_straight_through() -> None:
     model = _tiny()
     plan = plan_for(model, QuantConfig(bits=2))

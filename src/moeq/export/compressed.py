@@ -34,7 +34,7 @@ from ..plan import BitPlan, TensorSpec
 from ..quant.schemes import Scheme
 from ..quant.tensor import QuantizedTensor
 from ..targets import TARGETS
-from .weights import ExportError, dense_expert, named_weights
+from .weights import ExportError, named_weights
 
 __all__ = ["CompressedReport", "FAMILIES", "export_compressed"]
 
@@ -229,7 +229,7 @@ def _tensors(model, adapter, layers, plan: BitPlan, scale_dtype: torch.dtype, co
                 rows, cols = layer.shapes[projection]
                 expert_weights += rows * cols
                 if (expert, projection) not in specs:  # this layer's experts stay in full precision
-                    tensors[f"{prefix}.weight"] = dense_expert(experts, expert, projection).detach().contiguous()
+                    tensors[f"{prefix}.weight"] = layer.expert_weight(expert, projection).detach().contiguous()
                     expert_bytes += tensors[f"{prefix}.weight"].nbytes
                     continue
                 packed = _packed(experts.expert(expert)[projection].quantized, scale_dtype)

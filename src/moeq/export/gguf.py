@@ -25,7 +25,7 @@ from ..quant.ggml import EXACT_TYPES, GGML_TYPES, GGMLType, exact_type, float_ro
 from ..quant.rtn import resolve_group_size
 from .gguf_arch import GGUFArchitecture, architecture_for, rope_permute_rows
 from .gguf_vocab import GGUFVocab, read_vocab
-from .weights import ExportError, dense_expert, named_weights
+from .weights import ExportError, named_weights
 
 __all__ = ["ExportError", "GGUFReport", "export_gguf", "check_gguf_plan"]
 
@@ -40,6 +40,7 @@ class GGUFReport:
     nbytes: int
     tensor_types: dict[str, str] = field(default_factory=dict)
     expert_bits_per_weight: float = 0.0  # file bytes of the routed expert tensors per expert weight
+    note: str | None = None  # what llama.cpp computes differently for this model (GGUFArchitecture.caveat)
 
     def type_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -123,6 +124,7 @@ def export_gguf(
             partial.unlink(missing_ok=True)
             raise
     report.path = out
+    report.note = arch.caveat(config)
     return report
 
 
@@ -190,12 +192,16 @@ def _tensor_sources(model, arch: GGUFArchitecture, config, layers, expert_types,
             kind = expert_types.get((layer.index, projection))
             if kind is None:  # the plan leaves this layer in full precision
                 kind = GGML_TYPES[float_type]
-                def produce(m=experts, p=projection, n=layer.num_experts, k=float_type):
-                    return np.stack([float_rows(dense_expert(m, e, p), k)[1] for e in range(n)])
+                def produce(layer=layer, p=projection, k=float_type):
+                    return np.stack([float_rows(layer.expert_weight(e, p), k)[1] for e in range(layer.num_experts)])
             else:
                 def produce(m=experts, p=projection, n=layer.num_experts):
                     return np.stack([ggml_blocks(m.expert(e)[p].quantized)[1] for e in range(n)])
             out.append(_Tensor(name, kind, produce, (layer.num_experts, rows, cols), expert=True))
+            if layer.expert_bias is not None:  # [experts, out] in F32, beside the stack (gpt-oss)
+                def biases(layer=layer, p=projection):
+                    return np.stack([float_rows(layer.bias(e, p), "F32")[1] for e in range(layer.num_experts)])
+                out.append(_Tensor(name.removesuffix(".weight") + ".bias", GGML_TYPES["F32"], biases, (layer.num_experts, rows)))
     return sorted(out, key=_gguf_order)
 
 

@@ -40,6 +40,9 @@ class GGUFArchitecture:
     # regex of a Hugging Face weight -> function (weight [out, in], config) giving the
     # GGUF tensors llama.cpp holds in its place, as {name ({bid} = block index): array}
     splits: dict[str, Callable[[Any, dict[str, Any]], dict[str, Any]]] = field(default_factory=dict)
+    # what llama.cpp computes differently for this config although its own converter writes such files too
+    # (told to the user, not refused): config -> the note, or None
+    caveat: Callable[[dict[str, Any]], str | None] = lambda config: None
 
     def check_config(self, config: dict[str, Any]) -> None:
         """Refuse a model whose config asks for something llama.cpp's graph for this architecture
@@ -266,8 +269,63 @@ DEEPSEEK_V3 = GGUFArchitecture(
     },
 )
 
+def _gpt_oss_hparams(config: dict[str, Any]) -> dict[str, Any]:
+    head_dim = config["head_dim"]
+    out = {
+        **_decoder_hparams(config),
+        "expert_feed_forward_length": config["intermediate_size"],
+        "attention.sliding_window": config["sliding_window"],
+        "attention.key_length": head_dim,
+        "attention.value_length": head_dim,
+        "rope.dimension_count": head_dim,
+    }
+    rope = config.get("rope_parameters") or {}
+    if rope.get("rope_type") == "yarn":  # as llama.cpp's converter writes YaRN for every family
+        out.update({"rope.scaling.type": "yarn", "rope.scaling.factor": float(rope["factor"]),
+                    "rope.scaling.original_context_length": rope["original_max_position_embeddings"]})
+        for key, gguf_key in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
+            if rope.get(key) is not None:
+                out[f"rope.scaling.{gguf_key}"] = float(rope[key])
+    return out
+
+
+def _gpt_oss_caveat(config: dict[str, Any]) -> str | None:
+    rope = config.get("rope_parameters") or {}
+    if rope.get("rope_type") == "yarn" and rope.get("truncate") is False:
+        return ("llama.cpp rounds YaRN's correction range to whole dimensions, as it does for every gpt-oss GGUF, while this "
+                "model's rope_parameters say truncate = false (transformers, vLLM and SGLang do not round): some rotary "
+                "frequencies differ, which shows at positions far into the context")
+    return None
+
+
+GPT_OSS = GGUFArchitecture(
+    # llama.cpp's "gpt-oss" (its openai-moe graph): biases on attention, router and every expert
+    # stack, attention sinks, sliding-window attention on every other layer, a clamped SwiGLU.
+    arch="gpt-oss",
+    hparams=_gpt_oss_hparams,
+    tensors={
+        **_BODY,
+        _LAYER + r"post_attention_layernorm\.weight": "blk.{bid}.post_attention_norm.weight",
+        **{_ATTENTION + rf"{x}_proj\.(weight|bias)": f"blk.{{bid}}.attn_{x}.{{kind}}" for x in "qkv"},
+        _ATTENTION + r"o_proj\.(weight|bias)": "blk.{bid}.attn_output.{kind}",
+        _ATTENTION + r"sinks": "blk.{bid}.attn_sinks.weight",
+        _LAYER + r"mlp\.router\.(weight|bias)": "blk.{bid}.ffn_gate_inp.{kind}",
+    },
+    requires={
+        "swiglu_limit": (7.0, "clamps its SwiGLU at 7.0"),
+        "swiglu_alpha": (1.702, "scales the SwiGLU gate's sigmoid by 1.702"),
+        "layer_types": (lambda c: [("sliding_attention", "full_attention")[i % 2] for i in range(c["num_hidden_layers"])],
+                        "alternates sliding-window and full attention, the sliding one first"),
+        "attention_bias": (True, "reads biases on q, k, v and the output projection"),
+        "rope_parameters": (lambda c: c["rope_parameters"] if (c.get("rope_parameters") or {}).get("rope_type") in (None, "default", "yarn")
+                            else {"rope_type": "default or yarn"}, "implements default and YaRN rotary scaling only"),
+    },
+    caveat=_gpt_oss_caveat,
+)
+
 ARCHITECTURES: dict[str, GGUFArchitecture] = {
     "mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE, "qwen3_moe": QWEN3_MOE, "olmoe": OLMOE, "deepseek_v3": DEEPSEEK_V3,
+    "gpt_oss": GPT_OSS,
 }
 
 

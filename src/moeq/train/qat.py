@@ -90,28 +90,31 @@ class _StraightThrough(torch.autograd.Function):
 class _FakeQuant(nn.Module):
     """Parametrization of one parameter: each listed slice replaced by its fake-quantized value."""
 
-    def __init__(self, pieces: list[tuple[tuple, TensorSpec]], scale_dtype: torch.dtype, weight_dtype: torch.dtype) -> None:
+    def __init__(self, pieces: list[tuple[tuple, bool, TensorSpec]], scale_dtype: torch.dtype, weight_dtype: torch.dtype) -> None:
         super().__init__()
         self.pieces, self.scale_dtype, self.weight_dtype = pieces, scale_dtype, weight_dtype
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             quantized = latent.detach().clone()
-            for index, spec in self.pieces:
-                quantized[index] = fake_quantize(latent[index], spec, self.scale_dtype, self.weight_dtype).to(latent.dtype)
+            for index, transposed, spec in self.pieces:  # a piece stored [in, out] is quantized as [out, in]
+                piece = latent[index].transpose(-1, -2) if transposed else latent[index]
+                fake = fake_quantize(piece, spec, self.scale_dtype, self.weight_dtype).to(latent.dtype)
+                quantized[index] = fake.transpose(-1, -2) if transposed else fake
         return _StraightThrough.apply(latent, quantized)
 
 
-def _planned_pieces(model: nn.Module, plan: BitPlan) -> dict[str, list[tuple[tuple, TensorSpec]]]:
-    # Where each planned weight lives, as the adapter reports it: fused 3-D tensors give a slice.
+def _planned_pieces(model: nn.Module, plan: BitPlan) -> dict[str, list[tuple[tuple, bool, TensorSpec]]]:
+    # Where each planned weight lives, as the adapter reports it: fused 3-D tensors give a slice
+    # (strided for interleaved gate/up), stored transposed where the experts keep [in, out].
     adapter, layers = validate_plan(model, plan)
-    pieces: dict[str, list[tuple[tuple, TensorSpec]]] = {}
+    pieces: dict[str, list[tuple[tuple, bool, TensorSpec]]] = {}
     for layer in layers:
         for (expert, projection), spec in plan.expert_specs(layer.index).items():
             source = adapter.expert_sources(layer, expert, projection)[0]
-            pieces.setdefault(source.key, []).append((source.index, spec))
+            pieces.setdefault(source.key, []).append((source.index, source.transposed, spec))
     for name, spec in plan.linears.items():
-        pieces.setdefault(f"{name}.weight", []).append(((), spec))
+        pieces.setdefault(f"{name}.weight", []).append(((), False, spec))
     return pieces
 
 
