@@ -69,9 +69,9 @@ def main() -> None:
     block = (
         f"Read and tested ({len(passing)} of the {len(causal)} causal-LM model types of transformers {transformers.__version__} "
         f"that use its experts interface): {', '.join(f'`{t}`' for t in passing)}.\n\n"
-        f"Not yet ({len(refused)}, each refused in one line): "
-        + "; ".join(f"`{r['model_type']}` ({_short(r.get('why', ''))})" for r in refused) + ".\n\n"
-        f"Exported for vLLM (`moeq export --format compressed-tensors`, read back by transformers' compressed-tensors loader "
+        + (f"Not yet ({len(refused)}, each refused in one line): "
+           + "; ".join(f"`{r['model_type']}` ({r.get('why', '')[:80]})" for r in refused) + ".\n\n" if refused else "")
+        + f"Exported for vLLM (`moeq export --format compressed-tensors`, read back by transformers' compressed-tensors loader "
         f"to moeq's logits; {len(exported)} types): {', '.join(f'`{t}`' for t in exported)}. Refused in one line, their "
         f"checkpoints keeping each layer's experts fused ({len(fused)}): {', '.join(f'`{t}`' for t in fused)}. "
         f"GGUF (llama.cpp) export, each run by llama.cpp in tests/export/test_gguf.py: {', '.join(f'`{t}`' for t in sorted(ARCHITECTURES))}; "
@@ -83,14 +83,6 @@ def main() -> None:
     if new == text and block not in text:
         raise SystemExit("README.md has no <!-- families:begin --> ... <!-- families:end --> block to write the list into")
     readme.write_text(new)
-
-
-def _short(why: str) -> str:
-    """README's few words for a refusal."""
-    for marker, said in (("no routed experts moeq can find", "its router is not a matrix"),):
-        if marker in why:
-            return said
-    return why[:80]
 
 
 if __name__ == "__main__":

@@ -286,7 +286,8 @@ def render_source(report) -> None:
     table.add_row("routed experts", f"{'/'.join(map(str, experts))} per layer, {report.experts_per_token or '?'} per token; "
                   + ", ".join(f"{p} {o}x{i}" for p, (o, i) in shapes.items()))
     table.add_row("expert weights", f"{report.expert_parameters:,} ({100 * report.expert_parameters / max(report.parameters, 1):.1f} % of all)")
-    table.add_row("routers", f"{len(report.routers)}, {report.routers[0][1][0]}x{report.routers[0][1][1]} each")
+    shape = report.routers[0][1]
+    table.add_row("routers", f"{len(report.routers)}, " + (f"{shape[0]}x{shape[1]} each" if shape else "a network of their own each, kept in full precision"))
     table.add_row("shared experts", ", ".join(report.shared_experts[:4]) + (" ..." if len(report.shared_experts) > 4 else "") or "none")
     table.add_row("dense blocks", ", ".join(report.dense_blocks) or "none")
     table.add_row("other linears", ", ".join(f"{count} {role}" for role, count in sorted(report.linears_by_role.items())) or "none")

@@ -21,9 +21,7 @@ from pathlib import Path
 import torch
 
 # model type -> the start of the one line moeq refuses it with (what it cannot read yet)
-UNSUPPORTED = {
-    "zaya": "has no moeq adapter and no routed experts moeq can find by structure",  # its router is an MLP, not a matrix
-}
+UNSUPPORTED: dict[str, str] = {}
 # Types whose published checkpoints keep each layer's experts fused (one tensor per projection), so
 # vLLM's compressed-tensors MoE loader, which reads experts.E.<projection>, has no names to read:
 # ``moeq export --format compressed-tensors`` refuses them with this line.
@@ -31,6 +29,7 @@ FUSED_ON_DISK = "whose checkpoints do not name one linear per expert"
 NOT_EXPORTED = {
     "aria_text", "dots3_note", "dots3_note_text", "gemma4", "gemma4_text", "gpt_oss", "granitemoe", "granitemoe_swa",
     "granitemoehybrid", "granitemoeshared", "hy_v4", "inkling2_text", "inkling_text", "minimax_m3_vl_text", "mistral4", "nemotron_h",
+    "zaya",
 }
 # Quantized logits stay within this fraction of the largest full-precision logit (3-bit experts of
 # random tiny models; measured worst 0.39 of it, axk1: benchmarks/families.py).

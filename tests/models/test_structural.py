@@ -13,6 +13,7 @@ import moeq
 from moeq.calibrate.runner import CalibrationConfig, quantize_calibrated
 from moeq.config import QuantConfig, uniform_plan
 from moeq.models import AdapterError, moe_layers_or_error
+from moeq.plan import PlanError
 
 SMALL = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=128, num_experts=4, n_routed_experts=4, num_local_experts=4, num_experts_per_tok=2,
@@ -81,3 +82,38 @@ def test_a_model_with_one_routerless_experts_module_is_not_quantized_in_part() -
     with pytest.raises(AdapterError, match=r"model.layers.1.mlp.experts \(1 experts module\(s\) in all\) has no router moeq can find .* "
                                            "moeq will not quantize part of the model's experts"):
         moe_layers_or_error(model)
+
+
+def test_zaya_router_network_and_the_state_it_carries_between_blocks(tmp_path: Path) -> None:
+    """ZAYA's router is a network of its own (kept whole) whose hidden states flow from block to
+    block: calibration, walking one block at a time, routes every token as the whole model does."""
+    from moeq.models.base import LinearRole
+    from tests.models.families import tiny_config
+
+    config = tiny_config("zaya")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    adapter, layers = moe_layers_or_error(model)
+    assert [layer.router_path for layer in layers] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    roles = adapter.linear_roles(model)
+    assert roles["model.layers.1.mlp.gate.router_mlp.fc1"] == LinearRole.ROUTER  # never planned as a dense linear
+    routed = [torch.zeros(layer.num_experts, dtype=torch.long) for layer in layers]
+
+    def count(index: int):
+        def hook(module, args) -> None:
+            routed[index].add_(torch.bincount(args[1].reshape(-1), minlength=layers[index].num_experts))
+        return hook
+
+    hooks = [model.get_submodule(layer.experts_path).register_forward_pre_hook(count(i)) for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        model(input_ids=IDS, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    model.save_pretrained(tmp_path / "src")
+    plan = uniform_plan(model, QuantConfig(bits=4))
+    report = quantize_calibrated(tmp_path / "src", plan, IDS, tmp_path / "gptq", CalibrationConfig(min_tokens=1))
+    assert [list(row) for row in report.tokens] == [r.tolist() for r in routed]  # layer 1 sees layer 0's router states
+    assert _logits(moeq.load(tmp_path / "gptq")).isfinite().all()
+    with pytest.raises(PlanError, match="model.layers.0.mlp.gate is a router network, not an \\[experts, hidden\\] matrix"):
+        moeq.allocate(tmp_path / "src", "router-maxvar", avg_bits=2.5)
+    assert moeq.allocate(tmp_path / "src", "variance", avg_bits=2.5).budget["avg_expert_bits"] <= 2.5

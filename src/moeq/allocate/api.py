@@ -465,6 +465,10 @@ ORDER_RULES: dict[str, Callable[[_OrderContext], list[list[int]]]] = {
 
 def router_signal(source: _Source, layers: list[MoELayer], reference, scores: dict, method: dict) -> list[list[float]]:
     """Λ per layer and expert (or the final-norm proxy), recorded in ``scores`` and ``method``."""
+    opaque = next((layer for layer in layers if layer.router_weight is None), None)
+    if opaque is not None:
+        raise PlanError(f"{opaque.router_path} is a router network, not an [experts, hidden] matrix, so it has no per-expert norm; "
+                        "the router strategies need one: use --strategy auto, variance, frequency or routing-weight")
     if reference is None and source.folder is not None and (source.folder / INITIAL_ROUTER_FILE).is_file():
         reference = source.folder / INITIAL_ROUTER_FILE  # the checkpoint ships its initial routers
     adapter = getattr(source.lazy, "adapter", None) or moe_layers_or_error(source.budget_model)[0]

@@ -110,7 +110,10 @@ def weight_statistics(lazy: LazyModel) -> tuple[list[TensorStats], list[RoleSumm
         for expert in range(layer.num_experts):
             for projection in layer.projections:
                 add(f"{layer.experts_path}.{expert}.{projection}", "routed experts", layer.expert_weight(expert, projection))
-        # Routers are not an nn.Linear in every family: take them from the MoE layers.
+        # Routers are not an nn.Linear in every family: take them from the MoE layers (a router that
+        # is a network of its own has its linears among the router-role linears below).
+        if layer.router_weight is None:
+            continue
         key = next((s.key for s in lazy.adapter.router_sources(layer) if s.key in lazy.reader), f"{layer.path} router")
         add(key, "router", layer.router_weight)
         routers.add(key)

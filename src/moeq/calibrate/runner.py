@@ -112,6 +112,7 @@ def _capture(lazy: LazyModel, stack, token_ids: torch.Tensor, batch_size: int, c
     """The first block's inputs ``(hidden, args, kwargs)`` for every calibration batch."""
     for path in stack.inputs:
         lazy.materialize(path)
+    lazy.materialize_own(stack.path)
     blocks = lazy.skeleton.get_submodule(f"{stack.path}.{stack.blocks}")
     first = blocks[0]
     store: list = []
@@ -127,6 +128,7 @@ def _capture(lazy: LazyModel, stack, token_ids: torch.Tensor, batch_size: int, c
         blocks[0] = first
         for path in stack.inputs:
             lazy.release(path)
+        lazy.release_own(stack.path)
     return store
 
 
@@ -162,7 +164,7 @@ def _walk(
                 restored = restore is not None and restore(path, module)
                 if not restored:
                     on_block(path, module, inputs)
-                inputs = [adapter.next_block_inputs(captured, _call(module, captured)) for captured in inputs]
+                inputs = [adapter.next_block_inputs(captured, _call(module, captured), module) for captured in inputs]
                 if after_block and not restored:
                     after_block(path, module)
                 lazy.release(path)

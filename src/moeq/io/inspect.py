@@ -110,7 +110,7 @@ class SourceReport:
     stored_as: str
     moe_layers: list[tuple[str, int, dict[str, tuple[int, int]]]]  # path, experts, projection -> (out, in)
     experts_per_token: int | None
-    routers: list[tuple[str, tuple[int, ...]]]
+    routers: list[tuple[str, tuple[int, ...] | None]]  # None: a router module that is not one matrix
     linears_by_role: dict[str, int]
     shared_experts: list[str]
     dense_blocks: list[str]
@@ -157,7 +157,7 @@ def inspect_source(path: str | Path) -> SourceReport:
         stored_as=_stored_as(stored, dtype),
         moe_layers=[(layer.path, layer.num_experts, dict(layer.shapes)) for layer in lazy.layers],
         experts_per_token=top_k,
-        routers=[(layer.path, tuple(layer.router_weight.shape)) for layer in lazy.layers],
+        routers=[(layer.path, None if layer.router_weight is None else tuple(layer.router_weight.shape)) for layer in lazy.layers],
         linears_by_role=counts, shared_experts=shared,
         dense_blocks=[b for b in blocks if b not in moe_blocks and not any(m.startswith(b + ".") for m in moe_blocks)],
         parameters=sum(p.numel() for p in skeleton.parameters()), expert_parameters=expert_parameters,

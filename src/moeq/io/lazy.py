@@ -271,6 +271,32 @@ class LazyModel:
                 self.adapter.fill_experts(self.skeleton.get_submodule(experts_path), layer)
         return module
 
+    @torch.no_grad()
+    def materialize_own(self, path: str) -> None:
+        """Give the module at ``path`` its own parameters and persistent buffers (not its children's)
+        read from the checkpoint: a decoder body may hold some it applies before its first block
+        (ZAYA's input scale and bias). :meth:`release_own` returns them to the meta device."""
+        module = self.skeleton.get_submodule(path)
+        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if name in module._non_persistent_buffers_set:
+                continue
+            value = self.read_tensor(f"{path}.{name}".lstrip("."))
+            if isinstance(tensor, nn.Parameter):
+                setattr(module, name, nn.Parameter(value, requires_grad=False))
+            else:
+                module._buffers[name] = value
+
+    def release_own(self, path: str) -> None:
+        module = self.skeleton.get_submodule(path)
+        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if name in module._non_persistent_buffers_set:
+                continue
+            meta = torch.empty_like(tensor, device="meta")
+            if isinstance(tensor, nn.Parameter):
+                setattr(module, name, nn.Parameter(meta, requires_grad=False))
+            else:
+                module._buffers[name] = meta
+
     def release(self, path: str) -> None:
         """Return the module at ``path`` to the meta device, freeing its memory."""
         self.skeleton.get_submodule(path).to_empty(device="meta")
@@ -298,7 +324,8 @@ def open_lazy(folder: str | Path) -> LazyModel:
     reader.use_loaded_names(adapter.loaded_names(reader.keys()))
     layers = []
     for layer in meta_layers:
-        router = reader.read_first(adapter.router_sources(layer), f"the router of {layer.path}", tuple(layer.router_weight.shape))
+        router = None if layer.router_weight is None else reader.read_first(
+            adapter.router_sources(layer), f"the router of {layer.path}", tuple(layer.router_weight.shape))
 
         def expert_weight(expert: int, projection: str, layer: MoELayer = layer) -> torch.Tensor:
             sources = adapter.expert_sources(layer, expert, projection)

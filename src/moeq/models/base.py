@@ -106,7 +106,7 @@ class MoELayer:
     experts_path: str  # module path of its routed-experts module
     num_experts: int
     projections: tuple[str, ...]
-    router_weight: torch.Tensor  # [num_experts, hidden]
+    router_weight: torch.Tensor | None  # [num_experts, hidden]; None: a router that is not one matrix (see router_path)
     expert_weight: Callable[[int, str], torch.Tensor]  # (expert, projection) -> 2-D weight
     shapes: dict[str, tuple[int, int]]  # projection -> (out, in), the same for every expert
     dtype: torch.dtype  # of the stored expert weights
@@ -117,6 +117,7 @@ class MoELayer:
     transposed: bool = False  # the experts module stores its weights [E, in, out] (transformers' is_transposed)
     interleaved: bool = False  # gate and up alternate along gate_up_proj's 2I axis (gpt-oss: is_concatenated False)
     expert_bias: Callable[[int, str], torch.Tensor] | None = None  # (expert, projection) -> [out]; None: no biases
+    router_path: str | None = None  # a router module with no [E, hidden] matrix (ZAYA's MLP): its path, kept whole
 
     def bias(self, expert: int, projection: str) -> torch.Tensor | None:
         """One expert projection's bias (kept in full precision beside its packed weight), or None."""
@@ -209,8 +210,8 @@ class MoEAdapter:
             body.rotary_emb = type(rotary)(config=model.config)  # computed buffers, not stored
         body(input_ids=input_ids, use_cache=False)
 
-    def next_block_inputs(self, captured: tuple, output) -> tuple:
-        """The next block's ``(hidden, args, kwargs)`` from this block's inputs and output."""
+    def next_block_inputs(self, captured: tuple, output, block: nn.Module | None = None) -> tuple:
+        """The next block's ``(hidden, args, kwargs)`` from this block's inputs and output (``block``: the block that ran)."""
         hidden = output[0] if isinstance(output, tuple) else output
         return hidden, captured[1], captured[2]
 
@@ -241,8 +242,11 @@ class MoEAdapter:
         raise NotImplementedError
 
     def linear_roles(self, model: nn.Module) -> dict[str, str]:
-        """``{module path: role}`` for every ``nn.Linear`` outside the routed experts."""
-        expert_prefixes = tuple(layer.experts_path + "." for layer in self.moe_layers(model))
+        """``{module path: role}`` for every ``nn.Linear`` outside the routed experts (those inside a
+        router module are the router's)."""
+        layers = self.moe_layers(model)
+        expert_prefixes = tuple(layer.experts_path + "." for layer in layers)
+        router_prefixes = tuple(layer.router_path + "." for layer in layers if layer.router_path)
         out_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         roles = {}
         for name, module in model.named_modules():
@@ -251,7 +255,7 @@ class MoEAdapter:
             parts = name.split(".")
             if module is out_embeddings:
                 roles[name] = LinearRole.LM_HEAD
-            elif parts[-1] in self.router_markers:
+            elif parts[-1] in self.router_markers or name.startswith(router_prefixes):
                 roles[name] = LinearRole.ROUTER
             elif any(p in self.shared_markers for p in parts):
                 roles[name] = LinearRole.SHARED
@@ -276,6 +280,11 @@ class FusedExpertsAdapter(MoEAdapter):
         router = getattr(block, "gate", None)
         return None if router is None else router.weight
 
+    def router_module(self, block: nn.Module) -> str | None:
+        """The name of a router module beside the experts that holds no ``[experts, hidden]`` matrix
+        (a small network of its own); ``None`` by default: every named family's router is a matrix."""
+        return None
+
     def check_experts(self, path: str, experts: nn.Module) -> None:
         """Refuse, in one line, an experts module this adapter cannot read (the named families' are known)."""
 
@@ -292,13 +301,15 @@ class FusedExpertsAdapter(MoEAdapter):
             if not isinstance(experts, PackedExperts):
                 self.check_experts(f"{path}.experts", experts)
             router = self.router_weight(block, experts)
-            if router is None:
+            opaque = self.router_module(block) if router is None else None
+            if router is None and opaque is None:
                 routerless.append(f"{path}.experts")
                 continue
-            router_name = next((n for n, p in block.named_parameters() if p is router or p is router._base), None)
+            router_name = None if router is None else next((n for n, p in block.named_parameters() if p is router or p is router._base), None)
             if isinstance(experts, PackedExperts):
                 layer = quantized_layer(len(layers), path, experts, router)
                 layer.router_name = router_name
+                layer.router_path = f"{path}.{opaque}" if opaque else None
                 layers.append(layer)
                 continue
             hidden, intermediate = experts_dims(experts)
@@ -321,6 +332,7 @@ class FusedExpertsAdapter(MoEAdapter):
                     router_name=router_name,
                     transposed=_transposed(experts),
                     interleaved=_interleaved(experts),
+                    router_path=f"{path}.{opaque}" if opaque else None,
                     expert_bias=_fused_expert_bias(experts) if _biased(experts) else None,
                 )
             )
@@ -375,7 +387,7 @@ class FusedExpertsAdapter(MoEAdapter):
                     biases(e, projection).copy_(layer.bias(e, projection))
 
 
-def quantized_layer(index: int, path: str, experts: PackedExperts, router_weight: torch.Tensor, shared=()) -> MoELayer:
+def quantized_layer(index: int, path: str, experts: PackedExperts, router_weight: torch.Tensor | None, shared=()) -> MoELayer:
     """The MoELayer view of an already quantized layer (expert weights come back dequantized)."""
     first = experts.expert(0)
     biased = getattr(experts, "biased", False)

@@ -60,6 +60,14 @@ class StructuralAdapter(FusedExpertsAdapter):
             unique.setdefault((source.key, repr(source.index)), source)
         return list(unique.values())
 
+    def router_module(self, block: nn.Module) -> str | None:
+        # ZAYA's router: a small network (projection, MLP) scoring the experts, kept whole in full precision
+        for name in ROUTER_NAMES:
+            router = getattr(block, name, None)
+            if isinstance(router, nn.Module) and not isinstance(router, nn.Linear) and any(True for _ in router.parameters()):
+                return name
+        return None
+
     def loaded_names(self, keys: list[str]) -> dict[str, str | DerivedTensor]:
         """transformers' own load-time renames of ``model_type`` applied to every checkpoint key (regular
         expressions, chained, as its loader applies them), and the tensors its converters build by
@@ -133,6 +141,15 @@ class StructuralAdapter(FusedExpertsAdapter):
         names += [f"{layer.path}.gate.wg.weight"]  # HunYuan's router keeps its weight one module down
         return self._with_renames(sources + [TensorSource(name) for name in names])
 
+    def next_block_inputs(self, captured: tuple, output, block: nn.Module | None = None) -> tuple:
+        # A block that carries a state to the next one (ZAYA's router states): it returns (hidden,
+        # state) and takes the state as its first positional argument after the hidden states,
+        # named prev_*, as the model's own loop passes it.
+        hidden, args, kwargs = captured
+        if block is not None and isinstance(output, tuple) and len(output) == 2 and args and _carries_state(block):
+            return output[0], (output[1], *args[1:]), kwargs
+        return super().next_block_inputs(captured, output, block)
+
     def layer_stacks(self, model: nn.Module) -> list[LayerStack]:
         try:
             return super().layer_stacks(model)
@@ -147,6 +164,13 @@ class StructuralAdapter(FusedExpertsAdapter):
                 name = next(n for n, m in model.named_modules() if m is embedding)
                 return [LayerStack(".".join(parts[: cut - 1]), parts[cut - 1], (name,))]
         raise ValueError(f"{model.config.model_type}: no decoder body with embeddings and layers to calibrate through")
+
+
+def _carries_state(block: nn.Module) -> bool:
+    import inspect
+
+    parameters = list(inspect.signature(type(block).forward).parameters)
+    return len(parameters) > 2 and parameters[2].startswith("prev_")  # (self, hidden_states, prev_..., ...)
 
 
 def _own_gate(experts: nn.Module) -> bool:

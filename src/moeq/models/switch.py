@@ -85,7 +85,7 @@ class SwitchAdapter(MoEAdapter):
         else:
             model.decoder(input_ids=input_ids, encoder_hidden_states=context, use_cache=False)
 
-    def next_block_inputs(self, captured: tuple, output) -> tuple:
+    def next_block_inputs(self, captured: tuple, output, block: nn.Module | None = None) -> tuple:
         # T5-style blocks return (hidden, self-attention bias, cross-attention bias); the first block
         # computes the position biases and the stack hands them to every later block.
         hidden, args, kwargs = captured
