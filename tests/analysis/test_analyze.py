@@ -99,6 +99,27 @@ def test_report_for_every_family(tmp_path: Path, source_folder: Path, family: st
     assert json.loads((tmp_path / "report" / "analysis.json").read_text())["spearman_router_change_vs_frequency"] == report.spearman
 
 
+@pytest.mark.parametrize("model_type", ["gpt_oss", "zaya"])
+def test_report_for_families_read_by_structure(model_type: str, tmp_path: Path) -> None:
+    from moeq.models import auto_model_class
+    from tests.models.families import tiny_config
+
+    config = tiny_config(model_type)
+    torch.manual_seed(0)
+    auto_model_class(config).from_config(config).save_pretrained(tmp_path / "src")
+    calibration = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    report = analyze(tmp_path / "src", tmp_path / "report", calibration=calibration)
+    layers = open_lazy(tmp_path / "src").layers
+    by_role = {r.role: r for r in report.roles}
+    assert by_role["routed experts"].tensors == sum(layer.num_experts * len(layer.projections) for layer in layers)
+    assert report.frequency is not None and report.calibration_tokens == calibration.numel()
+    if model_type == "zaya":  # its routers are networks: their linears are the router role, no norm signal
+        assert report.router_signal == "none" and report.router_change == [] and by_role["router"].tensors > len(layers)
+        assert "networks of their own" in (tmp_path / "report" / "report.md").read_text()
+    else:
+        assert report.router_signal == "router_final_norm" and len(report.router_change) == len(layers)
+
+
 def test_initial_routers_give_the_true_change_and_outputs_are_refused(tmp_path: Path) -> None:
     tiny_model("mixtral").save_pretrained(tmp_path / "src")
     tiny_model("mixtral", seed=3).save_pretrained(tmp_path / "init")

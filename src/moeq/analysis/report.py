@@ -35,7 +35,7 @@ class AnalysisReport:
     model: str
     tensors: list[TensorStats]
     roles: list[RoleSummary]
-    router_signal: str  # "router_norm_change" or "router_final_norm" (the proxy)
+    router_signal: str  # "router_norm_change", "router_final_norm" (the proxy), or "none" (router networks, ZAYA's)
     router_change: list[list[float]]
     frequency: list[list[float]] | None
     spearman: list[float | None] | None  # per layer, Λ against frequency (None: a constant side)
@@ -70,15 +70,18 @@ def analyze(
     source = open_source(model_path)
     tensors, roles = weight_statistics(source.lazy)
     scores: dict = {}
-    change = router_signal(source, source.layers, reference, scores, {})
-    signal = next(iter(scores))
+    if any(layer.router_weight is None for layer in source.layers):  # router networks have no per-expert row norm
+        change, signal = [], "none"
+    else:
+        change = router_signal(source, source.layers, reference, scores, {})
+        signal = next(iter(scores))
     frequency, rho, tokens = None, None, 0
     try:
         method: dict = {}
         stats = routing_statistics(source, model_path, calibration, calib_tokens, seq_len, False, method)
         frequency = stats.frequency.tolist()
         tokens = stats.tokens
-        rho = [_spearman(c, f[: len(c)]) for c, f in zip(change, frequency)]
+        rho = [_spearman(c, f[: len(c)]) for c, f in zip(change, frequency)] if change else None
     except PlanError:
         if calibration is not None:
             raise
@@ -134,7 +137,7 @@ def _plots(report: AnalysisReport, folder: Path) -> None:
     fig.savefig(folder / "weights_histograms.png", dpi=120)
     plt.close(fig)
 
-    if report.frequency is not None:
+    if report.frequency is not None and report.router_change:
         layers = len(report.router_change)
         cols = min(layers, 4)
         rows = math.ceil(layers / cols)
@@ -193,6 +196,9 @@ def _markdown(report: AnalysisReport) -> str:
     what = ("Λ = ‖final router row‖ − ‖initial router row‖" if report.router_signal == "router_norm_change"
             else "the final router norm ‖w(T)‖, a proxy: Λ is unavailable because no initial routers were found "
                  "(ship initial_router.safetensors beside the checkpoint or pass --reference)")
+    if report.router_signal == "none":
+        lines.append("No signal: the routers are networks of their own, with no per-expert row to take a norm of.")
+        return "\n".join(lines) + "\n"
     lines.append(f"Signal: {what}.")
     if report.spearman is None:
         lines.append("No calibration text (and no tokenizer for the default corpus): frequency not measured.")
