@@ -323,9 +323,52 @@ GPT_OSS = GGUFArchitecture(
     caveat=_gpt_oss_caveat,
 )
 
+def _glm4_moe_hparams(config: dict[str, Any]) -> dict[str, Any]:
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    rope = config.get("rope_parameters") or {}
+    return {
+        **_decoder_hparams(config),
+        "expert_feed_forward_length": config["moe_intermediate_size"],
+        "expert_shared_count": config.get("n_shared_experts") or 0,
+        "leading_dense_block_count": config.get("first_k_dense_replace") or 0,
+        "expert_gating_func": 2,  # sigmoid, as transformers' GLM-4.5 router scores experts
+        "expert_weights_scale": float(config.get("routed_scaling_factor") or 1.0),
+        "expert_weights_norm": bool(config.get("norm_topk_prob")),
+        "attention.key_length": head_dim,
+        "attention.value_length": head_dim,
+        # GLM rotates the first part of each head (rotate-half, llama.cpp's NEOX order): no q/k permutation
+        "rope.dimension_count": int(head_dim * rope.get("partial_rotary_factor", 1.0)),
+    }
+
+
+GLM4_MOE = GGUFArchitecture(
+    # llama.cpp's glm4moe: partial rotary, optional q/k norms and attention biases, a norm after
+    # attention, sigmoid routing with the score-correction bias, shared experts, dense first layers.
+    arch="glm4moe",
+    hparams=_glm4_moe_hparams,
+    tensors={
+        **_BODY,
+        _LAYER + r"post_attention_layernorm\.weight": "blk.{bid}.post_attention_norm.weight",
+        **{_ATTENTION + rf"{x}_proj\.(weight|bias)": f"blk.{{bid}}.attn_{x}.{{kind}}" for x in "qkv"},
+        _ATTENTION + r"o_proj\.weight": "blk.{bid}.attn_output.weight",
+        _ATTENTION + r"q_norm\.weight": "blk.{bid}.attn_q_norm.weight",
+        _ATTENTION + r"k_norm\.weight": "blk.{bid}.attn_k_norm.weight",
+        _LAYER + r"mlp\.gate\.weight": "blk.{bid}.ffn_gate_inp.weight",
+        _LAYER + r"mlp\.gate\.e_score_correction_bias": "blk.{bid}.exp_probs_b.bias",
+        **{_LAYER + rf"mlp\.{p}_proj\.weight": f"blk.{{bid}}.ffn_{p}.weight" for p in ("gate", "up", "down")},
+        **{_LAYER + rf"mlp\.shared_experts\.{p}_proj\.weight": f"blk.{{bid}}.ffn_{p}_shexp.weight" for p in ("gate", "up", "down")},
+    },
+    requires={
+        "n_group": (1, "does not limit routing to groups of experts (n_group = 1)"),
+        "topk_group": (1, "does not limit routing to groups of experts (topk_group = 1)"),
+        "rope_parameters": (lambda c: c["rope_parameters"] if (c.get("rope_parameters") or {}).get("rope_type") in (None, "default")
+                            else {"rope_type": "default"}, "reads GLM-4.5's default rotary embedding only"),
+    },
+)
+
 ARCHITECTURES: dict[str, GGUFArchitecture] = {
     "mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE, "qwen3_moe": QWEN3_MOE, "olmoe": OLMOE, "deepseek_v3": DEEPSEEK_V3,
-    "gpt_oss": GPT_OSS,
+    "gpt_oss": GPT_OSS, "glm4_moe": GLM4_MOE,
 }
 
 
