@@ -357,12 +357,32 @@ def test_a_k_quant_block_with_a_broken_scale_is_refused(default_k: Path, tmp_pat
         moeq.load(folder)
 
 
+def _worst_against_llama_cpp(checkpoint: Path, path: Path, prompts: int = 8) -> float:
+    """The largest gap between llama.cpp's top-10 next-token log-probs for the GGUF file and moeq's
+    for its checkpoint, over ``prompts`` random 12-token prompts (at least 5 compared; the logits
+    peaked enough that a wrong tensor would show)."""
+    ids = [torch.randint(1, 320, (12,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(prompts)]
+    ours = _moeq_logprobs(checkpoint, ids)
+    compared = [(i, top) for i, top in enumerate(_llama_cpp_logprobs(path, ids)) if top]  # a half UTF-8 character is withheld
+    assert len(compared) >= 5 and float(ours.std()) > 1.0
+    return max(abs(ours[i, t].item() - lp) for i, top in compared for t, lp in top.items())
+
+
+def _saved(model, folder: Path, quant=None) -> Path:
+    """``model`` saved with a byte-level BPE tokenizer of 320 tokens and quantized (Q8_0 experts by default)."""
+    from tests.conftest import add_tokenizer
+
+    model.save_pretrained(folder / "source")
+    add_tokenizer(folder / "source", vocab_size=320)
+    moeq.save(moeq.quantize(model, quant or moeq.QuantConfig(bits=8, scheme="sym", group_size=32)), folder / "q", source=folder / "source")
+    return folder / "q"
+
+
 def _tiny_moe(family: str, folder: Path, config_change=None, quant=None) -> Path:
     """A tiny Qwen-MoE, OLMoE or DeepSeek-V3 with peaked logits (weights at 10x the usual scale) and
     widths GGUF's 32-blocks divide, saved with a byte-level BPE tokenizer, experts as Q8_0."""
     from moeq.models import auto_model_class
     from moeq.models.tiny import tiny_config
-    from tests.conftest import add_tokenizer
 
     config = tiny_config(family)
     config.vocab_size, config.initializer_range = 320, 0.2
@@ -382,11 +402,7 @@ def _tiny_moe(family: str, folder: Path, config_change=None, quant=None) -> Path
     if family == "deepseek_v3":  # a router bias that changes which experts are chosen
         for layer in model.model.layers[config.first_k_dense_replace:]:
             layer.mlp.gate.e_score_correction_bias.data = torch.randn(config.n_routed_experts) * 0.5
-    source = folder / "source"
-    model.save_pretrained(source)
-    add_tokenizer(source, vocab_size=320)
-    moeq.save(moeq.quantize(model, quant or moeq.QuantConfig(bits=8, scheme="sym", group_size=32)), folder / "q", source=source)
-    return folder / "q"
+    return _saved(model, folder, quant)
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe"])
@@ -451,15 +467,9 @@ def test_deepseek_v3_export_runs_in_llama_cpp(rope: str, tmp_path: Path) -> None
     assert torch.equal(k_b, kv_b[:, :8].transpose(1, 2)) and torch.equal(v_b, kv_b[:, 8:])
     assert "blk.1.attn_kv_b.weight" not in tensors
 
-    prompts = [torch.randint(1, 320, (12,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(8)]
-    ours = _moeq_logprobs(checkpoint, prompts)
-    theirs = _llama_cpp_logprobs(path, prompts)
-    compared = [(i, top) for i, top in enumerate(theirs) if top]
-    assert len(compared) >= 5
     # Q8_0 experts, F32 elsewhere (measured worst 0.048 default, 0.038 YaRN; without the router's
     # score-correction bias 4.8, without group-limited routing 2.0: both reach llama.cpp's graph)
-    assert max(abs(ours[i, t].item() - lp) for i, top in compared for t, lp in top.items()) <= 0.1
-    assert float(ours.std()) > 1.0
+    assert _worst_against_llama_cpp(checkpoint, path) <= 0.1
 
 
 def test_deepseek_v3_refusals_name_llama_cpps_rule(tmp_path: Path) -> None:
@@ -499,7 +509,6 @@ def _tiny_gpt_oss(folder: Path, rope: str = "default", quant=None) -> Path:
     """A tiny gpt-oss (sliding window 6 over 12-token prompts, random expert and router biases,
     weights at 10x the usual scale so the SwiGLU clamps act), saved with a byte-level BPE tokenizer."""
     from moeq.models import auto_model_class
-    from tests.conftest import add_tokenizer
     from tests.models.families import tiny_config
 
     config = tiny_config("gpt_oss")
@@ -515,11 +524,7 @@ def _tiny_gpt_oss(folder: Path, rope: str = "default", quant=None) -> Path:
         for name, parameter in model.named_parameters():
             if name.endswith(("_bias", "router.bias", "sinks")):
                 parameter.copy_(torch.randn(parameter.shape, generator=gen))
-    source = folder / "source"
-    model.save_pretrained(source)
-    add_tokenizer(source, vocab_size=320)
-    moeq.save(moeq.quantize(model, quant or moeq.QuantConfig(bits=8, scheme="sym", group_size=32)), folder / "q", source=source)
-    return folder / "q"
+    return _saved(model, folder, quant)
 
 
 @pytest.mark.parametrize("rope", ["default", "yarn-truncated", "yarn"])
@@ -542,16 +547,10 @@ def test_gpt_oss_export_runs_in_llama_cpp(rope: str, tmp_path: Path) -> None:
     bias = np.array(tensors["blk.1.ffn_up_exps.bias"].data).reshape(4, 64)
     assert np.array_equal(bias[2], experts.expert(2)["up_proj"].bias.detach().float().numpy())
 
-    prompts = [torch.randint(1, 320, (12,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(8)]
-    ours = _moeq_logprobs(checkpoint, prompts)
-    theirs = _llama_cpp_logprobs(path, prompts)
-    compared = [(i, top) for i, top in enumerate(theirs) if top]
-    assert len(compared) >= 5
     # Q8_0 experts, F32 elsewhere (measured worst 0.061 default, 0.042 YaRN; the file against
     # transformers' YaRN with truncate = false: 2.98, the rounding llama.cpp's note names; with the
     # sliding window written as 64: 8.0, so the window reaches llama.cpp's graph)
-    assert max(abs(ours[i, t].item() - lp) for i, top in compared for t, lp in top.items()) <= 0.1
-    assert float(ours.std()) > 1.0
+    assert _worst_against_llama_cpp(checkpoint, path) <= 0.1
 
 
 @pytest.mark.parametrize("variant", ["glm-4.5-air", "glm-4.5"])
@@ -559,7 +558,6 @@ def test_glm4_moe_export_runs_in_llama_cpp(variant: str, tmp_path: Path) -> None
     """GLM-4.5 (q/k norms, the 355B's) and GLM-4.5-Air (without): partial rotary, attention biases,
     a dense first layer, a shared expert, sigmoid routing with a score-correction bias and scale."""
     from moeq.models import auto_model_class
-    from tests.conftest import add_tokenizer
     from tests.models.families import tiny_config
 
     config = tiny_config("glm4_moe")
@@ -572,10 +570,7 @@ def test_glm4_moe_export_runs_in_llama_cpp(variant: str, tmp_path: Path) -> None
         for name, parameter in model.named_parameters():
             if name.endswith(("e_score_correction_bias", "_proj.bias")):  # a router bias that changes which experts are chosen
                 parameter.copy_(torch.randn(parameter.shape, generator=gen))
-    model.save_pretrained(tmp_path / "source")
-    add_tokenizer(tmp_path / "source", vocab_size=320)
-    checkpoint = tmp_path / "q"
-    moeq.save(moeq.quantize(model, moeq.QuantConfig(bits=8, scheme="sym", group_size=32)), checkpoint, source=tmp_path / "source")
+    checkpoint = _saved(model, tmp_path)
     path = export_gguf(checkpoint, tmp_path / "m.gguf", float_type="F32").path
     reader = gguf.GGUFReader(path)
     assert reader.fields["general.architecture"].contents() == "glm4moe"
@@ -583,13 +578,7 @@ def test_glm4_moe_export_runs_in_llama_cpp(variant: str, tmp_path: Path) -> None
     assert {"blk.0.ffn_gate.weight", "blk.1.ffn_gate_exps.weight", "blk.1.ffn_up_shexp.weight", "blk.1.exp_probs_b.bias",
             "blk.1.attn_q.bias", "blk.1.post_attention_norm.weight"} <= names
     assert ("blk.1.attn_q_norm.weight" in names) == (variant == "glm-4.5")
-    prompts = [torch.randint(1, 320, (12,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(16)]
-    ours = _moeq_logprobs(checkpoint, prompts)
-    theirs = _llama_cpp_logprobs(path, prompts)
-    compared = [(i, top) for i, top in enumerate(theirs) if top]
-    assert len(compared) >= 5
     # Q8_0 experts, F32 elsewhere (measured worst 0.044 Air, 0.036 with q/k norms; the file written
     # with the routed scale 1.0 instead of 2.5: 1.5, without top-k renormalisation 1.0, rotating the
     # whole head instead of half of it 6.5: each reaches llama.cpp's graph)
-    assert max(abs(ours[i, t].item() - lp) for i, top in compared for t, lp in top.items()) <= 0.1
-    assert float(ours.std()) > 1.0
+    assert _worst_against_llama_cpp(checkpoint, path, prompts=16) <= 0.1

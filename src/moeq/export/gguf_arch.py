@@ -116,6 +116,9 @@ def _qwen_moe_hparams(config: dict[str, Any]) -> dict[str, Any]:
 
 
 _LAYER = r"model\.layers\.(\d+)\."
+_ATTENTION = _LAYER + r"self_attn\."
+_QKV = {_ATTENTION + rf"{x}_proj\.(weight|bias)": f"blk.{{bid}}.attn_{x}.{{kind}}" for x in "qkv"}  # biases where the model has them
+_POST_ATTENTION_NORM = {_LAYER + r"post_attention_layernorm\.weight": "blk.{bid}.post_attention_norm.weight"}  # gpt-oss's, GLM's
 # Every decoder's embedding, final norm, output head and per-block norms.
 _BODY = {
     r"model\.embed_tokens\.weight": "token_embd.weight",
@@ -144,13 +147,22 @@ _QWEN_COMMON = {
     **_BODY,
     _LAYER + r"self_attn\.o_proj\.weight": "blk.{bid}.attn_output.weight",
     _LAYER + r"mlp\.gate\.weight": "blk.{bid}.ffn_gate_inp.weight",
-    **{_LAYER + rf"self_attn\.{x}_proj\.(weight|bias)": f"blk.{{bid}}.attn_{x}.{{kind}}" for x in "qkv"},
+    **_QKV,
 }
 _WITH_QK_NORMS = {
     **_QWEN_COMMON,
     _LAYER + r"self_attn\.q_norm\.weight": "blk.{bid}.attn_q_norm.weight",
     _LAYER + r"self_attn\.k_norm\.weight": "blk.{bid}.attn_k_norm.weight",
 }
+def _rope_types(*types: str) -> tuple[Callable[[dict[str, Any]], Any], str]:
+    """The requirement that ``rope_parameters`` be of one of ``types`` (or name none)."""
+    def allowed(config: dict[str, Any]) -> Any:
+        rope = config.get("rope_parameters") or {}
+        return config["rope_parameters"] if rope.get("rope_type") in (None, *types) else {"rope_type": " or ".join(types)}
+
+    return allowed, f"implements the {' and '.join(types)} rotary embeddings only"
+
+
 _NO_RENORMALISATION = (False, "does not renormalise the top-k routing weights")
 _SPARSE_ONLY = {
     "decoder_sparse_step": (1, "has a MoE block in every layer"),
@@ -238,7 +250,6 @@ def _split_kv_b(weight, config: dict[str, Any]) -> dict[str, Any]:
             "blk.{bid}.attn_v_b.weight": per_head[:, nope:].contiguous()}
 
 
-_ATTENTION = _LAYER + r"self_attn\."
 DEEPSEEK_V3 = GGUFArchitecture(
     arch="deepseek2",
     hparams=_deepseek_hparams,
@@ -264,8 +275,7 @@ DEEPSEEK_V3 = GGUFArchitecture(
         "q_lora_rank": (lambda c: c.get("q_lora_rank") if bool(c.get("q_lora_rank")) != (c["num_hidden_layers"] in (26, 27))
                         else "a rank" if c.get("q_lora_rank") is None else None,
                         "reads q_a/q_b (q_lora_rank) at every layer count but 26 and 27, where it reads q_proj alone"),
-        "rope_parameters": (lambda c: c["rope_parameters"] if (c.get("rope_parameters") or {}).get("rope_type") in (None, "default", "yarn")
-                            else {"rope_type": "default or yarn"}, "implements default and YaRN rotary scaling only"),
+        "rope_parameters": _rope_types("default", "yarn"),
     },
 )
 
@@ -305,8 +315,8 @@ GPT_OSS = GGUFArchitecture(
     hparams=_gpt_oss_hparams,
     tensors={
         **_BODY,
-        _LAYER + r"post_attention_layernorm\.weight": "blk.{bid}.post_attention_norm.weight",
-        **{_ATTENTION + rf"{x}_proj\.(weight|bias)": f"blk.{{bid}}.attn_{x}.{{kind}}" for x in "qkv"},
+        **_POST_ATTENTION_NORM,
+        **_QKV,
         _ATTENTION + r"o_proj\.(weight|bias)": "blk.{bid}.attn_output.{kind}",
         _ATTENTION + r"sinks": "blk.{bid}.attn_sinks.weight",
         _LAYER + r"mlp\.router\.(weight|bias)": "blk.{bid}.ffn_gate_inp.{kind}",
@@ -317,8 +327,7 @@ GPT_OSS = GGUFArchitecture(
         "layer_types": (lambda c: [("sliding_attention", "full_attention")[i % 2] for i in range(c["num_hidden_layers"])],
                         "alternates sliding-window and full attention, the sliding one first"),
         "attention_bias": (True, "reads biases on q, k, v and the output projection"),
-        "rope_parameters": (lambda c: c["rope_parameters"] if (c.get("rope_parameters") or {}).get("rope_type") in (None, "default", "yarn")
-                            else {"rope_type": "default or yarn"}, "implements default and YaRN rotary scaling only"),
+        "rope_parameters": _rope_types("default", "yarn"),
     },
     caveat=_gpt_oss_caveat,
 )
@@ -348,8 +357,8 @@ GLM4_MOE = GGUFArchitecture(
     hparams=_glm4_moe_hparams,
     tensors={
         **_BODY,
-        _LAYER + r"post_attention_layernorm\.weight": "blk.{bid}.post_attention_norm.weight",
-        **{_ATTENTION + rf"{x}_proj\.(weight|bias)": f"blk.{{bid}}.attn_{x}.{{kind}}" for x in "qkv"},
+        **_POST_ATTENTION_NORM,
+        **_QKV,
         _ATTENTION + r"o_proj\.weight": "blk.{bid}.attn_output.weight",
         _ATTENTION + r"q_norm\.weight": "blk.{bid}.attn_q_norm.weight",
         _ATTENTION + r"k_norm\.weight": "blk.{bid}.attn_k_norm.weight",
@@ -361,8 +370,7 @@ GLM4_MOE = GGUFArchitecture(
     requires={
         "n_group": (1, "does not limit routing to groups of experts (n_group = 1)"),
         "topk_group": (1, "does not limit routing to groups of experts (topk_group = 1)"),
-        "rope_parameters": (lambda c: c["rope_parameters"] if (c.get("rope_parameters") or {}).get("rope_type") in (None, "default")
-                            else {"rope_type": "default"}, "reads GLM-4.5's default rotary embedding only"),
+        "rope_parameters": _rope_types("default"),
     },
 )
 
