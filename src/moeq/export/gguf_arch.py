@@ -332,7 +332,9 @@ GPT_OSS = GGUFArchitecture(
     caveat=_gpt_oss_caveat,
 )
 
-def _glm4_moe_hparams(config: dict[str, Any]) -> dict[str, Any]:
+def _sigmoid_moe_hparams(config: dict[str, Any]) -> dict[str, Any]:
+    """DeepSeek-V3-style routing without its attention (GLM-4.5, dots.llm1): sigmoid scores, the
+    score-correction bias choosing, a routed scale, shared experts, dense first layers."""
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     rope = config.get("rope_parameters") or {}
     return {
@@ -354,7 +356,7 @@ GLM4_MOE = GGUFArchitecture(
     # llama.cpp's glm4moe: partial rotary, optional q/k norms and attention biases, a norm after
     # attention, sigmoid routing with the score-correction bias, shared experts, dense first layers.
     arch="glm4moe",
-    hparams=_glm4_moe_hparams,
+    hparams=_sigmoid_moe_hparams,
     tensors={
         **_BODY,
         **_POST_ATTENTION_NORM,
@@ -374,9 +376,28 @@ GLM4_MOE = GGUFArchitecture(
     },
 )
 
+DOTS1 = GGUFArchitecture(
+    # llama.cpp's dots1: Qwen3's attention (q/k norms) with DeepSeek-V3's routing, no sliding window.
+    arch="dots1",
+    hparams=_sigmoid_moe_hparams,
+    tensors={
+        **_WITH_QK_NORMS,
+        _LAYER + r"mlp\.gate\.e_score_correction_bias": "blk.{bid}.exp_probs_b.bias",
+        **{_LAYER + rf"mlp\.{p}_proj\.weight": f"blk.{{bid}}.ffn_{p}.weight" for p in ("gate", "up", "down")},
+        **{_LAYER + rf"mlp\.shared_experts\.{p}_proj\.weight": f"blk.{{bid}}.ffn_{p}_shexp.weight" for p in ("gate", "up", "down")},
+    },
+    requires={
+        "n_group": (1, "does not limit routing to groups of experts (n_group = 1)"),
+        "topk_group": (1, "does not limit routing to groups of experts (topk_group = 1)"),
+        "layer_types": (lambda c: ["full_attention"] * c["num_hidden_layers"], "has no sliding-window attention"),
+        "num_key_value_heads": (lambda c: c["num_attention_heads"], "holds as many key/value heads as query heads"),
+        "rope_parameters": _rope_types("default"),
+    },
+)
+
 ARCHITECTURES: dict[str, GGUFArchitecture] = {
     "mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE, "qwen3_moe": QWEN3_MOE, "olmoe": OLMOE, "deepseek_v3": DEEPSEEK_V3,
-    "gpt_oss": GPT_OSS, "glm4_moe": GLM4_MOE,
+    "gpt_oss": GPT_OSS, "glm4_moe": GLM4_MOE, "dots1": DOTS1,
 }
 
 
