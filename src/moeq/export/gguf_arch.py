@@ -395,9 +395,34 @@ DOTS1 = GGUFArchitecture(
     },
 )
 
+def _minimax_m2_hparams(config: dict[str, Any]) -> dict[str, Any]:
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    rope = config.get("rope_parameters") or {}
+    return {
+        **_decoder_hparams(config),
+        "expert_feed_forward_length": config["intermediate_size"],
+        "expert_gating_func": 2,  # sigmoid; llama.cpp's minimax-m2 always renormalises the top-k, as transformers' does
+        "attention.key_length": head_dim,
+        "attention.value_length": head_dim,
+        "rope.dimension_count": int(head_dim * rope.get("partial_rotary_factor", 1.0)),
+    }
+
+
+MINIMAX_M2 = GGUFArchitecture(
+    # llama.cpp's minimax-m2: q/k norms over all heads at once, partial rotary (rotate-half, no
+    # permutation), sigmoid routing with the block's score-correction bias.
+    arch="minimax-m2",
+    hparams=_minimax_m2_hparams,
+    tensors={
+        **_WITH_QK_NORMS,
+        _LAYER + r"mlp\.e_score_correction_bias": "blk.{bid}.exp_probs_b.bias",
+    },
+    requires={"rope_parameters": _rope_types("default")},
+)
+
 ARCHITECTURES: dict[str, GGUFArchitecture] = {
     "mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE, "qwen3_moe": QWEN3_MOE, "olmoe": OLMOE, "deepseek_v3": DEEPSEEK_V3,
-    "gpt_oss": GPT_OSS, "glm4_moe": GLM4_MOE, "dots1": DOTS1,
+    "gpt_oss": GPT_OSS, "glm4_moe": GLM4_MOE, "dots1": DOTS1, "minimax_m2": MINIMAX_M2,
 }
 
 
