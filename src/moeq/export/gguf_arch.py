@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 __all__ = ["GGUFArchitecture", "ARCHITECTURES", "architecture_for", "rope_permute_rows"]
@@ -420,9 +420,23 @@ MINIMAX_M2 = GGUFArchitecture(
     requires={"rope_parameters": _rope_types("default")},
 )
 
+def _deepseek_v2_hparams(config: dict[str, Any]) -> dict[str, Any]:
+    # transformers' DeepSeek-V2 router: softmax scores, greedy top-k, never renormalised, then scaled
+    return {**_deepseek_hparams(config), "expert_gating_func": 1, "expert_weights_norm": False}
+
+
+DEEPSEEK_V2 = replace(
+    DEEPSEEK_V3,
+    hparams=_deepseek_v2_hparams,
+    requires={
+        **{key: rule for key, rule in DEEPSEEK_V3.requires.items() if key != "rope_interleave"},  # V2 always interleaves
+        "topk_method": ("greedy", "does not limit routing to groups of experts the way DeepSeek-V2 does (topk_method greedy)"),
+    },
+)
+
 ARCHITECTURES: dict[str, GGUFArchitecture] = {
     "mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE, "qwen3_moe": QWEN3_MOE, "olmoe": OLMOE, "deepseek_v3": DEEPSEEK_V3,
-    "gpt_oss": GPT_OSS, "glm4_moe": GLM4_MOE, "dots1": DOTS1, "minimax_m2": MINIMAX_M2,
+    "gpt_oss": GPT_OSS, "glm4_moe": GLM4_MOE, "dots1": DOTS1, "minimax_m2": MINIMAX_M2, "deepseek_v2": DEEPSEEK_V2,
 }
 
 
