@@ -651,3 +651,23 @@ def test_deepseek_v2_export_runs_in_llama_cpp(tmp_path: Path) -> None:
     # Q8_0 experts, F32 elsewhere (measured worst 0.035; the file written with sigmoid gating 1.7,
     # renormalising the top-k 0.33, with the routed scale 1.0 instead of 2.0: 1.3)
     assert _worst_against_llama_cpp(checkpoint, path, prompts=16) <= 0.1
+
+
+@pytest.mark.parametrize(("model_type", "arch"), [("glm4_moe_lite", "deepseek2"), ("solar_open", "glm4moe")])
+def test_families_llama_cpp_runs_as_another_architecture(model_type: str, arch: str, tmp_path: Path) -> None:
+    """GLM-4.7-Flash as DeepSeek-V3's deepseek2, Solar Open as GLM-4.5's glm4moe (llama.cpp's own mapping)."""
+    from moeq.models import auto_model_class
+    from tests.models.families import tiny_config
+
+    config = tiny_config(model_type)
+    config.vocab_size, config.initializer_range, config.moe_intermediate_size = 320, 0.2, 32
+    torch.manual_seed(0)
+    model = auto_model_class(config).from_config(config).eval()
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # a router bias that changes which experts are chosen
+                buffer.copy_(torch.randn(buffer.shape, generator=torch.Generator().manual_seed(1)))
+    checkpoint = _saved(model, tmp_path)
+    path = export_gguf(checkpoint, tmp_path / "m.gguf", float_type="F32").path
+    assert gguf.GGUFReader(path).fields["general.architecture"].contents() == arch
+    assert _worst_against_llama_cpp(checkpoint, path, prompts=16) <= 0.1  # measured 0.023 and 0.064

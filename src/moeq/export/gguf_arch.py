@@ -90,7 +90,7 @@ def _decoder_hparams(config: dict[str, Any]) -> dict[str, Any]:
         "context_length": config["max_position_embeddings"],
         "embedding_length": config["hidden_size"],
         "block_count": config["num_hidden_layers"],
-        "feed_forward_length": config["intermediate_size"],
+        "feed_forward_length": config.get("intermediate_size") or config["moe_intermediate_size"],  # no dense block: unused
         "attention.head_count": heads,
         "attention.head_count_kv": config.get("num_key_value_heads", heads),
         "attention.layer_norm_rms_epsilon": float(config["rms_norm_eps"]),
@@ -99,6 +99,23 @@ def _decoder_hparams(config: dict[str, Any]) -> dict[str, Any]:
         "expert_used_count": config["num_experts_per_tok"],
         "vocab_size": config["vocab_size"],
     }
+
+
+def _leading_dense(config: dict[str, Any]) -> int:
+    """How many dense blocks come first: ``first_k_dense_replace``, or the leading ``"dense"`` of ``mlp_layer_types``."""
+    kinds = config.get("mlp_layer_types")
+    if kinds:
+        return next((i for i, kind in enumerate(kinds) if kind != "dense"), len(kinds))
+    return config.get("first_k_dense_replace") or 0
+
+
+def _dense_then_sparse(config: dict[str, Any]) -> Any:
+    kinds, first = config.get("mlp_layer_types"), _leading_dense(config)
+    return kinds if not kinds else ["dense"] * first + ["sparse"] * (len(kinds) - first)
+
+
+# llama.cpp's leading_dense_block_count: dense blocks first, MoE blocks after
+_DENSE_FIRST = {"mlp_layer_types": (_dense_then_sparse, "has its dense blocks first and MoE blocks after them")}
 
 
 def _llama_moe_hparams(config: dict[str, Any]) -> dict[str, Any]:
@@ -209,7 +226,7 @@ def _deepseek_hparams(config: dict[str, Any]) -> dict[str, Any]:
     out = {
         **_decoder_hparams(config),
         "attention.head_count_kv": 1,
-        "leading_dense_block_count": config.get("first_k_dense_replace") or 0,
+        "leading_dense_block_count": _leading_dense(config),
         "attention.kv_lora_rank": kv_rank,
         "attention.key_length": kv_rank + rope_dims,
         "attention.value_length": kv_rank,
@@ -269,6 +286,7 @@ DEEPSEEK_V3 = GGUFArchitecture(
     },
     splits={_ATTENTION + r"kv_b_proj\.weight": _split_kv_b},
     requires={
+        **_DENSE_FIRST,
         "rope_interleave": (True, "rotates q/k pairs as interleaved (rope_interleave = True)"),
         "attention_bias": (False, "has no attention biases"),
         # llama.cpp takes a deepseek2 of 26 or 27 layers for DeepSeek-V2-Lite (q_proj, no q_lora_rank), every other one for q_a/q_b
@@ -341,7 +359,7 @@ def _sigmoid_moe_hparams(config: dict[str, Any]) -> dict[str, Any]:
         **_decoder_hparams(config),
         "expert_feed_forward_length": config["moe_intermediate_size"],
         "expert_shared_count": config.get("n_shared_experts") or 0,
-        "leading_dense_block_count": config.get("first_k_dense_replace") or 0,
+        "leading_dense_block_count": _leading_dense(config),
         "expert_gating_func": 2,  # sigmoid, as transformers' GLM-4.5 router scores experts
         "expert_weights_scale": float(config.get("routed_scaling_factor") or 1.0),
         "expert_weights_norm": bool(config.get("norm_topk_prob")),
@@ -370,6 +388,7 @@ GLM4_MOE = GGUFArchitecture(
         **{_LAYER + rf"mlp\.shared_experts\.{p}_proj\.weight": f"blk.{{bid}}.ffn_{p}_shexp.weight" for p in ("gate", "up", "down")},
     },
     requires={
+        **_DENSE_FIRST,
         "n_group": (1, "does not limit routing to groups of experts (n_group = 1)"),
         "topk_group": (1, "does not limit routing to groups of experts (topk_group = 1)"),
         "rope_parameters": _rope_types("default"),
@@ -387,6 +406,7 @@ DOTS1 = GGUFArchitecture(
         **{_LAYER + rf"mlp\.shared_experts\.{p}_proj\.weight": f"blk.{{bid}}.ffn_{p}_shexp.weight" for p in ("gate", "up", "down")},
     },
     requires={
+        **_DENSE_FIRST,
         "n_group": (1, "does not limit routing to groups of experts (n_group = 1)"),
         "topk_group": (1, "does not limit routing to groups of experts (topk_group = 1)"),
         "layer_types": (lambda c: ["full_attention"] * c["num_hidden_layers"], "has no sliding-window attention"),
@@ -437,6 +457,9 @@ DEEPSEEK_V2 = replace(
 ARCHITECTURES: dict[str, GGUFArchitecture] = {
     "mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE, "qwen3_moe": QWEN3_MOE, "olmoe": OLMOE, "deepseek_v3": DEEPSEEK_V3,
     "gpt_oss": GPT_OSS, "glm4_moe": GLM4_MOE, "dots1": DOTS1, "minimax_m2": MINIMAX_M2, "deepseek_v2": DEEPSEEK_V2,
+    # the same graphs under other names, as llama.cpp's converter maps them
+    "glm4_moe_lite": DEEPSEEK_V3,  # GLM-4.7-Flash: DeepSeek-V3's attention and routing
+    "solar_open": GLM4_MOE,  # Solar Open: GLM-4.5's layout
 }
 
 
