@@ -96,9 +96,15 @@ def _decoder_hparams(config: dict[str, Any]) -> dict[str, Any]:
         "attention.layer_norm_rms_epsilon": float(config["rms_norm_eps"]),
         "rope.freq_base": float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
         "expert_count": config.get("num_local_experts") or config.get("num_experts") or config["n_routed_experts"],
-        "expert_used_count": config["num_experts_per_tok"],
+        "expert_used_count": config.get("num_experts_per_tok") or _per_layer(config, "moe_topk"),
         "vocab_size": config["vocab_size"],
     }
+
+
+def _per_layer(config: dict[str, Any], key: str) -> Any:
+    """A setting given once or per layer (HunYuan's moe_topk); per-layer values must agree (see _SAME_EVERY_LAYER)."""
+    value = config.get(key)
+    return value[0] if isinstance(value, list) and value else value
 
 
 def _leading_dense(config: dict[str, Any]) -> int:
@@ -454,9 +460,58 @@ DEEPSEEK_V2 = replace(
     },
 )
 
+def _hunyuan_hparams(config: dict[str, Any]) -> dict[str, Any]:
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    rope = config.get("rope_parameters") or {}
+    out = {
+        **_decoder_hparams(config),
+        # transformers' HunYuan gives every expert and the shared MLP intermediate_size
+        "expert_feed_forward_length": config["intermediate_size"],
+        "expert_shared_feed_forward_length": config["intermediate_size"],
+        "attention.key_length": head_dim,
+        "attention.value_length": head_dim,
+        "rope.dimension_count": head_dim,
+    }
+    if rope.get("rope_type") == "dynamic" and rope.get("alpha"):  # NTK-alpha: a fixed stretch of the base, as transformers computes it
+        out["rope.freq_base"] = float(rope["rope_theta"] * rope["alpha"] ** (head_dim / (head_dim - 2)))
+    return out
+
+
+def _same_every_layer(key: str) -> tuple[Callable[[dict[str, Any]], Any], str]:
+    def rule(config: dict[str, Any]) -> Any:
+        value = config.get(key)
+        return [value[0]] * len(value) if isinstance(value, list) and value else value
+
+    return rule, f"holds one {key} for every layer"
+
+
+HUNYUAN_MOE = GGUFArchitecture(
+    # llama.cpp's hunyuan-moe: q/k norms after the rotation, a shared MLP beside the routed experts,
+    # softmax routing renormalised over the top-k.
+    arch="hunyuan-moe",
+    hparams=_hunyuan_hparams,
+    tensors={
+        **_BODY,
+        **_QKV,
+        _ATTENTION + r"o_proj\.weight": "blk.{bid}.attn_output.weight",
+        _ATTENTION + r"query_layernorm\.weight": "blk.{bid}.attn_q_norm.weight",
+        _ATTENTION + r"key_layernorm\.weight": "blk.{bid}.attn_k_norm.weight",
+        _LAYER + r"mlp\.gate\.wg\.weight": "blk.{bid}.ffn_gate_inp.weight",
+        **{_LAYER + rf"mlp\.shared_mlp\.{p}_proj\.weight": f"blk.{{bid}}.ffn_{p}_shexp.weight" for p in ("gate", "up", "down")},
+    },
+    requires={
+        "moe_topk": _same_every_layer("moe_topk"),
+        "rope_parameters": (lambda c: c["rope_parameters"] if (c.get("rope_parameters") or {}).get("rope_type") in (None, "default")
+                            or ((c.get("rope_parameters") or {}).get("rope_type") == "dynamic" and c["rope_parameters"].get("alpha"))
+                            else {"rope_type": "default, or dynamic with a fixed alpha"},
+                            "implements HunYuan's default and fixed-alpha NTK rotary embeddings only"),
+    },
+)
+
 ARCHITECTURES: dict[str, GGUFArchitecture] = {
     "mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE, "qwen3_moe": QWEN3_MOE, "olmoe": OLMOE, "deepseek_v3": DEEPSEEK_V3,
     "gpt_oss": GPT_OSS, "glm4_moe": GLM4_MOE, "dots1": DOTS1, "minimax_m2": MINIMAX_M2, "deepseek_v2": DEEPSEEK_V2,
+    "hunyuan_v1_moe": HUNYUAN_MOE,
     # the same graphs under other names, as llama.cpp's converter maps them
     "glm4_moe_lite": DEEPSEEK_V3,  # GLM-4.7-Flash: DeepSeek-V3's attention and routing
     "solar_open": GLM4_MOE,  # Solar Open: GLM-4.5's layout
