@@ -36,6 +36,33 @@ def test_only_the_routers_change() -> None:
             assert torch.equal(initial[name], before[name].to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("model_type", ["gpt_oss", "hunyuan_v1_moe"])
+def test_the_routers_of_any_family_are_the_ones_tuned(model_type: str) -> None:
+    from moeq.models import auto_model_class
+    from tests.models.families import tiny_config
+
+    config = tiny_config(model_type)
+    torch.manual_seed(0)
+    model = auto_model_class(config).from_config(config).train()
+    layers = moe_layers_or_error(model)[1]
+    names = sorted(f"{layer.path}.{layer.router_name}" for layer in layers)
+    assert names[0].endswith({"gpt_oss": "mlp.router.weight", "hunyuan_v1_moe": "mlp.gate.wg.weight"}[model_type])
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    ids = torch.randint(0, 128, (1000,), generator=torch.Generator().manual_seed(0))
+    assert sorted(tune_routers(model, ids, RouterTuneConfig(steps=2, seq_len=32, batch_size=4, lr=1e-2))) == names
+    assert {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])} == set(names)
+
+
+def test_a_router_network_is_refused_in_one_line() -> None:
+    from moeq.models import auto_model_class
+    from tests.models.families import tiny_config
+
+    config = tiny_config("zaya")
+    model = auto_model_class(config).from_config(config)
+    with pytest.raises(ValueError, match="model.layers.0.mlp.gate is a router network, not an \\[experts, hidden\\] matrix"):
+        tune_routers(model, torch.zeros(1000, dtype=torch.long), RouterTuneConfig(steps=1, seq_len=32))
+
+
 def test_too_little_text_is_a_one_line_error() -> None:
     with pytest.raises(ValueError, match="text has 10 tokens"):
         tune_routers(_tiny(), torch.zeros(10, dtype=torch.long), RouterTuneConfig(steps=1, seq_len=32))

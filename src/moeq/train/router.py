@@ -36,7 +36,21 @@ class RouterTuneConfig(FinetuneConfig):
 
 
 def router_parameters(model: torch.nn.Module, suffix: str = CausalLM.router_suffix) -> dict[str, torch.nn.Parameter]:
-    """The router weights of a causal MoE LM, by parameter name."""
+    """The router weights of an MoE model, by parameter name: the ``[experts, hidden]`` matrix its
+    adapter reads beside each experts module (any family: gpt-oss's ``mlp.router.weight``, HunYuan's
+    ``mlp.gate.wg.weight``), or, where the adapter names none, the parameters ending in ``suffix``."""
+    from ..models import moe_layers_or_error
+
+    _, layers = moe_layers_or_error(model)
+    network = next((layer for layer in layers if layer.router_weight is None), None)
+    if network is not None:
+        raise ValueError(f"{network.router_path} is a router network, not an [experts, hidden] matrix; the router-only fine-tune "
+                         "tunes router matrices, whose row norms allocation reads")
+    named = dict(model.named_parameters())
+    routers = {f"{layer.path}.{layer.router_name}": named[f"{layer.path}.{layer.router_name}"]
+               for layer in layers if layer.router_name and f"{layer.path}.{layer.router_name}" in named}
+    if routers:
+        return routers
     routers = {name: p for name, p in model.named_parameters() if name.endswith(suffix)}
     if not routers:
         raise ValueError(f"the model has no router weights (no parameter ends with '{suffix}'); is it a Mixtral-family MoE?")
