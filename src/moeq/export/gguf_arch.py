@@ -101,6 +101,32 @@ def _decoder_hparams(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _head_dim(config: dict[str, Any]) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def _heads(config: dict[str, Any]) -> dict[str, Any]:
+    """Key/value widths and the rotated part of each head (``partial_rotary_factor``: rotate-half
+    over the first dims, llama.cpp's NEOX order, so no q/k permutation)."""
+    head_dim = _head_dim(config)
+    rope = config.get("rope_parameters") or {}
+    return {"attention.key_length": head_dim, "attention.value_length": head_dim,
+            "rope.dimension_count": int(head_dim * rope.get("partial_rotary_factor", 1.0))}
+
+
+def _yarn(config: dict[str, Any]) -> dict[str, Any]:
+    """YaRN as llama.cpp's converter writes it for every family (none for other rotary types)."""
+    rope = config.get("rope_parameters") or {}
+    if rope.get("rope_type") != "yarn":
+        return {}
+    out = {"rope.scaling.type": "yarn", "rope.scaling.factor": float(rope["factor"]),
+           "rope.scaling.original_context_length": rope["original_max_position_embeddings"]}
+    for key, gguf_key in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
+        if rope.get(key) is not None:
+            out[f"rope.scaling.{gguf_key}"] = float(rope[key])
+    return out
+
+
 def _per_layer(config: dict[str, Any], key: str) -> Any:
     """A setting given once or per layer (HunYuan's moe_topk); per-layer values must agree (see _SAME_EVERY_LAYER)."""
     value = config.get(key)
@@ -125,8 +151,7 @@ _DENSE_FIRST = {"mlp_layer_types": (_dense_then_sparse, "has its dense blocks fi
 
 
 def _llama_moe_hparams(config: dict[str, Any]) -> dict[str, Any]:
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    return {**_decoder_hparams(config), "rope.dimension_count": head_dim}
+    return {**_decoder_hparams(config), "rope.dimension_count": _head_dim(config)}
 
 
 def _qwen_moe_hparams(config: dict[str, Any]) -> dict[str, Any]:
@@ -141,6 +166,12 @@ def _qwen_moe_hparams(config: dict[str, Any]) -> dict[str, Any]:
 _LAYER = r"model\.layers\.(\d+)\."
 _ATTENTION = _LAYER + r"self_attn\."
 _QKV = {_ATTENTION + rf"{x}_proj\.(weight|bias)": f"blk.{{bid}}.attn_{x}.{{kind}}" for x in "qkv"}  # biases where the model has them
+# DeepSeek-V3-style blocks: a dense first MLP, shared experts, the router's score-correction bias
+_DENSE_AND_SHARED = {
+    **{_LAYER + rf"mlp\.{p}_proj\.weight": f"blk.{{bid}}.ffn_{p}.weight" for p in ("gate", "up", "down")},
+    **{_LAYER + rf"mlp\.shared_experts\.{p}_proj\.weight": f"blk.{{bid}}.ffn_{p}_shexp.weight" for p in ("gate", "up", "down")},
+}
+_SCORE_BIAS = {_LAYER + r"mlp\.gate\.e_score_correction_bias": "blk.{bid}.exp_probs_b.bias"}
 _POST_ATTENTION_NORM = {_LAYER + r"post_attention_layernorm\.weight": "blk.{bid}.post_attention_norm.weight"}  # gpt-oss's, GLM's
 # Every decoder's embedding, final norm, output head and per-block norms.
 _BODY = {
@@ -249,18 +280,9 @@ def _deepseek_hparams(config: dict[str, Any]) -> dict[str, Any]:
     }
     if config.get("q_lora_rank"):
         out["attention.q_lora_rank"] = config["q_lora_rank"]
-    rope = config.get("rope_parameters") or {}
-    if rope.get("rope_type") == "yarn":
-        out.update({
-            "rope.scaling.type": "yarn",
-            "rope.scaling.factor": float(rope["factor"]),
-            "rope.scaling.original_context_length": rope["original_max_position_embeddings"],
-            # llama.cpp's deepseek2 reads mscale_all_dim as this multiplier (its converter's rule)
-            "rope.scaling.yarn_log_multiplier": 0.1 * float(rope.get("mscale_all_dim") or 0.0),
-        })
-        for key, gguf_key in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
-            if rope.get(key) is not None:
-                out[f"rope.scaling.{gguf_key}"] = float(rope[key])
+    out.update(_yarn(config))
+    if out.get("rope.scaling.type") == "yarn":  # llama.cpp's deepseek2 reads mscale_all_dim as this multiplier (its converter's rule)
+        out["rope.scaling.yarn_log_multiplier"] = 0.1 * float((config.get("rope_parameters") or {}).get("mscale_all_dim") or 0.0)
     return out
 
 
@@ -286,9 +308,8 @@ DEEPSEEK_V3 = GGUFArchitecture(
         _ATTENTION + r"kv_a_layernorm\.weight": "blk.{bid}.attn_kv_a_norm.weight",
         _ATTENTION + r"o_proj\.weight": "blk.{bid}.attn_output.weight",
         _LAYER + r"mlp\.gate\.weight": "blk.{bid}.ffn_gate_inp.weight",
-        _LAYER + r"mlp\.gate\.e_score_correction_bias": "blk.{bid}.exp_probs_b.bias",
-        **{_LAYER + rf"mlp\.{p}_proj\.weight": f"blk.{{bid}}.ffn_{p}.weight" for p in ("gate", "up", "down")},
-        **{_LAYER + rf"mlp\.shared_experts\.{p}_proj\.weight": f"blk.{{bid}}.ffn_{p}_shexp.weight" for p in ("gate", "up", "down")},
+        **_SCORE_BIAS,
+        **_DENSE_AND_SHARED,
     },
     splits={_ATTENTION + r"kv_b_proj\.weight": _split_kv_b},
     requires={
@@ -304,23 +325,13 @@ DEEPSEEK_V3 = GGUFArchitecture(
 )
 
 def _gpt_oss_hparams(config: dict[str, Any]) -> dict[str, Any]:
-    head_dim = config["head_dim"]
-    out = {
+    return {
         **_decoder_hparams(config),
+        **_heads(config),
+        **_yarn(config),
         "expert_feed_forward_length": config["intermediate_size"],
         "attention.sliding_window": config["sliding_window"],
-        "attention.key_length": head_dim,
-        "attention.value_length": head_dim,
-        "rope.dimension_count": head_dim,
     }
-    rope = config.get("rope_parameters") or {}
-    if rope.get("rope_type") == "yarn":  # as llama.cpp's converter writes YaRN for every family
-        out.update({"rope.scaling.type": "yarn", "rope.scaling.factor": float(rope["factor"]),
-                    "rope.scaling.original_context_length": rope["original_max_position_embeddings"]})
-        for key, gguf_key in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
-            if rope.get(key) is not None:
-                out[f"rope.scaling.{gguf_key}"] = float(rope[key])
-    return out
 
 
 def _gpt_oss_caveat(config: dict[str, Any]) -> str | None:
@@ -359,20 +370,15 @@ GPT_OSS = GGUFArchitecture(
 def _sigmoid_moe_hparams(config: dict[str, Any]) -> dict[str, Any]:
     """DeepSeek-V3-style routing without its attention (GLM-4.5, dots.llm1): sigmoid scores, the
     score-correction bias choosing, a routed scale, shared experts, dense first layers."""
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    rope = config.get("rope_parameters") or {}
     return {
         **_decoder_hparams(config),
+        **_heads(config),
         "expert_feed_forward_length": config["moe_intermediate_size"],
         "expert_shared_count": config.get("n_shared_experts") or 0,
         "leading_dense_block_count": _leading_dense(config),
         "expert_gating_func": 2,  # sigmoid, as transformers' GLM-4.5 router scores experts
         "expert_weights_scale": float(config.get("routed_scaling_factor") or 1.0),
         "expert_weights_norm": bool(config.get("norm_topk_prob")),
-        "attention.key_length": head_dim,
-        "attention.value_length": head_dim,
-        # GLM rotates the first part of each head (rotate-half, llama.cpp's NEOX order): no q/k permutation
-        "rope.dimension_count": int(head_dim * rope.get("partial_rotary_factor", 1.0)),
     }
 
 
@@ -389,9 +395,8 @@ GLM4_MOE = GGUFArchitecture(
         _ATTENTION + r"q_norm\.weight": "blk.{bid}.attn_q_norm.weight",
         _ATTENTION + r"k_norm\.weight": "blk.{bid}.attn_k_norm.weight",
         _LAYER + r"mlp\.gate\.weight": "blk.{bid}.ffn_gate_inp.weight",
-        _LAYER + r"mlp\.gate\.e_score_correction_bias": "blk.{bid}.exp_probs_b.bias",
-        **{_LAYER + rf"mlp\.{p}_proj\.weight": f"blk.{{bid}}.ffn_{p}.weight" for p in ("gate", "up", "down")},
-        **{_LAYER + rf"mlp\.shared_experts\.{p}_proj\.weight": f"blk.{{bid}}.ffn_{p}_shexp.weight" for p in ("gate", "up", "down")},
+        **_SCORE_BIAS,
+        **_DENSE_AND_SHARED,
     },
     requires={
         **_DENSE_FIRST,
@@ -407,9 +412,8 @@ DOTS1 = GGUFArchitecture(
     hparams=_sigmoid_moe_hparams,
     tensors={
         **_WITH_QK_NORMS,
-        _LAYER + r"mlp\.gate\.e_score_correction_bias": "blk.{bid}.exp_probs_b.bias",
-        **{_LAYER + rf"mlp\.{p}_proj\.weight": f"blk.{{bid}}.ffn_{p}.weight" for p in ("gate", "up", "down")},
-        **{_LAYER + rf"mlp\.shared_experts\.{p}_proj\.weight": f"blk.{{bid}}.ffn_{p}_shexp.weight" for p in ("gate", "up", "down")},
+        **_SCORE_BIAS,
+        **_DENSE_AND_SHARED,
     },
     requires={
         **_DENSE_FIRST,
@@ -422,15 +426,11 @@ DOTS1 = GGUFArchitecture(
 )
 
 def _minimax_m2_hparams(config: dict[str, Any]) -> dict[str, Any]:
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    rope = config.get("rope_parameters") or {}
     return {
         **_decoder_hparams(config),
+        **_heads(config),
         "expert_feed_forward_length": config["intermediate_size"],
         "expert_gating_func": 2,  # sigmoid; llama.cpp's minimax-m2 always renormalises the top-k, as transformers' does
-        "attention.key_length": head_dim,
-        "attention.value_length": head_dim,
-        "rope.dimension_count": int(head_dim * rope.get("partial_rotary_factor", 1.0)),
     }
 
 
@@ -461,16 +461,13 @@ DEEPSEEK_V2 = replace(
 )
 
 def _hunyuan_hparams(config: dict[str, Any]) -> dict[str, Any]:
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    rope = config.get("rope_parameters") or {}
+    head_dim, rope = _head_dim(config), config.get("rope_parameters") or {}
     out = {
         **_decoder_hparams(config),
+        **_heads(config),
         # transformers' HunYuan gives every expert and the shared MLP intermediate_size
         "expert_feed_forward_length": config["intermediate_size"],
         "expert_shared_feed_forward_length": config["intermediate_size"],
-        "attention.key_length": head_dim,
-        "attention.value_length": head_dim,
-        "rope.dimension_count": head_dim,
     }
     if rope.get("rope_type") == "dynamic" and rope.get("alpha"):  # NTK-alpha: a fixed stretch of the base, as transformers computes it
         out["rope.freq_base"] = float(rope["rope_theta"] * rope["alpha"] ** (head_dim / (head_dim - 2)))
