@@ -202,6 +202,12 @@ class LazyCheckpoint:
         return self.read(self.first_present(sources, what), expected)
 
 
+def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """A module's own parameters and persistent buffers (not its children's)."""
+    tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+    return [(name, tensor) for name, tensor in tensors if name not in module._non_persistent_buffers_set]
+
+
 @dataclasses.dataclass
 class LazyModel:
     """A checkpoint opened without loading it: config, meta skeleton, adapter and lazy MoE layers."""
@@ -277,9 +283,7 @@ class LazyModel:
         read from the checkpoint: a decoder body may hold some it applies before its first block
         (ZAYA's input scale and bias). :meth:`release_own` returns them to the meta device."""
         module = self.skeleton.get_submodule(path)
-        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            if name in module._non_persistent_buffers_set:
-                continue
+        for name, tensor in _own_tensors(module):
             value = self.read_tensor(f"{path}.{name}".lstrip("."))
             if isinstance(tensor, nn.Parameter):
                 setattr(module, name, nn.Parameter(value, requires_grad=False))
@@ -288,9 +292,7 @@ class LazyModel:
 
     def release_own(self, path: str) -> None:
         module = self.skeleton.get_submodule(path)
-        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            if name in module._non_persistent_buffers_set:
-                continue
+        for name, tensor in _own_tensors(module):
             meta = torch.empty_like(tensor, device="meta")
             if isinstance(tensor, nn.Parameter):
                 setattr(module, name, nn.Parameter(meta, requires_grad=False))
